@@ -1,0 +1,15 @@
+"""Latent space: per-cell representations and Gaussian-mixture priors (no AnnData here)."""
+
+from .gmm import COVARIANCE_TYPES, GaussianMixture, GaussianMixtureSupervised
+from .priors import DirichletPrior, GaussianPrior, Softball
+from .representation import RepresentationLayer
+
+__all__ = [
+    "COVARIANCE_TYPES",
+    "DirichletPrior",
+    "GaussianMixture",
+    "GaussianMixtureSupervised",
+    "GaussianPrior",
+    "RepresentationLayer",
+    "Softball",
+]

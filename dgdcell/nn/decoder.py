@@ -1,0 +1,101 @@
+"""The decoder: representation -> per-modality feature fractions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .likelihoods import LIKELIHOODS
+
+
+def _mlp(n_in: int, hidden: Sequence[int]) -> tuple[nn.Sequential, int]:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(n_in, int(h)), nn.ReLU()]
+        n_in = int(h)
+    return nn.Sequential(*layers), n_in
+
+
+class Decoder(nn.Module):
+    """Shared trunk, then one head per modality ending in a softmax over its features.
+
+    Parameters
+    ----------
+    n_input
+        Input dimension (latent_dim plus 2 per covariate).
+    n_features
+        Mapping modality name -> number of features.
+    n_hidden
+        Widths of the shared trunk's hidden layers.
+    n_hidden_head
+        Widths of each head's hidden layers; the head's last layer maps to the
+        modality's features.
+    likelihood
+        Mapping modality name -> likelihood name (``'nb'``); default NB for all.
+    dispersion_init
+        Initial NB dispersion.
+
+    ``forward(z)`` returns, per modality, the log fractions ``log p`` of shape
+    (n, G_m) whose exp sums to 1 over the modality's features. The expected
+    count is ``library_size * p``.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_features: Mapping[str, int],
+        n_hidden: Sequence[int] = (100, 100),
+        n_hidden_head: Sequence[int] = (100, 100),
+        likelihood: Mapping[str, str] | None = None,
+        dispersion_init: float = 2.0,
+    ):
+        super().__init__()
+        self.n_input = int(n_input)
+        self.modalities = list(n_features)
+        self.trunk, n_trunk = _mlp(self.n_input, n_hidden)
+        self.heads = nn.ModuleDict()
+        self.likelihoods = nn.ModuleDict()
+        likelihood = dict(likelihood or {})
+        for mod, n_feat in n_features.items():
+            body, n_last = _mlp(n_trunk, n_hidden_head)
+            self.heads[mod] = nn.Sequential(body, nn.Linear(n_last, int(n_feat)))
+            kind = likelihood.get(mod, "nb")
+            if kind not in LIKELIHOODS:
+                raise ValueError(f"Unknown likelihood {kind!r} for modality {mod!r}; choose from {sorted(LIKELIHOODS)}.")
+            self.likelihoods[mod] = LIKELIHOODS[kind](int(n_feat), dispersion_init)
+
+    def logits(self, z: torch.Tensor, feature_index: Mapping[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
+        """Unnormalised head outputs per modality, (n, G_m).
+
+        ``feature_index`` optionally restricts a modality to a subset of its
+        features (used when new data lack some features).
+        """
+        h = self.trunk(z)
+        out = {}
+        for mod, head in self.heads.items():
+            lg = head(h)
+            if feature_index is not None and feature_index.get(mod) is not None:
+                lg = lg[:, feature_index[mod]]
+            out[mod] = lg
+        return out
+
+    def log_mean(
+        self,
+        z: torch.Tensor,
+        log_library: Mapping[str, torch.Tensor],
+        feature_index: Mapping[str, torch.Tensor | None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Log expected counts ``log(s * p)`` per modality, (n, G_m), given
+        per-cell log library sizes (n,). The softmax runs over the (selected)
+        features, in one pass: ``logits - (logsumexp(logits) - log s)``."""
+        out = {}
+        for mod, lg in self.logits(z, feature_index).items():
+            shift = torch.logsumexp(lg, dim=-1) - log_library[mod]
+            out[mod] = lg - shift.unsqueeze(-1)
+        return out
+
+    def forward(self, z: torch.Tensor, feature_index: Mapping[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
+        """Log fractions per modality, (n, G_m), whose exp sums to 1 over the (selected) features."""
+        return {mod: torch.log_softmax(lg, dim=-1) for mod, lg in self.logits(z, feature_index).items()}

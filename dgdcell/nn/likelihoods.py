@@ -1,0 +1,139 @@
+"""Count likelihoods in log space.
+
+The negative binomial is parametrised by its mean ``mu`` and dispersion
+(inverse over-dispersion) ``r``: ``Var = mu + mu^2 / r``. It equals
+``scipy.stats.nbinom(n=r, p=r / (r + mu))``.
+
+log NB(x | mu, r) = lgamma(x + r) - lgamma(r) - lgamma(x + 1)
+                    + r log(r / (r + mu)) + x log(mu / (r + mu))
+
+For ``x = 0`` the lgamma terms cancel and only ``r log(r / (r + mu))`` remains.
+The sparse form therefore evaluates that cheap term densely (cells x
+features) and the lgamma terms only at the non-zero counts, so the lgamma
+work scales with the number of non-zeros. ``log(r / (r + mu))`` is computed as
+``-softplus(log mu - log r)``, exact from mu << r to mu >> r.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def nb_log_prob(x: torch.Tensor, log_mu: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    """Element-wise negative-binomial log pmf (dense reference form).
+
+    Parameters
+    ----------
+    x
+        Counts (non-negative integers stored as floats), any shape.
+    log_mu
+        Log mean, broadcastable to ``x``.
+    log_r
+        Log dispersion, broadcastable to ``x``.
+
+    Returns
+    -------
+    Tensor of ``x``'s broadcast shape with ``log P(x)`` in nats.
+    """
+    r = torch.exp(log_r)
+    x64 = x.double()
+    r64 = r.double()
+    lgam = (torch.lgamma(x64 + r64) - torch.lgamma(r64) - torch.lgamma(x64 + 1.0)).to(log_mu.dtype)
+    return lgam - r * F.softplus(log_mu - log_r) - x * F.softplus(log_r - log_mu)
+
+
+def nb_log_prob_sparse(
+    log_mu: torch.Tensor,
+    log_r: torch.Tensor,
+    flat_index: torch.Tensor,
+    rows: torch.Tensor,
+    values: torch.Tensor,
+    log_factorial: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-cell negative-binomial log-likelihood from sparse counts.
+
+    Parameters
+    ----------
+    log_mu
+        (n, G) log expected counts of n cells over G features.
+    log_r
+        (G,) log dispersions.
+    flat_index
+        (nnz,) long: ``row * G + col`` of every non-zero count.
+    rows
+        (nnz,) long: the row (0..n-1) of every non-zero count.
+    values
+        (nnz,) float: the non-zero counts.
+    log_factorial
+        (n,) optional precomputed ``sum_j lgamma(x_ij + 1)`` per cell (a
+        constant of the data); computed from ``values`` when None.
+
+    Returns
+    -------
+    (n,) ``sum_j log NB(x_ij | mu_ij, r_j)`` in nats; zero counts are implied.
+    The dense work is one softplus over (n, G); the lgamma terms are evaluated
+    in float64 at the non-zeros only, so the result stays accurate for counts
+    up to 1e6 and dispersions 1e-3..1e4.
+    """
+    n, g = log_mu.shape
+    r = torch.exp(log_r)
+    # r log(r / (r + mu)) for every entry, summed per cell with a mat-vec
+    dense = -(F.softplus(log_mu - log_r) @ r)
+    cols = flat_index.remainder(g)
+    lm = log_mu.reshape(-1).take(flat_index)
+    lr = log_r.take(cols)
+    r64 = r.double().take(cols)
+    v64 = values.double()
+    lgam = (torch.lgamma(v64 + r64) - torch.lgamma(r64)).to(log_mu.dtype)
+    nz = lgam - values * F.softplus(lr - lm)
+    if log_factorial is None:
+        log_factorial = torch.zeros(n, dtype=log_mu.dtype, device=log_mu.device).index_add_(
+            0, rows, torch.lgamma(values + 1.0)
+        )
+    return dense.index_add(0, rows, nz) - log_factorial
+
+
+class NegativeBinomial(nn.Module):
+    """Negative-binomial likelihood with one learned dispersion per feature.
+
+    Parameters
+    ----------
+    n_features
+        Number of features G.
+    dispersion_init
+        Initial dispersion r for every feature (the mean-variance trade-off;
+        r -> inf is Poisson).
+    """
+
+    name = "nb"
+
+    def __init__(self, n_features: int, dispersion_init: float = 2.0):
+        super().__init__()
+        self.log_r = nn.Parameter(torch.full((int(n_features),), math.log(dispersion_init)))
+
+    @property
+    def dispersion(self) -> torch.Tensor:
+        """Dispersion r per feature, (G,)."""
+        return torch.exp(self.log_r)
+
+    def log_prob_sparse(
+        self,
+        log_mu: torch.Tensor,
+        flat_index: torch.Tensor,
+        rows: torch.Tensor,
+        values: torch.Tensor,
+        log_factorial: torch.Tensor | None = None,
+        feature_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-cell log-likelihood (n,) for log means (n, G') of the features in
+        ``feature_index`` (all G when None; ``flat_index`` addresses that subset).
+        See :func:`nb_log_prob_sparse`."""
+        log_r = self.log_r if feature_index is None else self.log_r[feature_index]
+        return nb_log_prob_sparse(log_mu, log_r, flat_index, rows, values, log_factorial)
+
+
+LIKELIHOODS = {"nb": NegativeBinomial}

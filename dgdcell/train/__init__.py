@@ -1,0 +1,19 @@
+"""Fitting: the training loop, early stopping, history, and data-driven starts."""
+
+from .batching import DeviceCounts
+from .initialisation import init_mixture, kmeans, log_normalise, pca_scores
+from .loop import TrainConfig, representation_epoch, train
+from .objective import CellSet, batch_loss
+
+__all__ = [
+    "CellSet",
+    "DeviceCounts",
+    "TrainConfig",
+    "batch_loss",
+    "init_mixture",
+    "kmeans",
+    "log_normalise",
+    "pca_scores",
+    "representation_epoch",
+    "train",
+]

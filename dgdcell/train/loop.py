@@ -1,0 +1,181 @@
+"""The fitting loop: alternating updates, validation, early stopping, history."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..latent import GaussianMixture, GaussianMixtureSupervised
+from ..nn import Decoder
+from .objective import CellSet, batch_loss
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train`.
+
+    Learning rates are Adam step sizes; ``betas`` are Adam's. Early stopping
+    watches the validation loss (per cell); an epoch improves on the best when
+    its loss is lower by more than ``min_delta`` times the best's magnitude.
+    """
+
+    max_epochs: int = 300
+    batch_size: int = 256
+    lr_decoder: float = 1e-3
+    lr_representation: float = 1e-2
+    lr_mixture: float = 1e-2
+    betas: tuple[float, float] = (0.5, 0.7)
+    early_stopping: bool = True
+    patience: int = 10
+    min_delta: float = 1e-4
+    verbose: bool = True
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator | None, device) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return list(perm.to(device).split(batch_size))
+
+
+def _snapshot(modules: dict) -> dict:
+    return {name: copy.deepcopy(m.state_dict()) for name, m in modules.items()}
+
+
+def _restore(modules: dict, state: dict) -> None:
+    for name, m in modules.items():
+        m.load_state_dict(state[name])
+
+
+def representation_epoch(
+    decoder: Decoder,
+    gmm: GaussianMixture,
+    cov_gmms: dict[str, GaussianMixtureSupervised],
+    cells: CellSet,
+    optimizer: torch.optim.Optimizer,
+    batch_size: int,
+    generator: torch.Generator | None,
+) -> tuple[float, float]:
+    """One pass over ``cells`` stepping only their representations (decoder and
+    mixtures untouched). Returns the mean per-cell loss and reconstruction NLL
+    before the step."""
+    optimizer.zero_grad(set_to_none=False)
+    params = cells.parameters()
+    total = torch.zeros((), device=cells.rep.z.device)
+    recon_total = torch.zeros((), device=cells.rep.z.device)
+    for idx in _batches(cells.n, batch_size, generator, cells.rep.z.device):
+        recon, prior = batch_loss(decoder, gmm, cov_gmms, cells, idx, prior_scale=0.0)
+        loss = (recon + prior).sum()
+        loss.backward(inputs=params)
+        total += loss.detach()
+        recon_total += recon.detach().sum()
+    optimizer.step()
+    return total.item() / cells.n, recon_total.item() / cells.n
+
+
+def train(
+    decoder: Decoder,
+    gmm: GaussianMixture,
+    cov_gmms: dict[str, GaussianMixtureSupervised],
+    train_cells: CellSet,
+    val_cells: CellSet | None,
+    config: TrainConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, list]:
+    """Fit decoder, mixtures and representations by MAP; returns the history.
+
+    Per minibatch the decoder and mixtures take an Adam step; the training
+    representations accumulate their gradients over the epoch and take one
+    Adam step at its end (each cell's gradient is its own, so this equals a
+    per-batch step). Validation representations are fitted the same way
+    against the current decoder and mixtures, which they never change; their
+    loss drives early stopping, and the best state is restored at the end.
+
+    History keys: ``epoch``, ``train_loss``, ``train_reconstruction``,
+    ``val_loss``, ``val_reconstruction`` (per cell, nats), ``seconds``
+    (cumulative). On KeyboardInterrupt the best state so far is kept.
+    """
+    device = train_cells.rep.z.device
+    mixture_params = list(gmm.parameters()) + [p for g in cov_gmms.values() for p in g.parameters()]
+    opt_dec = torch.optim.Adam(decoder.parameters(), lr=config.lr_decoder, betas=config.betas)
+    opt_mix = torch.optim.Adam([p for p in mixture_params if p.requires_grad], lr=config.lr_mixture, betas=config.betas)
+    opt_rep = torch.optim.Adam(train_cells.parameters(), lr=config.lr_representation, betas=config.betas)
+    opt_val = (
+        torch.optim.Adam(val_cells.parameters(), lr=config.lr_representation, betas=config.betas)
+        if val_cells is not None
+        else None
+    )
+    modules = {"decoder": decoder, "gmm": gmm, "train_rep": train_cells.rep}
+    modules.update({f"cov_gmm/{k}": g for k, g in cov_gmms.items()})
+    modules.update({f"train_cov/{k}": r for k, r in train_cells.cov_reps.items()})
+    if val_cells is not None:
+        modules["val_rep"] = val_cells.rep
+        modules.update({f"val_cov/{k}": r for k, r in val_cells.cov_reps.items()})
+
+    history: dict[str, list] = {k: [] for k in ("epoch", "train_loss", "train_reconstruction", "val_loss", "val_reconstruction", "seconds")}
+    best = math.inf
+    best_state = None
+    stale = 0
+    n_train = train_cells.n
+    t0 = time.perf_counter()
+    bar = tqdm(range(config.max_epochs), disable=not config.verbose, desc="dgd", unit="epoch", leave=False)
+    try:
+        for epoch in bar:
+            decoder.train()
+            opt_rep.zero_grad(set_to_none=False)
+            total = torch.zeros((), device=device)
+            recon_total = torch.zeros((), device=device)
+            for idx in _batches(n_train, config.batch_size, generator, device):
+                opt_dec.zero_grad(set_to_none=True)
+                opt_mix.zero_grad(set_to_none=True)
+                recon, prior = batch_loss(decoder, gmm, cov_gmms, train_cells, idx, prior_scale=idx.shape[0] / n_train)
+                loss = (recon + prior).sum()
+                loss.backward()
+                opt_dec.step()
+                opt_mix.step()
+                total += loss.detach()
+                recon_total += recon.detach().sum()
+            opt_rep.step()
+            train_loss = total.item() / n_train
+            history["epoch"].append(epoch + 1)
+            history["train_loss"].append(train_loss)
+            history["train_reconstruction"].append(recon_total.item() / n_train)
+            if val_cells is not None:
+                val_loss, val_recon = representation_epoch(
+                    decoder, gmm, cov_gmms, val_cells, opt_val, config.batch_size, generator
+                )
+            else:
+                val_loss, val_recon = train_loss, history["train_reconstruction"][-1]
+            history["val_loss"].append(val_loss)
+            history["val_reconstruction"].append(val_recon)
+            history["seconds"].append(time.perf_counter() - t0)
+            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                if best_state is not None:
+                    _restore(modules, best_state)
+                raise FloatingPointError(
+                    f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} at epoch {epoch + 1}; "
+                    "the best state so far was restored. Try lower learning rates (lr_decoder) or check the input counts."
+                )
+            bar.set_postfix(train=f"{train_loss:.1f}", val=f"{val_loss:.1f}")
+            if val_loss < best - config.min_delta * abs(best if math.isfinite(best) else val_loss):
+                best = val_loss
+                best_state = _snapshot(modules)
+                stale = 0
+            else:
+                stale += 1
+                if config.early_stopping and stale >= config.patience:
+                    logger.info("early stopping at epoch %d (best validation loss %.3f)", epoch + 1, best)
+                    break
+    except KeyboardInterrupt:
+        logger.warning("training interrupted at epoch %d: keeping the best state so far", len(history["epoch"]))
+    finally:
+        bar.close()
+    if best_state is not None:
+        _restore(modules, best_state)
+    return history

@@ -1,0 +1,111 @@
+"""The training objective for a minibatch of cells.
+
+Loss per cell (nats): ``-log NB(counts | decoder(z, c))  - log p_GMM(z)  - sum_k log p_sGMM_k(c_k | class)``
+plus the mixtures' parameter priors scaled by ``prior_scale`` (see
+:meth:`dgdcell.latent.GaussianMixture.forward`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..latent import GaussianMixture, GaussianMixtureSupervised, RepresentationLayer
+from ..nn import Decoder
+from .batching import DeviceCounts
+
+
+@dataclass
+class CellSet:
+    """Everything the objective needs for one set of cells (train, validation or new).
+
+    Attributes
+    ----------
+    rep
+        (n, L) representations.
+    cov_reps
+        covariate key -> (n, 2) representations.
+    counts
+        modality -> counts on the device.
+    cov_codes
+        covariate key -> (n,) long class codes (-1 unknown).
+    labels
+        (n,) long label codes (-1 unlabelled), or None.
+    feature_index
+        modality -> indices of the decoder features the counts' columns are (None: all).
+    """
+
+    rep: RepresentationLayer
+    cov_reps: dict[str, RepresentationLayer]
+    counts: dict[str, DeviceCounts]
+    cov_codes: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: torch.Tensor | None = None
+    feature_index: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.rep.n_sample
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.rep.z] + [r.z for r in self.cov_reps.values()]
+
+
+def decoder_input(cells: CellSet, idx: torch.Tensor | None, cov_keys: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``[z, c_1, ...]`` for rows ``idx``: (B, L + 2 * n_cov), and the covariate parts."""
+    z = cells.rep(idx)
+    cs = [cells.cov_reps[k](idx) for k in cov_keys]
+    return (torch.cat([z] + cs, dim=-1) if cs else z), cs
+
+
+def reconstruction_nll(
+    decoder: Decoder, x_in: torch.Tensor, cells: CellSet, idx: torch.Tensor
+) -> torch.Tensor:
+    """Negative log-likelihood of the counts of rows ``idx`` summed over modalities: (B,)."""
+    log_lib = {mod: counts.log_library[idx] for mod, counts in cells.counts.items()}
+    log_mu = decoder.log_mean(x_in, log_lib, cells.feature_index or None)
+    nll = torch.zeros(idx.shape[0], device=x_in.device)
+    for mod, counts in cells.counts.items():
+        flat, rows, vals = counts.batch(idx)
+        lik = decoder.likelihoods[mod]
+        nll = nll - lik.log_prob_sparse(
+            log_mu[mod], flat, rows, vals, counts.log_factorial[idx], cells.feature_index.get(mod)
+        )
+    return nll
+
+
+def prior_nll(
+    gmm: GaussianMixture,
+    cov_gmms: dict[str, GaussianMixtureSupervised],
+    z: torch.Tensor,
+    cs: list[torch.Tensor],
+    cells: CellSet,
+    idx: torch.Tensor,
+    prior_scale: float,
+) -> torch.Tensor:
+    """Negative log prior density of rows ``idx`` under the mixtures: (B,)."""
+    if isinstance(gmm, GaussianMixtureSupervised):
+        labels = None if cells.labels is None else cells.labels[idx]
+        nll = gmm(z, labels, prior_scale=prior_scale)
+    else:
+        nll = gmm(z, prior_scale=prior_scale)
+    for (key, cg), c in zip(cov_gmms.items(), cs):
+        nll = nll + cg(c, cells.cov_codes[key][idx], prior_scale=prior_scale)
+    return nll
+
+
+def batch_loss(
+    decoder: Decoder,
+    gmm: GaussianMixture,
+    cov_gmms: dict[str, GaussianMixtureSupervised],
+    cells: CellSet,
+    idx: torch.Tensor,
+    prior_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cell reconstruction NLL and prior NLL of rows ``idx``: two (B,) tensors."""
+    cov_keys = list(cov_gmms)
+    x_in, cs = decoder_input(cells, idx, cov_keys)
+    recon = reconstruction_nll(decoder, x_in, cells, idx)
+    prior = prior_nll(gmm, cov_gmms, x_in[:, : cells.rep.n_rep], cs, cells, idx, prior_scale)
+    return recon, prior
