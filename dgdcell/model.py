@@ -18,6 +18,7 @@ from .data import CountData, read_anndata
 from .latent import COVARIANCE_TYPES, GaussianMixture, GaussianMixtureSupervised, RepresentationLayer
 from .nn import Decoder
 from .train import CellSet, DeviceCounts, TrainConfig, init_mixture, pca_scores, train
+from .train.initialisation import graph_clusters, init_mixture_from_labels
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,13 @@ class DGD:
         ``'pca'`` (default: representations start at scaled PCA scores of the
         log-normalised counts and the mixture at a GMM fit of them) or
         ``'zero'`` (classic: representations at 0, random means).
+    init_clustering
+        With ``init='pca'`` and no ``label_key``: how the mixture starts.
+        ``'leiden'`` (default): Leiden clusters of the PCA start (kNN graph,
+        resolution tuned to K clusters) give each component its cells; during
+        the first ``guide_epochs`` epochs of ``fit`` each cell's prior is its
+        cluster's component, so the latent forms one Gaussian blob per cluster
+        before the mixture runs free. ``'kmeans'``: k-means + EM, no guide.
     dispersion_init
         Initial negative-binomial dispersion.
     device
@@ -95,6 +103,7 @@ class DGD:
         sd_init: tuple[float, float] = (0.5, 1.0),
         weight_alpha: float = 1.0,
         init: str = "pca",
+        init_clustering: str = "leiden",
         dispersion_init: float = 2.0,
         device: str = "auto",
     ):
@@ -106,6 +115,8 @@ class DGD:
             raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}.")
         if init not in ("pca", "zero"):
             raise ValueError(f"init must be 'pca' or 'zero', got {init!r}.")
+        if init_clustering not in ("leiden", "kmeans"):
+            raise ValueError(f"init_clustering must be 'leiden' or 'kmeans', got {init_clustering!r}.")
         if isinstance(covariate_keys, str):
             covariate_keys = [covariate_keys]
         if mean_init[0] <= 0:
@@ -123,6 +134,7 @@ class DGD:
             sd_init=[float(v) for v in sd_init],
             weight_alpha=float(weight_alpha),
             init=init,
+            init_clustering=init_clustering,
             dispersion_init=float(dispersion_init),
         )
         self.device = resolve_device(device)
@@ -194,6 +206,8 @@ class DGD:
         early_stopping: bool = True,
         patience: int = 10,
         min_delta: float = 1e-4,
+        warmup_epochs: int = 0,
+        guide_epochs: int = 20,
         lr_decoder: float = 1e-3,
         lr_representation: float = 1e-2,
         lr_mixture: float = 1e-2,
@@ -250,6 +264,8 @@ class DGD:
             early_stopping=early_stopping,
             patience=int(patience),
             min_delta=float(min_delta),
+            warmup_epochs=int(warmup_epochs),
+            guide_epochs=int(guide_epochs),
             verbose=verbose,
         )
         generator = torch.Generator().manual_seed(a["seed"])
@@ -278,6 +294,8 @@ class DGD:
             early_stopping=bool(early_stopping),
             patience=int(patience),
             min_delta=float(min_delta),
+            warmup_epochs=int(warmup_epochs),
+            guide_epochs=int(guide_epochs),
             lr_decoder=float(lr_decoder),
             lr_representation=float(lr_representation),
             lr_mixture=float(lr_mixture),
@@ -302,7 +320,11 @@ class DGD:
         else:
             z0 = torch.zeros(n, a["latent_dim"])
         labels = torch.as_tensor(data.labels.codes) if data.labels is not None else None
-        if a["init"] == "pca":
+        guide = None
+        if a["init"] == "pca" and labels is None and a.get("init_clustering", "leiden") == "leiden":
+            guide = torch.as_tensor(graph_clusters(z0.numpy(), self.gmm.n_mix_comp, seed=a["seed"]))
+            init_mixture_from_labels(self.gmm, z0[train_idx].to(self.device), guide[train_idx])
+        elif a["init"] == "pca":
             init_mixture(self.gmm, z0[train_idx].to(self.device),
                          None if labels is None else labels[train_idx].to(self.device), generator=None)
         cov_init = {}
@@ -318,6 +340,7 @@ class DGD:
                 counts={m: DeviceCounts(c[rows], data.library[m][rows], self.device) for m, c in data.counts.items()},
                 cov_codes={k: torch.as_tensor(cat.codes[rows], device=self.device) for k, cat in data.covariates.items()},
                 labels=None if labels is None else labels[rows_t].to(self.device),
+                guide=None if guide is None else guide[rows_t].to(self.device),
             )
 
         train_cells = cell_set(train_idx)
@@ -366,6 +389,289 @@ class DGD:
         """Representations of the training cells, (n_obs, latent_dim), in their original order."""
         self._check_fitted()
         return self.representation.numpy().copy()
+
+    # ------------------------------------------------------------------ new cells
+    def transform(
+        self,
+        adata_new,
+        init: str = "mean",
+        n_samples: int = 5,
+        max_epochs: int = 100,
+        layer: str | None = None,
+        batch_size: int = 1024,
+        key_added: str = "dgd",
+        seed: int | None = None,
+        verbose: bool = True,
+        lr: float = 5e-2,
+        patience: int = 5,
+        min_delta: float = 1e-4,
+        min_overlap: float = 0.5,
+        max_elements: int = 20_000_000,
+    ) -> "DGD":
+        """Embed new cells: fit fresh representations against the frozen decoder and mixtures.
+
+        The trained model is never changed (decoder, mixtures and the training
+        representations stay as they are).
+
+        Features are matched by name to the training features. Training
+        features missing from ``adata_new`` are left out of the likelihood (the
+        decoded fractions are renormalised over the features present, and
+        library sizes are the cells' totals over those); extra features are
+        ignored. Fewer than ``min_overlap`` (default 50%) of the training
+        features present is an error, as is a cell without counts in them.
+
+        Steps: every cell is scored by the full objective (negative-binomial
+        NLL + mixture prior + covariate prior) at every candidate start — each
+        mixture component's mean (``init='mean'``) or ``n_samples`` draws from
+        each component (``init='sample'``), combined with every component mean
+        of each covariate mixture — in a vectorised pass whose intermediates stay
+        within about ``max_elements`` floats; each cell starts at its best
+        candidate; then only the new representations are optimised (Adam, step
+        ``lr``, default 0.05) until the mean loss improves by less than
+        ``min_delta`` (relative) for ``patience`` epochs, or ``max_epochs``.
+
+        Covariates (``covariate_keys`` of the model) are read from
+        ``adata_new.obs``. A cell of a known class starts at, and is scored
+        with, its class's component. A cell of a class unseen in training (a
+        new batch), with a missing value, or with the column absent altogether
+        is treated as unknown (label -1): its prior is the full covariate
+        mixture and the candidate search picks the best-fitting known class to
+        start from. No change to the model is needed. Labels (``label_key``)
+        are not read: new cells are unlabelled.
+
+        Writes the same keys as :meth:`fit` (and only after success: a failed
+        transform leaves ``adata_new`` unchanged), with ``key = key_added``:
+        ``obsm[f"X_{key}"]``, ``obsm[f"X_{key}_{covariate}"]``,
+        ``obs[f"{key}_cluster"]``, ``obsm[f"X_{key}_cluster_probs"]`` and
+        ``uns[key]`` (the model's record, plus ``uns[key]["transform"]``:
+        settings, feature overlap, unseen classes and the loss history).
+
+        ``seed`` (default: the model's seed) drives ``init='sample'``; the same
+        seed gives identical results on CPU.
+
+        Returns ``self`` (read the new representations from
+        ``adata_new.obsm[f"X_{key}"]``).
+        """
+        import time
+
+        from .data import read_new_anndata
+        from .train.new_cells import INIT_TYPES, NewCellConfig, fit_new_cells
+
+        self._check_fitted()
+        if init not in INIT_TYPES:
+            raise ValueError(f"init must be one of {INIT_TYPES}, got {init!r}.")
+        for name, value in (("n_samples", n_samples), ("max_epochs", max_epochs), ("batch_size", batch_size),
+                            ("patience", patience), ("max_elements", max_elements)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        if len(self.features) != 1:
+            raise ValueError(f"the model has modalities {sorted(self.features)}; transform reads one AnnData modality.")
+        t0 = time.perf_counter()
+        new = read_new_anndata(adata_new, self.features, layer, self.covariate_categories, min_overlap,
+                               modality=next(iter(self.features)))
+        config = NewCellConfig(
+            init=init, n_samples=int(n_samples), max_epochs=int(max_epochs), batch_size=int(batch_size),
+            lr=float(lr), betas=tuple(self.fit_settings.get("betas", (0.5, 0.7))),
+            patience=int(patience), min_delta=float(min_delta), max_elements=int(max_elements), verbose=verbose,
+        )
+        seed = self.init_args["seed"] if seed is None else int(seed)
+        cells = self._new_cell_set(new)
+        history = fit_new_cells(self.decoder, self.gmm, dict(self.cov_gmms), cells, config,
+                                torch.Generator().manual_seed(seed))
+        z = cells.rep.z.detach().cpu()
+        cov = {k: r.z.detach().cpu() for k, r in cells.cov_reps.items()}
+        record = self._transform_record(new, config, layer, seed, history, time.perf_counter() - t0)
+        self._write_outputs(adata_new, z, cov, key_added)
+        adata_new.uns[key_added]["transform"] = record
+        return self
+
+    def _new_cell_set(self, new):
+        """A CellSet (representations at zero) for new cells read by ``read_new_anndata``."""
+        from .train.objective import CellSet
+
+        d = new.data
+        return CellSet(
+            rep=RepresentationLayer(self.latent_dim, d.n_obs).to(self.device),
+            cov_reps={k: RepresentationLayer(COVARIATE_DIM, d.n_obs).to(self.device) for k in self.cov_gmms},
+            counts={m: DeviceCounts(c, d.library[m], self.device) for m, c in d.counts.items()},
+            cov_codes={k: torch.as_tensor(cat.codes, device=self.device) for k, cat in d.covariates.items()},
+            labels=None,
+            feature_index={
+                m: None if a.complete else torch.as_tensor(a.feature_index, device=self.device)
+                for m, a in new.alignments.items()
+            },
+        )
+
+    @staticmethod
+    def _transform_record(new, config, layer, seed: int, history: dict, seconds: float) -> dict:
+        """``uns[key]["transform"]``: settings, overlap, classes, history (h5ad-writable)."""
+        return {
+            "n_obs": new.data.n_obs,
+            "init": config.init,
+            "n_samples": config.n_samples,
+            "max_epochs": config.max_epochs,
+            "batch_size": config.batch_size,
+            "lr": config.lr,
+            "betas": list(config.betas),
+            "patience": config.patience,
+            "min_delta": config.min_delta,
+            "layer": "" if layer is None else layer,
+            "seed": seed,
+            "n_epochs": len(history["epoch"]),
+            "n_candidates": int(history["n_candidates"][0]),
+            "features": {
+                m: {"n_shared": a.n_shared, "n_missing": a.n_missing, "n_extra": a.n_extra}
+                for m, a in new.alignments.items()
+            },
+            "unseen_classes": {k: list(v) for k, v in new.unseen_classes.items()},
+            "missing_covariates": list(new.missing_covariates),
+            "history": {
+                "loss": np.asarray(history["loss"], dtype=np.float64),
+                "reconstruction": np.asarray(history["reconstruction"], dtype=np.float64),
+                "start_loss": float(history["start_loss"][0]),
+            },
+            "seconds": float(seconds),
+            "seconds_init": float(history["seconds_init"][0]),
+        }
+
+    # ------------------------------------------------------------------ expression
+    def get_normalized_expression(
+        self,
+        adata=None,
+        library_size: float | str | None = None,
+        modality: str = "rna",
+        key: str = "dgd",
+        transform_batch: str | dict[str, str] | None = None,
+        layer: str | None = None,
+        batch_size: int = 1024,
+    ) -> pd.DataFrame:
+        """Denoised expression decoded from the cells' representations.
+
+        Parameters
+        ----------
+        adata
+            None: the training cells (``self.representation``, in training
+            order). Else cells carrying ``obsm[f"X_{key}"]`` (and
+            ``obsm[f"X_{key}_{covariate}"]`` per covariate) from :meth:`fit` or
+            :meth:`transform`.
+        library_size
+            None: fractions (each row sums to 1 over the modality's training
+            features). A number: expected counts at that library size (rows sum
+            to it). ``'latent'``: expected counts at each cell's own library
+            size, read from ``adata``'s counts (``adata.X`` or ``layer``); when
+            training features are missing there, the observed total over the
+            features present is divided by their decoded share.
+        modality
+            Which modality's features to decode.
+        transform_batch
+            A covariate class name (or ``{covariate: class}``): decode every cell
+            with that class's component mean as its covariate representation,
+            i.e. as if measured in that batch.
+        batch_size
+            Cells decoded at a time.
+
+        Returns
+        -------
+        DataFrame (cells x training features of ``modality``), float32; index
+        the cells' names, columns the feature names.
+        """
+        self._check_fitted()
+        if modality not in self.features:
+            raise KeyError(f"modality {modality!r} is not in the model (modalities: {sorted(self.features)}).")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        fixed = self._transform_batch_inputs(transform_batch)
+        z, cov, names = self._stored_representations(adata, key, skip=set(fixed))
+        n = z.shape[0]
+        scale = self._library_scale(adata, library_size, layer, n)
+        out = np.empty((n, len(self.features[modality])), dtype=np.float32)
+        keys = list(self.cov_gmms)
+        with torch.no_grad():
+            for start in range(0, n, int(batch_size)):
+                stop = min(start + int(batch_size), n)
+                parts = [z[start:stop]] + [
+                    fixed[k].expand(stop - start, -1) if k in fixed else cov[k][start:stop] for k in keys
+                ]
+                x_in = torch.cat(parts, dim=-1).to(self.device)
+                out[start:stop] = torch.exp(self.decoder(x_in)[modality]).cpu().numpy()
+        if isinstance(scale, tuple):  # 'latent': observed totals over the features present / their decoded share
+            library, columns = scale
+            scale = library / np.maximum(out[:, columns].sum(axis=1, dtype=np.float64), 1e-12)
+        if scale is not None:
+            out *= np.asarray(scale, dtype=np.float32).reshape(-1, 1)
+        return pd.DataFrame(out, index=pd.Index(names), columns=pd.Index(self.features[modality]), copy=False)
+
+    def _stored_representations(self, adata, key: str, skip: set[str]):
+        """(n, L) representations, covariate key -> (n, 2), and the cell names:
+        the training cells' (``adata`` None) or those stored in ``adata.obsm``."""
+        if adata is None:
+            return self.representation, dict(self.cov_representation), list(self.obs_names)
+        name = f"X_{key}"
+        if name not in adata.obsm:
+            raise KeyError(
+                f"adata.obsm has no {name!r}; run dgd.fit(adata) or dgd.transform(adata) first "
+                f"(or pass key= the key_added used; obsm keys: {list(adata.obsm.keys())})."
+            )
+        z = np.asarray(adata.obsm[name], dtype=np.float32)
+        if z.shape != (adata.n_obs, self.latent_dim):
+            raise ValueError(f"adata.obsm[{name!r}] has shape {z.shape}, expected ({adata.n_obs}, {self.latent_dim}).")
+        cov = {}
+        for k in self.cov_gmms:
+            if k in skip:
+                continue
+            ck = f"X_{key}_{k}"
+            if ck not in adata.obsm:
+                raise KeyError(f"adata.obsm has no {ck!r} (covariate {k!r}); run fit or transform first, "
+                               "or pass transform_batch= to decode in a chosen class.")
+            cov[k] = torch.as_tensor(np.asarray(adata.obsm[ck], dtype=np.float32))
+        return torch.as_tensor(z), cov, [str(v) for v in adata.obs_names]
+
+    def _transform_batch_inputs(self, transform_batch) -> dict[str, torch.Tensor]:
+        """covariate key -> (1, 2) component mean of the requested class (weights within the class)."""
+        if transform_batch is None:
+            return {}
+        if isinstance(transform_batch, dict):
+            wanted = {str(k): str(v) for k, v in transform_batch.items()}
+        else:
+            keys = [k for k, cats in self.covariate_categories.items() if str(transform_batch) in cats]
+            if not keys:
+                raise KeyError(f"transform_batch {transform_batch!r} is not a class of any covariate "
+                               f"({self.covariate_categories}).")
+            if len(keys) > 1:
+                raise ValueError(f"transform_batch {transform_batch!r} is a class of several covariates {keys}; "
+                                 "pass a dict {covariate: class}.")
+            wanted = {keys[0]: str(transform_batch)}
+        out = {}
+        for k, cls in wanted.items():
+            if k not in self.covariate_categories:
+                raise KeyError(f"{k!r} is not a covariate of the model (covariates: {list(self.covariate_categories)}).")
+            if cls not in self.covariate_categories[k]:
+                raise KeyError(f"class {cls!r} is not a class of covariate {k!r} ({self.covariate_categories[k]}).")
+            g = self.cov_gmms[k]
+            label = torch.tensor([self.covariate_categories[k].index(cls)], device=g.mean.device)
+            with torch.no_grad():
+                out[k] = (g.label_mixture_probs(label) @ g.mean).cpu()
+        return out
+
+    def _library_scale(self, adata, library_size, layer, n: int):
+        """None (fractions), an (n,) or scalar scale, or for ``'latent'`` the
+        tuple (observed totals (n,), decoded columns they cover)."""
+        if library_size is None:
+            return None
+        if isinstance(library_size, str):
+            if library_size != "latent":
+                raise ValueError(f"library_size must be None, a number or 'latent', got {library_size!r}.")
+            if adata is None:
+                raise ValueError("library_size='latent' needs the cells' counts: pass adata.")
+            from .data import read_new_anndata
+
+            new = read_new_anndata(adata, self.features, layer, None, modality=next(iter(self.features)))
+            mod = next(iter(new.alignments))
+            return new.data.library[mod], new.alignments[mod].feature_index
+        value = float(library_size)
+        if not value > 0:
+            raise ValueError(f"library_size must be > 0, got {library_size}.")
+        return value
 
     def _check_fitted(self) -> None:
         if self.representation is None:

@@ -51,8 +51,12 @@ def pca_scores(
     sub = torch.randperm(n, generator=generator)[: min(n, n_fit)].sort().values.numpy()
     dense = torch.from_numpy(np.hstack([((b[0][sub].toarray() - b[1]) * b[2]).astype(np.float32) for b in blocks]))
     k = max(1, min(n_components, min(dense.shape) - 1))
-    # randomized SVD (Halko et al.) in torch: a few (n_fit, G) x (G, k + 10) products
-    _, _, v = torch.svd_lowrank(dense, q=min(k + 10, min(dense.shape)), niter=6)
+    # randomized SVD (Halko et al.) in torch: a few (n_fit, G) x (G, k + 10) products;
+    # svd_lowrank draws from the global RNG, so seed it locally from ``generator``
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _, _, v = torch.svd_lowrank(dense, q=min(k + 10, min(dense.shape)), niter=6)
     v = v[:, :k].double().numpy()  # (G_total, k)
     scores = np.zeros((n, k), dtype=np.float64)
     start = 0
@@ -130,6 +134,116 @@ def init_mixture(
             continue
         var = (resp.T @ z.square()) / nk.unsqueeze(-1) - mean.square()  # (K, dim)
         var = var.clamp_min(floor)
+        if gmm.covariance_type == "isotropic":
+            var = var.mean(-1, keepdim=True)
+        gmm.neglogvar.copy_(-torch.log(var))
+
+
+def knn_graph(z: torch.Tensor, n_neighbors: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k-nearest-neighbour edges of points ``z`` (n, dim) (self excluded):
+    ``(sources, targets)``, each (n * n_neighbors,), computed in chunks of rows."""
+    n = z.shape[0]
+    k = min(n_neighbors, n - 1)
+    sq = z.square().sum(-1)
+    targets = []
+    for s in range(0, n, chunk):
+        d2 = sq[s : s + chunk, None] - 2.0 * z[s : s + chunk] @ z.T + sq[None, :]
+        d2[torch.arange(d2.shape[0]), torch.arange(s, s + d2.shape[0])] = float("inf")
+        targets.append(torch.topk(d2, k, dim=1, largest=False).indices)
+    tgt = torch.cat(targets).reshape(-1).numpy()
+    src = np.repeat(np.arange(n), k)
+    return src, tgt
+
+
+def graph_clusters(
+    z: np.ndarray,
+    n_clusters: int,
+    n_neighbors: int = 15,
+    n_fit: int = 20000,
+    seed: int = 0,
+    n_steps: int = 20,
+) -> np.ndarray:
+    """Leiden clusters of points ``z`` (n, dim), resolution tuned to ``n_clusters``.
+
+    Builds the symmetrised exact k-nearest-neighbour graph of at most
+    ``n_fit`` cells (a seeded subsample), bisects the resolution of igraph's
+    Leiden (modularity) until it finds ``n_clusters`` clusters (or the closest
+    count), keeps the ``n_clusters`` largest clusters, and gives every other
+    cell the label of the nearest kept cluster centre. Returns (n,) int64
+    labels in ``0..n_clusters-1``.
+    """
+    import igraph
+
+    n = z.shape[0]
+    rng = np.random.default_rng(seed)
+    sub = np.sort(rng.permutation(n)[: min(n, n_fit)])
+    zs = np.ascontiguousarray(z[sub], dtype=np.float32)
+    src, tgt = knn_graph(torch.from_numpy(zs), n_neighbors)
+    # shared-nearest-neighbour (Jaccard) weights on the symmetrised kNN graph
+    m = sub.size
+    knn = sp.csr_matrix((np.ones(src.size, dtype=np.float32), (src, tgt)), shape=(m, m))
+    knn = knn + sp.identity(m, dtype=np.float32, format="csr")
+    adj = ((knn + knn.T) > 0).astype(np.float32).tocoo()
+    keep_e = adj.row < adj.col
+    rows, cols = adj.row[keep_e], adj.col[keep_e]
+    shared = np.asarray(knn[rows].multiply(knn[cols]).sum(1)).ravel()
+    kk = knn.getnnz(axis=1) if hasattr(knn, "getnnz") else np.diff(knn.indptr)
+    weight = shared / np.maximum(kk[rows] + kk[cols] - shared, 1)
+    ok = weight > 0
+    graph = igraph.Graph(n=m, edges=np.stack([rows[ok], cols[ok]], 1).tolist(), directed=False)
+    graph.es["weight"] = weight[ok].tolist()
+    lo, hi = 1e-3, 10.0
+    best_labels, best_gap = None, None
+    for _ in range(n_steps):
+        res = (lo * hi) ** 0.5
+        import random
+
+        random.seed(seed)  # igraph draws from Python's random module
+        part = graph.community_leiden(
+            objective_function="modularity", weights="weight", resolution=res, n_iterations=2
+        )
+        labels = np.asarray(part.membership, dtype=np.int64)
+        found = int(labels.max()) + 1
+        gap = abs(found - n_clusters) + (0.5 if found < n_clusters else 0.0)
+        if best_gap is None or gap < best_gap:
+            best_labels, best_gap = labels, gap
+        if found == n_clusters:
+            break
+        if found < n_clusters:
+            lo = res
+        else:
+            hi = res
+    sizes = np.bincount(best_labels)
+    keep = np.argsort(-sizes, kind="stable")[: min(n_clusters, sizes.size)]
+    centres = np.stack([zs[best_labels == k].mean(0) for k in keep])
+    if keep.size < n_clusters:  # too few clusters: add the points farthest from every centre
+        far = np.argsort(-(((zs[:, None] - centres[None]) ** 2).sum(-1)).min(1))[: n_clusters - keep.size]
+        centres = np.vstack([centres, zs[far]])
+    zt, ct = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)), torch.from_numpy(centres)
+    out = torch.cat([torch.cdist(zt[s : s + 65536], ct).argmin(1) for s in range(0, n, 65536)]).numpy()
+    remap = np.full(sizes.size, -1)
+    remap[keep] = np.arange(keep.size)
+    sub_labels = remap[best_labels]
+    inside = sub_labels >= 0
+    out[sub[inside]] = sub_labels[inside]
+    return out.astype(np.int64)
+
+
+@torch.no_grad()
+def init_mixture_from_labels(gmm: GaussianMixture, z: torch.Tensor, labels: torch.Tensor) -> None:
+    """Set ``gmm``'s means, variances (per covariance type) and weights from a hard
+    partition ``labels`` (n,) in ``0..K-1`` of the points ``z`` (n, dim)."""
+    z = z.detach().to(gmm.mean.device)
+    k = gmm.n_mix_comp
+    resp = torch.zeros(z.shape[0], k, device=z.device)
+    resp[torch.arange(z.shape[0], device=z.device), labels.to(z.device)] = 1.0
+    nk = resp.sum(0) + 1e-6
+    mean = resp.T @ z / nk.unsqueeze(-1)
+    gmm.mean.copy_(mean)
+    gmm.weight.copy_(torch.log(nk / nk.sum()))
+    if gmm.covariance_type != "fixed":
+        floor = 1e-3 * z.var(0).mean().clamp_min(1e-8)
+        var = ((resp.T @ z.square()) / nk.unsqueeze(-1) - mean.square()).clamp_min(floor)
         if gmm.covariance_type == "isotropic":
             var = var.mean(-1, keepdim=True)
         gmm.neglogvar.copy_(-torch.log(var))

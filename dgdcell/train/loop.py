@@ -25,6 +25,11 @@ class TrainConfig:
     Learning rates are Adam step sizes; ``betas`` are Adam's. Early stopping
     watches the validation loss (per cell); an epoch improves on the best when
     its loss is lower by more than ``min_delta`` times the best's magnitude.
+    During the first ``warmup_epochs`` epochs the representations stay fixed
+    (only the decoder and mixtures learn), so that noisy gradients from a
+    random decoder do not scramble a data-driven start. During the first
+    ``guide_epochs`` epochs each cell's prior is its guide component alone
+    (see :class:`CellSet`), when the cells carry guides.
     """
 
     max_epochs: int = 300
@@ -36,6 +41,8 @@ class TrainConfig:
     early_stopping: bool = True
     patience: int = 10
     min_delta: float = 1e-4
+    warmup_epochs: int = 0
+    guide_epochs: int = 0
     verbose: bool = True
 
 
@@ -61,21 +68,24 @@ def representation_epoch(
     optimizer: torch.optim.Optimizer,
     batch_size: int,
     generator: torch.Generator | None,
+    step: bool = True,
+    guided: bool = False,
 ) -> tuple[float, float]:
     """One pass over ``cells`` stepping only their representations (decoder and
-    mixtures untouched). Returns the mean per-cell loss and reconstruction NLL
-    before the step."""
+    mixtures untouched; no step when ``step`` is False). Returns the mean
+    per-cell loss and reconstruction NLL before the step."""
     optimizer.zero_grad(set_to_none=False)
     params = cells.parameters()
     total = torch.zeros((), device=cells.rep.z.device)
     recon_total = torch.zeros((), device=cells.rep.z.device)
     for idx in _batches(cells.n, batch_size, generator, cells.rep.z.device):
-        recon, prior = batch_loss(decoder, gmm, cov_gmms, cells, idx, prior_scale=0.0)
+        recon, prior = batch_loss(decoder, gmm, cov_gmms, cells, idx, prior_scale=0.0, guided=guided)
         loss = (recon + prior).sum()
         loss.backward(inputs=params)
         total += loss.detach()
         recon_total += recon.detach().sum()
-    optimizer.step()
+    if step:
+        optimizer.step()
     return total.item() / cells.n, recon_total.item() / cells.n
 
 
@@ -131,24 +141,30 @@ def train(
             opt_rep.zero_grad(set_to_none=False)
             total = torch.zeros((), device=device)
             recon_total = torch.zeros((), device=device)
+            guided = epoch < config.guide_epochs
             for idx in _batches(n_train, config.batch_size, generator, device):
                 opt_dec.zero_grad(set_to_none=True)
                 opt_mix.zero_grad(set_to_none=True)
-                recon, prior = batch_loss(decoder, gmm, cov_gmms, train_cells, idx, prior_scale=idx.shape[0] / n_train)
+                recon, prior = batch_loss(
+                    decoder, gmm, cov_gmms, train_cells, idx, prior_scale=idx.shape[0] / n_train, guided=guided
+                )
                 loss = (recon + prior).sum()
                 loss.backward()
                 opt_dec.step()
                 opt_mix.step()
                 total += loss.detach()
                 recon_total += recon.detach().sum()
-            opt_rep.step()
+            warm = epoch < config.warmup_epochs
+            if not warm:
+                opt_rep.step()
             train_loss = total.item() / n_train
             history["epoch"].append(epoch + 1)
             history["train_loss"].append(train_loss)
             history["train_reconstruction"].append(recon_total.item() / n_train)
             if val_cells is not None:
                 val_loss, val_recon = representation_epoch(
-                    decoder, gmm, cov_gmms, val_cells, opt_val, config.batch_size, generator
+                    decoder, gmm, cov_gmms, val_cells, opt_val, config.batch_size, generator, step=not warm,
+                    guided=guided,
                 )
             else:
                 val_loss, val_recon = train_loss, history["train_reconstruction"][-1]
@@ -163,6 +179,8 @@ def train(
                     "the best state so far was restored. Try lower learning rates (lr_decoder) or check the input counts."
                 )
             bar.set_postfix(train=f"{train_loss:.1f}", val=f"{val_loss:.1f}")
+            if warm or guided:
+                continue
             if val_loss < best - config.min_delta * abs(best if math.isfinite(best) else val_loss):
                 best = val_loss
                 best_state = _snapshot(modules)

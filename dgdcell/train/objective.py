@@ -35,6 +35,9 @@ class CellSet:
         (n,) long label codes (-1 unlabelled), or None.
     feature_index
         modality -> indices of the decoder features the counts' columns are (None: all).
+    guide
+        (n,) long mixture component of each cell during the guided phase of
+        training (pseudo-labels from the initial clustering), or None.
     """
 
     rep: RepresentationLayer
@@ -43,6 +46,7 @@ class CellSet:
     cov_codes: dict[str, torch.Tensor] = field(default_factory=dict)
     labels: torch.Tensor | None = None
     feature_index: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    guide: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -83,9 +87,18 @@ def prior_nll(
     cells: CellSet,
     idx: torch.Tensor,
     prior_scale: float,
+    guided: bool = False,
 ) -> torch.Tensor:
-    """Negative log prior density of rows ``idx`` under the mixtures: (B,)."""
-    if isinstance(gmm, GaussianMixtureSupervised):
+    """Negative log prior density of rows ``idx`` under the mixtures: (B,).
+
+    With ``guided`` (and ``cells.guide`` set) each cell's density is that of its
+    guide component alone, which pulls the cells of one initial cluster
+    towards one component."""
+    if guided and cells.guide is not None:
+        n = max(int(z.shape[0]), 1)
+        comp = cells.guide[idx].unsqueeze(-1)
+        nll = -gmm.component_log_prob(z).gather(1, comp).squeeze(-1) - prior_scale * gmm.prior_log_prob() / n
+    elif isinstance(gmm, GaussianMixtureSupervised):
         labels = None if cells.labels is None else cells.labels[idx]
         nll = gmm(z, labels, prior_scale=prior_scale)
     else:
@@ -102,10 +115,11 @@ def batch_loss(
     cells: CellSet,
     idx: torch.Tensor,
     prior_scale: float,
+    guided: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-cell reconstruction NLL and prior NLL of rows ``idx``: two (B,) tensors."""
     cov_keys = list(cov_gmms)
     x_in, cs = decoder_input(cells, idx, cov_keys)
     recon = reconstruction_nll(decoder, x_in, cells, idx)
-    prior = prior_nll(gmm, cov_gmms, x_in[:, : cells.rep.n_rep], cs, cells, idx, prior_scale)
+    prior = prior_nll(gmm, cov_gmms, x_in[:, : cells.rep.n_rep], cs, cells, idx, prior_scale, guided)
     return recon, prior

@@ -1,0 +1,79 @@
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from dgdcell.latent import GaussianMixture
+from dgdcell.train.initialisation import (
+    graph_clusters,
+    init_mixture,
+    init_mixture_from_labels,
+    kmeans,
+    knn_graph,
+    log_normalise,
+    pca_scores,
+)
+
+from .conftest import make_counts
+
+
+def blobs(n_per=(60, 50, 40, 30), dim=5, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 6, size=(len(n_per), dim))
+    truth = np.repeat(np.arange(len(n_per)), n_per)
+    return (centres[truth] + rng.normal(0, 0.5, size=(truth.size, dim))).astype(np.float32), truth
+
+
+def test_log_normalise_keeps_sparsity_and_values():
+    X = sp.csr_matrix(np.array([[0, 2, 2], [1, 0, 3]], dtype=np.float32))
+    lib = np.asarray(X.sum(1)).ravel()
+    out = log_normalise(X, lib, target_sum=10)
+    np.testing.assert_allclose(out.toarray(), np.log1p(10 * X.toarray() / lib[:, None]), rtol=1e-6)
+    assert out.nnz == X.nnz
+
+
+def test_pca_scores_separate_groups_and_are_deterministic():
+    a = make_counts()
+    X = a.X.tocsr()
+    lib = np.asarray(X.sum(1)).ravel()
+    s1 = pca_scores([X], [lib], 4, generator=torch.Generator().manual_seed(0))
+    s2 = pca_scores([X], [lib], 4, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(s1, s2)
+    assert s1.shape == (a.n_obs, 4)
+    assert abs(s1[:, 0].std() - 1.0) < 1e-4
+    labels = kmeans(torch.from_numpy(s1), 3, generator=torch.Generator().manual_seed(0))
+    assign = torch.cdist(torch.from_numpy(s1), labels).argmin(1).numpy()
+    assert adjusted_rand_score(a.obs["group"], assign) > 0.95
+
+
+def test_knn_graph_is_exact():
+    z = torch.tensor([[0.0], [1.0], [3.0], [3.5]])
+    src, tgt = knn_graph(z, 1, chunk=2)
+    np.testing.assert_array_equal(src, [0, 1, 2, 3])
+    np.testing.assert_array_equal(tgt, [1, 0, 3, 2])
+
+
+def test_graph_clusters_find_k_blobs():
+    z, truth = blobs()
+    labels = graph_clusters(z, 4, n_neighbors=10)
+    assert labels.shape == truth.shape and set(labels) == {0, 1, 2, 3}
+    assert adjusted_rand_score(truth, labels) > 0.95
+    # a subsample fit labels every cell
+    labels_sub = graph_clusters(z, 4, n_neighbors=10, n_fit=100)
+    assert adjusted_rand_score(truth, labels_sub) > 0.95
+    np.testing.assert_array_equal(labels, graph_clusters(z, 4, n_neighbors=10))
+
+
+def test_init_mixture_from_labels_and_em():
+    z, truth = blobs()
+    zt = torch.from_numpy(z)
+    for cov in ["diagonal", "isotropic", "fixed"]:
+        g = GaussianMixture(4, 5, cov)
+        init_mixture_from_labels(g, zt, torch.from_numpy(truth))
+        for k in range(4):
+            torch.testing.assert_close(g.mean[k], zt[truth == k].mean(0), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(g.mixture_probs(), torch.tensor([60, 50, 40, 30]) / 180.0, rtol=1e-4, atol=1e-5)
+        assert adjusted_rand_score(truth, g.clustering(zt).numpy()) > 0.99
+        g2 = GaussianMixture(4, 5, cov)
+        init_mixture(g2, zt, generator=torch.Generator().manual_seed(0))
+        assert adjusted_rand_score(truth, g2.clustering(zt).numpy()) > 0.95
