@@ -233,6 +233,13 @@ class DGD:
         - ``adata.obsm[f"X_{key}_cluster_probs"]``: (n_obs, K) component probabilities;
         - ``adata.uns[key]``: settings, history and library version.
 
+        Schedule: with the default start (``init='pca'``,
+        ``init_clustering='leiden'``) the first ``guide_epochs`` epochs pull
+        each cell towards the mixture component of its initial Leiden cluster;
+        early stopping is only checked after them. ``warmup_epochs`` keeps the
+        representations fixed for the first epochs while the decoder learns
+        (default 0).
+
         Learning rates: Adam step sizes for the decoder, the representations
         and the mixtures (the classic multiDGD values are 1e-4, 1e-2, 1e-2 with
         betas (0.5, 0.7); the decoder default here is 1e-3, which reaches a
@@ -315,7 +322,13 @@ class DGD:
 
         if a["init"] == "pca":
             z0 = torch.from_numpy(
-                pca_scores(list(data.counts.values()), list(data.library.values()), a["latent_dim"], generator=generator)
+                pca_scores(
+                    list(data.counts.values()),
+                    list(data.library.values()),
+                    a["latent_dim"],
+                    generator=generator,
+                    groups=_joint_codes([cat.codes for cat in data.covariates.values()], n),
+                )
             )
         else:
             z0 = torch.zeros(n, a["latent_dim"])
@@ -394,15 +407,16 @@ class DGD:
     def transform(
         self,
         adata_new,
-        init: str = "mean",
-        n_samples: int = 5,
+        init: str = "sample",
+        n_samples: int = 10,
+        n_starts: int = 2,
         max_epochs: int = 100,
         layer: str | None = None,
         batch_size: int = 1024,
         key_added: str = "dgd",
         seed: int | None = None,
         verbose: bool = True,
-        lr: float = 5e-2,
+        lr: float = 0.8,
         patience: int = 5,
         min_delta: float = 1e-4,
         min_overlap: float = 0.5,
@@ -420,15 +434,29 @@ class DGD:
         ignored. Fewer than ``min_overlap`` (default 50%) of the training
         features present is an error, as is a cell without counts in them.
 
-        Steps: every cell is scored by the full objective (negative-binomial
-        NLL + mixture prior + covariate prior) at every candidate start — each
-        mixture component's mean (``init='mean'``) or ``n_samples`` draws from
-        each component (``init='sample'``), combined with every component mean
-        of each covariate mixture — in a vectorised pass whose intermediates stay
-        within about ``max_elements`` floats; each cell starts at its best
-        candidate; then only the new representations are optimised (Adam, step
-        ``lr``, default 0.05) until the mean loss improves by less than
-        ``min_delta`` (relative) for ``patience`` epochs, or ``max_epochs``.
+        Steps:
+
+        1. Every cell is scored by the full objective (negative-binomial NLL +
+           mixture prior + covariate prior) at every candidate start:
+           ``n_samples`` draws from each mixture component (``init='sample'``,
+           the default; drawn with ``seed``) or each component's mean
+           (``init='mean'``), combined with every component mean of each
+           covariate mixture. One vectorised pass; its intermediates stay within
+           about ``max_elements`` floats.
+        2. Each cell is optimised from its ``n_starts`` best-scored candidates
+           (only the new representations move; Adam with betas as in fit). Steps
+           are in units of the start component's standard deviation (``lr`` is
+           0.8 of it, decaying by 0.9 per step), so cells of tight and broad
+           components converge alike. After 5 epochs only each cell's better
+           start continues. A cell stops when its loss has not improved by more
+           than ``min_delta`` (relative) for ``patience`` epochs; all stop by
+           ``max_epochs``. Each cell keeps its lowest-loss state.
+
+        Measured on the benchmark sets (``benchmarks/transform.py``): sampled
+        starts and a second start find lower-loss optima than component means
+        alone (the mean of a tight component scores too well before
+        optimisation), and per-cell stopping halves the work of a plateau on
+        the total loss.
 
         Covariates (``covariate_keys`` of the model) are read from
         ``adata_new.obs``. A cell of a known class starts at, and is scored
@@ -460,8 +488,10 @@ class DGD:
         self._check_fitted()
         if init not in INIT_TYPES:
             raise ValueError(f"init must be one of {INIT_TYPES}, got {init!r}.")
-        for name, value in (("n_samples", n_samples), ("max_epochs", max_epochs), ("batch_size", batch_size),
-                            ("patience", patience), ("max_elements", max_elements)):
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}.")
+        for name, value in (("n_samples", n_samples), ("n_starts", n_starts), ("max_epochs", max_epochs),
+                            ("batch_size", batch_size), ("patience", patience), ("max_elements", max_elements)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
         if len(self.features) != 1:
@@ -470,7 +500,8 @@ class DGD:
         new = read_new_anndata(adata_new, self.features, layer, self.covariate_categories, min_overlap,
                                modality=next(iter(self.features)))
         config = NewCellConfig(
-            init=init, n_samples=int(n_samples), max_epochs=int(max_epochs), batch_size=int(batch_size),
+            init=init, n_samples=int(n_samples), n_starts=int(n_starts), max_epochs=int(max_epochs),
+            batch_size=int(batch_size),
             lr=float(lr), betas=tuple(self.fit_settings.get("betas", (0.5, 0.7))),
             patience=int(patience), min_delta=float(min_delta), max_elements=int(max_elements), verbose=verbose,
         )
@@ -509,6 +540,7 @@ class DGD:
             "n_obs": new.data.n_obs,
             "init": config.init,
             "n_samples": config.n_samples,
+            "n_starts": config.n_starts,
             "max_epochs": config.max_epochs,
             "batch_size": config.batch_size,
             "lr": config.lr,
@@ -518,6 +550,7 @@ class DGD:
             "layer": "" if layer is None else layer,
             "seed": seed,
             "n_epochs": len(history["epoch"]),
+            "cell_epochs": float(np.sum(history["n_active"]) / max(new.data.n_obs, 1)),
             "n_candidates": int(history["n_candidates"][0]),
             "features": {
                 m: {"n_shared": a.n_shared, "n_missing": a.n_missing, "n_extra": a.n_extra}
@@ -768,6 +801,13 @@ def _covariate_mixture(n_classes: int) -> GaussianMixtureSupervised:
     with torch.no_grad():
         g.mean.copy_(torch.stack([angle.cos(), angle.sin()], -1))
     return g
+
+
+def _joint_codes(codes: list[np.ndarray], n: int) -> np.ndarray | None:
+    """One code per combination of covariate classes, (n,), or None without covariates."""
+    if not codes:
+        return None
+    return np.unique(np.stack(codes, 1), axis=0, return_inverse=True)[1].reshape(n)
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

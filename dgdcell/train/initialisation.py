@@ -30,26 +30,38 @@ def pca_scores(
     n_components: int,
     n_fit: int = 20000,
     generator: torch.Generator | None = None,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """PCA scores (n_cells, n_components) of the scaled log-normalised counts.
 
     Each modality is log-normalised and every feature scaled to unit variance
     (modalities are then weighted equally by dividing by sqrt(n_features)).
+    With ``groups`` ((n_cells,) int codes, e.g. batches) every feature is
+    centred within each group instead of globally (and scaled by its pooled
+    within-group spread), which removes additive group effects from the start.
     The axes are fitted on at most ``n_fit`` cells and all cells are projected
     with sparse products, so memory grows with the non-zeros.
     The scores are divided by the standard deviation of the first axis.
     """
+    n = matrices[0].shape[0]
+    if groups is None:
+        groups = np.zeros(n, dtype=np.int64)
+    _, groups = np.unique(np.asarray(groups), return_inverse=True)
+    indicator = sp.csr_matrix((np.ones(n, dtype=np.float32), (groups, np.arange(n))), shape=(groups.max() + 1, n))
+    group_size = np.asarray(indicator.sum(1)).ravel()
     blocks = []
     for csr, lib in zip(matrices, libraries):
         ln = log_normalise(csr, lib)
-        mean = np.asarray(ln.mean(axis=0)).ravel()
-        sq = np.asarray(ln.multiply(ln).mean(axis=0)).ravel()
-        sd = np.sqrt(np.maximum(sq - mean**2, 0.0))
+        mean = (indicator @ ln).toarray() / group_size[:, None]  # (n_groups, G) group means
+        sq = np.asarray(ln.multiply(ln).sum(axis=0)).ravel()
+        within = (sq - (group_size[:, None] * mean**2).sum(0)) / n
+        sd = np.sqrt(np.maximum(within, 0.0))
         scale = np.where(sd > 0, 1.0 / np.maximum(sd, 1e-8), 0.0) / math.sqrt(csr.shape[1])
         blocks.append((ln, mean, scale.astype(np.float32)))
-    n = matrices[0].shape[0]
     sub = torch.randperm(n, generator=generator)[: min(n, n_fit)].sort().values.numpy()
-    dense = torch.from_numpy(np.hstack([((b[0][sub].toarray() - b[1]) * b[2]).astype(np.float32) for b in blocks]))
+    dense = torch.from_numpy(
+        np.hstack([((b[0][sub].toarray() - b[1][groups[sub]]) * b[2]).astype(np.float32) for b in blocks])
+    )
     k = max(1, min(n_components, min(dense.shape) - 1))
     # randomized SVD (Halko et al.) in torch: a few (n_fit, G) x (G, k + 10) products;
     # svd_lowrank draws from the global RNG, so seed it locally from ``generator``
@@ -63,7 +75,7 @@ def pca_scores(
     for ln, mean, scale in blocks:
         g = ln.shape[1]
         vb = v[start : start + g] * scale[:, None]
-        scores += ln @ vb - (mean @ vb)[None, :]
+        scores += ln @ vb - (mean @ vb)[groups]
         start += g
     scores /= max(scores[:, 0].std(), 1e-8)
     if k < n_components:
