@@ -56,6 +56,7 @@ from .objective import CellSet, prior_nll, reconstruction_nll
 logger = logging.getLogger(__name__)
 
 INIT_TYPES = ("mean", "sample")
+_REFERENCE = None
 #: elementwise work is done in pieces of about this many floats (1 MiB, cache-sized): 3x faster on CPU
 #: than one big pass (measured), and never more than ``max_elements``
 CACHE_ELEMENTS = 1 << 18
@@ -160,6 +161,18 @@ def candidate_starts(
         raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
     z = gmm.sample_new_points(init, int(n_samples), generator=generator).detach()
     comp = torch.arange(gmm.n_mix_comp, device=z.device).repeat_interleave(z.shape[0] // gmm.n_mix_comp)
+    if _REFERENCE is not None:  # EXPERIMENT
+        ref, per = _REFERENCE
+        ref = ref.to(z.device)
+        rc = gmm.clustering(ref)
+        zs, cs = [], []
+        for k in range(gmm.n_mix_comp):
+            members = (rc == k).nonzero().squeeze(1)
+            if members.numel() == 0:
+                continue
+            pick = members[torch.randperm(members.numel(), generator=generator)[:per]]
+            zs.append(ref[pick]); cs.append(torch.full((pick.numel(),), k))
+        z = torch.cat(zs); comp = torch.cat(cs)
     sizes = [z.shape[0]] + [g.n_mix_comp for g in cov_gmms.values()]
     grids = torch.meshgrid(*[torch.arange(s, device=z.device) for s in sizes], indexing="ij")
     flat = [g.reshape(-1) for g in grids]
