@@ -7,6 +7,7 @@ For each labelled RNA data set (K = number of distinct labels):
 * ``dgd.transform(new, verbose=False)`` on the 20% (timed: best of ``--repeats`` runs, which give
   identical results);
 * ARI of ``obs['dgd_cluster']`` vs the labels on the training cells and on the new cells;
+* the same for the training cells re-embedded by ``transform`` (the estimator the new cells get);
 * 15-NN label transfer: a majority vote of the 15 nearest training cells (on ``obsm['X_dgd']`` as
   written by fit) for every new cell, scored against its label; for reference also the
   leave-one-out 15-NN accuracy on the training cells (the ceiling for transfer), and transfer
@@ -49,15 +50,17 @@ TEST_SIZE = 0.2
 
 MD_COLUMNS = [
     "dataset", "cells", "genes", "K", "new cells",
-    "train ARI", "new ARI", "ARI gap", "kNN transfer", "train LOO kNN", "kNN transfer (re-embedded ref)",
+    "train ARI", "new ARI", "ARI gap", "kNN transfer", "train LOO kNN",
+    "re-embedded train ARI", "ARI gap (re-embedded)", "kNN transfer (re-embedded ref)",
     "s / 1k cells", "s / 1k cells x 2k genes", "transform epochs", "steps / cell",
     "fit epochs", "fit s",
 ]
 CSV_COLUMNS = MD_COLUMNS + ["transform s", "transform s (all runs)", "candidates", "start loss", "final loss", "error"]
-MEAN_COLUMNS = ["train ARI", "new ARI", "ARI gap", "kNN transfer", "train LOO kNN", "kNN transfer (re-embedded ref)",
+MEAN_COLUMNS = ["train ARI", "new ARI", "ARI gap", "kNN transfer", "train LOO kNN", "re-embedded train ARI",
+                "ARI gap (re-embedded)", "kNN transfer (re-embedded ref)",
                 "s / 1k cells", "s / 1k cells x 2k genes", "transform epochs", "steps / cell", "fit epochs", "fit s"]
 FLOATFMTS = {"s / 1k cells": ".2f", "s / 1k cells x 2k genes": ".2f", "transform epochs": ".0f",
-             "steps / cell": ".1f", "fit epochs": ".0f", "fit s": ".0f", "ARI gap": "+.3f",
+             "steps / cell": ".1f", "fit epochs": ".0f", "fit s": ".0f", "ARI gap": "+.3f", "ARI gap (re-embedded)": "+.3f",
              "transform s": ".2f", "start loss": ".2f", "final loss": ".2f"}
 
 
@@ -112,6 +115,7 @@ def run_one(dgdcell, adata, max_epochs: int | None, repeats: int, cache: Path | 
     z_tr, z_new = np.asarray(train.obsm["X_dgd"]), np.asarray(target.obsm["X_dgd"])
     train_ari = float(adjusted_rand_score(y_tr, train.obs["dgd_cluster"].astype(str)))
     new_ari = float(adjusted_rand_score(y_new, target.obs["dgd_cluster"].astype(str)))
+    again_ari = float(adjusted_rand_score(y_tr, again.obs["dgd_cluster"].astype(str)))
     per_1k = secs / new.n_obs * 1000.0
     return {
         "new cells": int(new.n_obs),
@@ -120,6 +124,8 @@ def run_one(dgdcell, adata, max_epochs: int | None, repeats: int, cache: Path | 
         "ARI gap": new_ari - train_ari,
         "kNN transfer": common.knn_transfer_accuracy(z_tr, y_tr, z_new, y_new, k=15),
         "train LOO kNN": common.knn_accuracy(z_tr, y_tr, k=15),
+        "re-embedded train ARI": again_ari,
+        "ARI gap (re-embedded)": new_ari - again_ari,
         "kNN transfer (re-embedded ref)": common.knn_transfer_accuracy(
             np.asarray(again.obsm["X_dgd"]), y_tr, z_new, y_new, k=15),
         "s / 1k cells": per_1k,
@@ -150,9 +156,11 @@ def _summary(rows: list[dict]) -> list[str]:
         return ["- no data set finished"]
     n = len(ok)
     return [
-        f"- new-cell ARI within 0.03 of training ARI (|gap| <= 0.03): {sum(abs(r['ARI gap']) <= 0.03 for r in ok)} of {n}",
+        f"- new-cell ARI within 0.03 of training ARI (|gap| <= 0.03): {sum(abs(r['ARI gap']) <= 0.03 for r in ok)} of {n}; "
+        f"of the re-embedded training cells' ARI: {sum(abs(r['ARI gap (re-embedded)']) <= 0.03 for r in ok)} of {n}",
         f"- kNN transfer >= 0.9: {sum(r['kNN transfer'] >= 0.9 for r in ok)} of {n}; "
-        f">= train LOO kNN - 0.03: {sum(r['kNN transfer'] >= r['train LOO kNN'] - 0.03 for r in ok)} of {n}",
+        f">= train LOO kNN - 0.03: {sum(r['kNN transfer'] >= r['train LOO kNN'] - 0.03 for r in ok)} of {n}; "
+        f"from the re-embedded reference >= 0.9: {sum(r['kNN transfer (re-embedded ref)'] >= 0.9 for r in ok)} of {n}",
         f"- <= 2 s per 1,000 cells x 2,000 genes: {sum(r['s / 1k cells x 2k genes'] <= 2.0 for r in ok)} of {n}",
     ]
 
@@ -205,7 +213,8 @@ def main(argv=None) -> int:
         "- ARI: obs['dgd_cluster'] vs cell_type (train: as written by fit; new: by transform); "
         "kNN transfer: 15-NN majority vote from the training cells' X_dgd onto the new cells' X_dgd; "
         "train LOO kNN: leave-one-out 15-NN on the training cells (the ceiling for transfer); "
-        "re-embedded ref: transfer from the training cells re-embedded by transform",
+        "re-embedded: the training cells passed through transform too (the estimator the new cells get; "
+        "fit's own X_dgd is not refitted against the final decoder)",
         f"- seconds: wall clock of transform, best of {args.repeats} runs; 'x 2k genes' scales linearly to "
         "2,000 genes. The machine is shared with other work, so timings are noisy.",
     ]

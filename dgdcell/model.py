@@ -407,7 +407,7 @@ class DGD:
     def transform(
         self,
         adata_new,
-        init: str = "sample",
+        init: str = "mean",
         n_samples: int = 10,
         n_starts: int = 2,
         max_epochs: int = 100,
@@ -416,7 +416,7 @@ class DGD:
         key_added: str = "dgd",
         seed: int | None = None,
         verbose: bool = True,
-        lr: float = 0.8,
+        lr: float = 0.3,
         patience: int = 5,
         min_delta: float = 1e-4,
         min_overlap: float = 0.5,
@@ -437,26 +437,30 @@ class DGD:
         Steps:
 
         1. Every cell is scored by the full objective (negative-binomial NLL +
-           mixture prior + covariate prior) at every candidate start:
-           ``n_samples`` draws from each mixture component (``init='sample'``,
-           the default; drawn with ``seed``) or each component's mean
-           (``init='mean'``), combined with every component mean of each
-           covariate mixture. One vectorised pass; its intermediates stay within
-           about ``max_elements`` floats.
+           mixture prior + covariate prior) at every candidate start: each
+           mixture component's mean (``init='mean'``, the default) or
+           ``n_samples`` draws from each component (``init='sample'``, drawn
+           with ``seed``), combined with every component mean of each covariate
+           mixture. One vectorised pass; its intermediates stay within about
+           ``max_elements`` floats.
         2. Each cell is optimised from its ``n_starts`` best-scored candidates
            (only the new representations move; Adam with betas as in fit). Steps
-           are in units of the start component's standard deviation (``lr`` is
-           0.8 of it, decaying by 0.9 per step), so cells of tight and broad
+           are in units of the start component's standard deviation (``lr`` =
+           0.3 of it, decaying by 0.9 per step), so cells of tight and broad
            components converge alike. After 5 epochs only each cell's better
            start continues. A cell stops when its loss has not improved by more
            than ``min_delta`` (relative) for ``patience`` epochs; all stop by
            ``max_epochs``. Each cell keeps its lowest-loss state.
 
-        Measured on the benchmark sets (``benchmarks/transform.py``): sampled
-        starts and a second start find lower-loss optima than component means
-        alone (the mean of a tight component scores too well before
-        optimisation), and per-cell stopping halves the work of a plateau on
-        the total loss.
+        Defaults measured on six labelled sets (``benchmarks/transform.py``):
+        a second start lowers the loss of a cell whose best-scored component
+        mean is not its best basin; per-cell stopping needs about half the
+        steps of a plateau on the total loss; means with ``lr=0.3`` gave
+        clusters and neighbours closer to those of fit than samples or larger
+        steps. The training representations written by :meth:`fit` are not
+        refitted against the final decoder, so they can differ from what
+        ``transform`` gives for the same cells (compare by transforming a copy
+        of the training data).
 
         Covariates (``covariate_keys`` of the model) are read from
         ``adata_new.obs``. A cell of a known class starts at, and is scored

@@ -334,3 +334,18 @@ def test_semi_supervised_model_treats_new_cells_as_unlabelled():
     model.transform(new, **QUIET)  # new has no "label" column: not needed
     truth = new.obs["group"].cat.codes.to_numpy()
     assert (new.obs["dgd_cluster"].cat.codes.to_numpy() == truth).mean() > 0.9
+
+
+def test_nb_mu_terms_plus_constant_is_the_sparse_log_likelihood():
+    from dgdcell.nn import nb_log_prob_sparse, nb_log_prob_sparse_mu_terms
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.rand(6, 9, generator=g) * 5, generator=g)
+    log_mu, log_r = torch.randn(6, 9, generator=g), torch.randn(9, generator=g)
+    rows, cols = x.nonzero(as_tuple=True)
+    flat, vals = rows * 9 + cols, x[rows, cols]
+    r = log_r.exp()[cols].double()
+    const = torch.zeros(6, dtype=torch.float64).index_add_(
+        0, rows, torch.lgamma(vals.double() + r) - torch.lgamma(r) - torch.lgamma(vals.double() + 1))
+    full = nb_log_prob_sparse(log_mu, log_r, flat, rows, vals)
+    torch.testing.assert_close(nb_log_prob_sparse_mu_terms(log_mu, log_r, flat, rows, vals) + const.float(), full)

@@ -1,6 +1,6 @@
 """Neural parts: the decoder and count likelihoods (no AnnData here)."""
 
 from .decoder import Decoder
-from .likelihoods import LIKELIHOODS, NegativeBinomial, nb_log_prob, nb_log_prob_sparse
+from .likelihoods import LIKELIHOODS, NegativeBinomial, nb_log_prob, nb_log_prob_sparse, nb_log_prob_sparse_mu_terms
 
-__all__ = ["Decoder", "LIKELIHOODS", "NegativeBinomial", "nb_log_prob", "nb_log_prob_sparse"]
+__all__ = ["Decoder", "LIKELIHOODS", "NegativeBinomial", "nb_log_prob", "nb_log_prob_sparse", "nb_log_prob_sparse_mu_terms"]

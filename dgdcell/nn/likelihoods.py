@@ -97,6 +97,28 @@ def nb_log_prob_sparse(
     return dense.index_add(0, rows, nz) - log_factorial
 
 
+def nb_log_prob_sparse_mu_terms(
+    log_mu: torch.Tensor,
+    log_r: torch.Tensor,
+    flat_index: torch.Tensor,
+    rows: torch.Tensor,
+    values: torch.Tensor,
+) -> torch.Tensor:
+    """The terms of :func:`nb_log_prob_sparse` that depend on ``mu``: (n,) nats.
+
+    ``sum_j r_j log(r_j / (r_j + mu_ij)) + sum_{x_ij>0} x_ij log(mu_ij / (r_j + mu_ij))``;
+    adding the per-cell constant ``sum_{x_ij>0} lgamma(x_ij + r_j) - lgamma(r_j) - lgamma(x_ij + 1)``
+    gives :func:`nb_log_prob_sparse`. For fitting representations against fixed
+    dispersions, where that constant never changes (no lgamma per step).
+    Arguments as in :func:`nb_log_prob_sparse`.
+    """
+    g = log_mu.shape[1]
+    dense = -(F.softplus(log_mu - log_r) @ torch.exp(log_r))
+    lm = log_mu.reshape(-1).take(flat_index)
+    lr = log_r.take(flat_index.remainder(g))
+    return dense.index_add(0, rows, -values * F.softplus(lr - lm))
+
+
 class NegativeBinomial(nn.Module):
     """Negative-binomial likelihood with one learned dispersion per feature.
 

@@ -39,9 +39,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +49,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..latent import GaussianMixture, GaussianMixtureSupervised
-from ..nn import Decoder
+from ..nn import Decoder, NegativeBinomial, nb_log_prob_sparse_mu_terms
 from .batching import DeviceCounts
 from .objective import CellSet, prior_nll, reconstruction_nll
 
 logger = logging.getLogger(__name__)
 
 INIT_TYPES = ("mean", "sample")
-_REFERENCE = None
 #: elementwise work is done in pieces of about this many floats (1 MiB, cache-sized): 3x faster on CPU
 #: than one big pass (measured), and never more than ``max_elements``
 CACHE_ELEMENTS = 1 << 18
@@ -80,11 +79,11 @@ class NewCellConfig:
     its dense term (None, or at most ``2 * n_grid`` cells: exact, per cell).
     """
 
-    init: str = "sample"
+    init: str = "mean"
     n_samples: int = 10
     max_epochs: int = 100
     batch_size: int = 1024
-    lr: float = 0.8
+    lr: float = 0.3
     betas: tuple[float, float] = (0.5, 0.7)
     patience: int = 5
     min_delta: float = 1e-4
@@ -161,18 +160,6 @@ def candidate_starts(
         raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
     z = gmm.sample_new_points(init, int(n_samples), generator=generator).detach()
     comp = torch.arange(gmm.n_mix_comp, device=z.device).repeat_interleave(z.shape[0] // gmm.n_mix_comp)
-    if _REFERENCE is not None:  # EXPERIMENT
-        ref, per = _REFERENCE
-        ref = ref.to(z.device)
-        rc = gmm.clustering(ref)
-        zs, cs = [], []
-        for k in range(gmm.n_mix_comp):
-            members = (rc == k).nonzero().squeeze(1)
-            if members.numel() == 0:
-                continue
-            pick = members[torch.randperm(members.numel(), generator=generator)[:per]]
-            zs.append(ref[pick]); cs.append(torch.full((pick.numel(),), k))
-        z = torch.cat(zs); comp = torch.cat(cs)
     sizes = [z.shape[0]] + [g.n_mix_comp for g in cov_gmms.values()]
     grids = torch.meshgrid(*[torch.arange(s, device=z.device) for s in sizes], indexing="ij")
     flat = [g.reshape(-1) for g in grids]
@@ -504,6 +491,38 @@ class RowAdam:
             p[rows] = p[rows] - size * m_r / ((v_r / bc2).sqrt() + self.eps)
 
 
+@dataclass
+class _Rows:
+    """Optimisation state of N (cell, start) rows: offsets and their best values."""
+
+    offset: list[torch.Tensor]
+    best_offset: list[torch.Tensor]
+    best: torch.Tensor
+    last: torch.Tensor
+    last_recon: torch.Tensor
+    stale: torch.Tensor
+    active: torch.Tensor
+
+    @classmethod
+    def start(cls, origin: list[torch.Tensor]) -> "_Rows":
+        n, dev = origin[0].shape[0], origin[0].device
+        inf = torch.full((n,), math.inf, device=dev)
+        return cls([torch.zeros_like(o) for o in origin], [torch.zeros_like(o) for o in origin], inf.clone(),
+                   inf.clone(), inf.clone(), torch.zeros(n, dtype=torch.long, device=dev),
+                   torch.ones(n, dtype=torch.bool, device=dev))
+
+    @torch.no_grad()
+    def record(self, idx: torch.Tensor, loss: torch.Tensor, recon: torch.Tensor, min_delta: float) -> None:
+        """Log the losses (B,) of rows ``idx`` at their current offsets; keep each row's best."""
+        best = self.best[idx]
+        improved = loss < best - min_delta * best.abs().nan_to_num(posinf=0.0)
+        for bo, o in zip(self.best_offset, self.offset):
+            bo[idx] = torch.where(improved.unsqueeze(-1), o[idx], bo[idx])
+        self.best[idx] = torch.where(improved, loss, best)
+        self.stale[idx] = torch.where(improved, 0, self.stale[idx] + 1)
+        self.last[idx], self.last_recon[idx] = loss, recon
+
+
 def optimise_starts(
     decoder: Decoder,
     gmm: GaussianMixture,
@@ -535,63 +554,77 @@ def optimise_starts(
     its best row's latest values, nats) and ``n_active`` (rows that stepped).
     """
     n, k = starts[0].shape[:2]
-    dev = starts[0].device
-    rows_cell = torch.arange(n, device=dev).repeat_interleave(k)
+    rows_cell = torch.arange(n, device=starts[0].device).repeat_interleave(k)
     view = _row_cell_set(cells, rows_cell) if k > 1 else cells
+    recon_nll = _reconstruction_fn(decoder, cells, rows_cell, config.max_elements)
     origin = [s.reshape(n * k, -1) for s in starts]
     scale = [s.reshape(n * k, -1) for s in scales]
-    offset = [torch.zeros_like(o) for o in origin]
-    best_offset = [torch.zeros_like(o) for o in origin]
-    opt = RowAdam(offset, config.lr, config.betas, config.lr_decay)
-    best = torch.full((n * k,), math.inf, device=dev)
-    last = torch.full((n * k,), math.inf, device=dev)
-    last_recon = torch.full((n * k,), math.inf, device=dev)
-    stale = torch.zeros(n * k, dtype=torch.long, device=dev)
-    active = torch.ones(n * k, dtype=torch.bool, device=dev)
+    rows = _Rows.start(origin)
+    opt = RowAdam(rows.offset, config.lr, config.betas, config.lr_decay)
+
+    def step(idx: torch.Tensor) -> None:
+        u = [o[idx].requires_grad_() for o in rows.offset]
+        x = [og[idx] + sc[idx] * ui for og, sc, ui in zip(origin, scale, u)]
+        recon = recon_nll(torch.cat(x, dim=-1), view, idx)
+        loss = recon + prior_nll(gmm, cov_gmms, x[0], x[1:], view, idx, 0.0)
+        grads = torch.autograd.grad(loss.sum(), u)
+        rows.record(idx, loss.detach(), recon.detach(), config.min_delta)
+        opt.step(idx, list(grads))
+
     history: dict[str, list] = {"epoch": [], "loss": [], "reconstruction": [], "n_active": []}
     bar = tqdm(range(int(config.max_epochs)), disable=not config.verbose, desc="dgd transform", unit="epoch",
                leave=False)
     try:
         for epoch in bar:
-            act = active.nonzero().squeeze(1)
+            act = rows.active.nonzero().squeeze(1)
             if act.numel() == 0:
                 break
             for idx in act.split(int(config.batch_size)):
-                u = [o[idx].requires_grad_() for o in offset]
-                x = [og[idx] + sc[idx] * ui for og, sc, ui in zip(origin, scale, u)]
-                x_in = torch.cat(x, dim=-1)
-                recon = reconstruction_nll(decoder, x_in, view, idx)
-                loss = recon + prior_nll(gmm, cov_gmms, x[0], x[1:], view, idx, 0.0)
-                grads = torch.autograd.grad(loss.sum(), u)
-                with torch.no_grad():
-                    loss, recon = loss.detach(), recon.detach()
-                    improved = loss < best[idx] - config.min_delta * best[idx].abs().nan_to_num(posinf=0.0)
-                    for bo, o in zip(best_offset, offset):
-                        bo[idx] = torch.where(improved.unsqueeze(-1), o[idx], bo[idx])
-                    best[idx] = torch.where(improved, loss, best[idx])
-                    stale[idx] = torch.where(improved, 0, stale[idx] + 1)
-                    last[idx], last_recon[idx] = loss, recon
-                opt.step(idx, list(grads))
-            if not torch.isfinite(last[act]).all():
+                step(idx)
+            if not torch.isfinite(rows.last[act]).all():
                 raise FloatingPointError(
                     f"the new cells' loss became non-finite at epoch {epoch + 1}; try a lower lr or check the counts."
                 )
-            active &= stale < int(config.patience)
+            rows.active &= rows.stale < int(config.patience)
             if k > 1 and epoch + 1 == int(config.race_epochs):
-                winner = best.view(n, k).argmin(dim=1)
-                active &= (torch.arange(k, device=dev).expand(n, k) == winner.unsqueeze(1)).reshape(-1)
-            pick = _pick(best, n, k)
+                winner = torch.arange(n, device=act.device) * k + rows.best.view(n, k).argmin(dim=1)
+                rows.active &= torch.zeros_like(rows.active).index_fill_(0, winner, True)
+            pick = _pick(rows.best, n, k)
             history["epoch"].append(epoch + 1)
-            history["loss"].append(float(last[pick].mean()))
-            history["reconstruction"].append(float(last_recon[pick].mean()))
+            history["loss"].append(float(rows.last[pick].mean()))
+            history["reconstruction"].append(float(rows.last_recon[pick].mean()))
             history["n_active"].append(int(act.numel()))
-            bar.set_postfix(loss=f"{history['loss'][-1]:.1f}", active=int(active.sum()))
+            bar.set_postfix(loss=f"{history['loss'][-1]:.1f}", active=int(rows.active.sum()))
     finally:
         bar.close()
-    pick = _pick(best, n, k)
+    pick = _pick(rows.best, n, k)
     with torch.no_grad():
-        out = [(og[pick] + sc[pick] * bo[pick]).detach() for og, sc, bo in zip(origin, scale, best_offset)]
+        out = [(og[pick] + sc[pick] * bo[pick]).detach() for og, sc, bo in zip(origin, scale, rows.best_offset)]
     return out, history
+
+
+def _reconstruction_fn(decoder: Decoder, cells: CellSet, rows_cell: torch.Tensor, max_elements: int):
+    """``f(x_in, view, idx) -> (B,)`` reconstruction NLL of rows ``idx`` of ``view``
+    (whose row ``i`` is cell ``rows_cell[i]``): with NB likelihoods the per-cell
+    constant (lgamma terms) is computed once here instead of on every step;
+    otherwise :func:`~dgdcell.train.objective.reconstruction_nll`."""
+    mods = list(cells.counts)
+    if not all(isinstance(decoder.likelihoods[m], NegativeBinomial) for m in mods):
+        return lambda x_in, view, idx: reconstruction_nll(decoder, x_in, view, idx)
+    fidx = cells.feature_index or {}
+    log_r = {m: decoder.likelihoods[m].log_r if fidx.get(m) is None else decoder.likelihoods[m].log_r[fidx[m]]
+             for m in mods}
+    constant = sum(_log_prob_constant(cells.counts[m], log_r[m], max_elements) for m in mods)[rows_cell]
+
+    def nll(x_in: torch.Tensor, view: CellSet, idx: torch.Tensor) -> torch.Tensor:
+        log_mu = decoder.log_mean(x_in, {m: view.counts[m].log_library[idx] for m in mods}, fidx or None)
+        out = -constant[idx]
+        for m in mods:
+            flat, rows, vals = view.counts[m].batch(idx)
+            out = out - nb_log_prob_sparse_mu_terms(log_mu[m], log_r[m], flat, rows, vals)
+        return out
+
+    return nll
 
 
 def _pick(best: torch.Tensor, n: int, k: int) -> torch.Tensor:
