@@ -420,3 +420,15 @@ def machine_description() -> str:
     except Exception:
         pass
     return "; ".join(parts)
+
+
+def select_datasets(parser, text: str | None) -> list[str]:
+    """Names in a comma-separated ``--datasets`` value (every labelled set when empty);
+    an unknown name is a usage error of ``parser``."""
+    if not text:
+        return list(LABELLED_SETS)
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in LABELLED_SETS]
+    if unknown:
+        parser.error(f"unknown data set(s) {unknown}; choose from {list(LABELLED_SETS)}")
+    return names

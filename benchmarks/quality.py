@@ -160,14 +160,7 @@ def parse_args(argv=None):
     p.add_argument("--baseline-only", action="store_true", help="only run the scanpy baseline")
     p.add_argument("--out", default=str(HERE / "results"), help="output folder")
     args = p.parse_args(argv)
-    if args.datasets:
-        names = [s.strip() for s in args.datasets.split(",") if s.strip()]
-        unknown = [n for n in names if n not in LABELLED_SETS]
-        if unknown:
-            p.error(f"unknown data set(s) {unknown}; choose from {list(LABELLED_SETS)}")
-        args.datasets = names
-    else:
-        args.datasets = list(LABELLED_SETS)
+    args.datasets = common.select_datasets(p, args.datasets)
     return args
 
 
