@@ -172,11 +172,12 @@ def train(
             history["val_reconstruction"].append(val_recon)
             history["seconds"].append(time.perf_counter() - t0)
             if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                restored = "the best state so far was restored" if best_state is not None else "no earlier state to keep"
                 if best_state is not None:
                     _restore(modules, best_state)
                 raise FloatingPointError(
                     f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} at epoch {epoch + 1}; "
-                    "the best state so far was restored. Try lower learning rates (lr_decoder) or check the input counts."
+                    f"{restored}. Try lower learning rates (lr_decoder) or check the input counts."
                 )
             bar.set_postfix(train=f"{train_loss:.1f}", val=f"{val_loss:.1f}")
             if warm or guided:
@@ -191,7 +192,10 @@ def train(
                     logger.info("early stopping at epoch %d (best validation loss %.3f)", epoch + 1, best)
                     break
     except KeyboardInterrupt:
-        logger.warning("training interrupted at epoch %d: keeping the best state so far", len(history["epoch"]))
+        done = min(len(v) for v in history.values())  # drop the half-recorded epoch
+        for v in history.values():
+            del v[done:]
+        logger.warning("training interrupted after %d epochs: keeping the best state so far", done)
     finally:
         bar.close()
     if best_state is not None:
