@@ -37,7 +37,7 @@ def test_dense_sparse_and_integer_inputs_read_identically(synthetic):
 def test_layer_and_codes(synthetic):
     synthetic.layers["counts"] = synthetic.X.copy()
     synthetic.obs.loc[synthetic.obs_names[:5], "group"] = np.nan
-    d = read_anndata(synthetic, layer="counts", covariate_keys=["batch"] if False else None, label_key="group")
+    d = read_anndata(synthetic, layer="counts", label_key="group")
     assert d.labels.categories == ["g0", "g1", "g2"]
     assert (d.labels.codes[:5] == -1).all() and (d.labels.codes[5:] >= 0).all()
 
