@@ -6,6 +6,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,7 @@ def train(
     val_cells: CellSet | None,
     config: TrainConfig,
     generator: torch.Generator | None = None,
+    on_epoch_end: Callable[[int, dict[str, list]], None] | None = None,
 ) -> dict[str, list]:
     """Fit decoder, mixtures and representations by MAP; returns the history.
 
@@ -110,6 +112,10 @@ def train(
     History keys: ``epoch``, ``train_loss``, ``train_reconstruction``,
     ``val_loss``, ``val_reconstruction`` (per cell, nats), ``seconds``
     (cumulative). On KeyboardInterrupt the best state so far is kept.
+
+    ``on_epoch_end(epoch, history)`` (epoch counted from 1), when given, is
+    called after every completed epoch with finite losses (e.g. to write a
+    checkpoint); it sees the current, not the best, state.
     """
     device = train_cells.rep.z.device
     mixture_params = list(gmm.parameters()) + [p for g in cov_gmms.values() for p in g.parameters()]
@@ -180,6 +186,8 @@ def train(
                     f"{restored}. Try lower learning rates (lr_decoder) or check the input counts."
                 )
             bar.set_postfix(train=f"{train_loss:.1f}", val=f"{val_loss:.1f}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, history)
             if warm or guided:
                 continue
             if val_loss < best - config.min_delta * abs(best if math.isfinite(best) else val_loss):
