@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .data import CountData, read_anndata
+from .data import CountData, read_data
 from .latent import COVARIANCE_TYPES, GaussianMixture, GaussianMixtureSupervised, RepresentationLayer
-from .nn import Decoder
+from .nn import LIKELIHOODS, Decoder
 from .train import CellSet, DeviceCounts, TrainConfig, init_mixture, pca_scores, train
 from .train.initialisation import graph_clusters, init_mixture_from_labels
 
@@ -85,6 +86,16 @@ class DGD:
         before the mixture runs free. ``'kmeans'``: k-means + EM, no guide.
     dispersion_init
         Initial negative-binomial dispersion.
+    likelihood
+        Likelihood of every modality (``'nb'``, negative binomial, the
+        default; ``'bernoulli'`` for binarised features such as ATAC peaks:
+        counts > 0 count as 1), or a dict modality -> likelihood with NB for
+        the modalities not named, e.g. ``{"atac": "bernoulli"}``.
+    modality_key
+        For an AnnData holding several modalities: the ``.var`` column naming
+        each feature's modality (each gets its own decoder head, library size
+        and likelihood). Not needed for a MuData (one modality per ``.mod``) or
+        a single-modality AnnData.
     device
         ``'auto'`` (CUDA when present), ``'cpu'``, ``'cuda'``, ...
     """
@@ -105,6 +116,8 @@ class DGD:
         init: str = "pca",
         init_clustering: str = "leiden",
         dispersion_init: float = 2.0,
+        likelihood: str | dict[str, str] = "nb",
+        modality_key: str | None = None,
         device: str = "auto",
     ):
         if int(latent_dim) < 1:
@@ -119,6 +132,9 @@ class DGD:
             raise ValueError(f"init_clustering must be 'leiden' or 'kmeans', got {init_clustering!r}.")
         if isinstance(covariate_keys, str):
             covariate_keys = [covariate_keys]
+        for kind in [likelihood] if isinstance(likelihood, str) else list(dict(likelihood).values()):
+            if kind not in LIKELIHOODS:
+                raise ValueError(f"unknown likelihood {kind!r}; choose from {sorted(LIKELIHOODS)}.")
         if mean_init[0] <= 0:
             raise ValueError(f"mean_init radius must be > 0, got {mean_init[0]} (a radius of 0 is degenerate).")
         self.init_args: dict[str, Any] = dict(
@@ -136,6 +152,8 @@ class DGD:
             init=init,
             init_clustering=init_clustering,
             dispersion_init=float(dispersion_init),
+            likelihood=likelihood if isinstance(likelihood, str) else {str(k): str(v) for k, v in likelihood.items()},
+            modality_key=modality_key,
         )
         self.device = resolve_device(device)
         self.decoder: Decoder | None = None
@@ -172,6 +190,16 @@ class DGD:
             )
         return k, k // n_classes
 
+    def _likelihoods(self, modalities: list[str]) -> dict[str, str]:
+        """modality -> likelihood name for the data's modalities."""
+        spec = self.init_args.get("likelihood", "nb")
+        if isinstance(spec, str):
+            return {m: spec for m in modalities}
+        unknown = sorted(set(spec) - set(modalities))
+        if unknown:
+            raise ValueError(f"likelihood names modalities {unknown} that the data lack (modalities: {modalities}).")
+        return {m: spec.get(m, "nb") for m in modalities}
+
     def _build(self, n_features: dict[str, int], cov_classes: dict[str, int], n_classes: int | None) -> None:
         a = self.init_args
         k, per_class = self._n_components(n_classes)
@@ -180,6 +208,7 @@ class DGD:
             n_features,
             a["n_hidden"],
             a["n_hidden_head"],
+            likelihood=self._likelihoods(list(n_features)),
             dispersion_init=a["dispersion_init"],
         ).to(self.device)
         gmm_kw = dict(covariance_type=a["covariance_type"], mean_init=tuple(a["mean_init"]), sd_init=tuple(a["sd_init"]))
@@ -201,7 +230,7 @@ class DGD:
         adata,
         max_epochs: int | None = None,
         batch_size: int = 256,
-        layer: str | None = None,
+        layer: str | dict[str, str] | None = None,
         train_size: float = 0.9,
         early_stopping: bool = True,
         patience: int = 10,
@@ -214,24 +243,39 @@ class DGD:
         betas: tuple[float, float] = (0.5, 0.7),
         key_added: str = "dgd",
         verbose: bool = True,
+        modalities: list[str] | None = None,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 10,
+        warm_start: bool = False,
     ) -> "DGD":
         """Fit the model to the raw counts of ``adata`` and write the results into it.
 
-        Reads ``adata.X`` (or ``adata.layers[layer]``; dense or sparse, any
-        numeric dtype, non-negative integer values) and the obs columns named
-        by ``covariate_keys`` and ``label_key``. A random ``1 - train_size``
-        share of the cells (default 10%) is held out: their representations
-        are fitted against the current decoder without changing it, and their
-        loss drives early stopping (``patience`` epochs without a relative
-        improvement of ``min_delta``). The best state is kept.
+        ``adata`` is an AnnData (one modality, or several told apart by
+        ``.var[modality_key]``) or a MuData (every modality in ``.mod``, or
+        those named in ``modalities``). Reads ``.X`` (or ``.layers[layer]``;
+        for a MuData ``layer`` may be a dict modality -> layer; dense or
+        sparse, any numeric dtype, non-negative integer values) and the obs
+        columns named by ``covariate_keys`` and ``label_key`` (for a MuData
+        from ``mdata.obs`` or, failing that, a modality's obs). Each modality
+        has its own decoder head, library size and likelihood. With several
+        modalities, a cell absent from a modality or without counts in it is
+        unobserved there and contributes only the modalities it has (mosaic
+        data); a cell needs counts in at least one.
 
-        Writes (and nothing else), with ``key = key_added``:
+        A random ``1 - train_size`` share of the cells (default 10%) is held
+        out: their representations are fitted against the current decoder
+        without changing it, and their loss drives early stopping
+        (``patience`` epochs without a relative improvement of ``min_delta``).
+        The best state is kept.
 
-        - ``adata.obsm[f"X_{key}"]``: (n_obs, latent_dim) representations;
-        - ``adata.obsm[f"X_{key}_{covariate}"]``: (n_obs, 2) per covariate;
-        - ``adata.obs[f"{key}_cluster"]``: most probable mixture component (categorical);
-        - ``adata.obsm[f"X_{key}_cluster_probs"]``: (n_obs, K) component probabilities;
-        - ``adata.uns[key]``: settings, history and library version.
+        Writes (and nothing else; for a MuData into ``mdata.obsm`` /
+        ``mdata.obs`` / ``mdata.uns``), with ``key = key_added``:
+
+        - ``obsm[f"X_{key}"]``: (n_obs, latent_dim) representations;
+        - ``obsm[f"X_{key}_{covariate}"]``: (n_obs, 2) per covariate;
+        - ``obs[f"{key}_cluster"]``: most probable mixture component (categorical);
+        - ``obsm[f"X_{key}_cluster_probs"]``: (n_obs, K) component probabilities;
+        - ``uns[key]``: settings, history and library version.
 
         Schedule: with the default start (``init='pca'``,
         ``init_clustering='leiden'``) the first ``guide_epochs`` epochs pull
@@ -245,6 +289,14 @@ class DGD:
         betas (0.5, 0.7); the decoder default here is 1e-3, which reaches a
         better optimum in fewer epochs on the benchmark sets).
 
+        Checkpoints and resuming: with ``checkpoint_dir`` the current state is
+        saved there (the :meth:`save` format, each file replaced atomically)
+        every ``checkpoint_every`` epochs. ``warm_start=True`` on a fitted
+        model (e.g. ``DGD.load(checkpoint_dir)``) continues from its decoder,
+        mixtures and representations instead of starting afresh: the data must
+        be the same cells (matched by obs name) and features; no guided
+        phase; the history continues the saved one. Adam's moments restart.
+
         Returns ``self``.
         """
         a = self.init_args
@@ -252,7 +304,13 @@ class DGD:
             raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        data = read_anndata(adata, layer=layer, covariate_keys=a["covariate_keys"], label_key=a["label_key"])
+        if int(checkpoint_every) < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
+        if warm_start and not self.is_fitted:
+            raise ValueError("warm_start=True continues a fitted model; fit first or load one with DGD.load(dir).")
+        data = read_data(adata, layer, a["covariate_keys"], a["label_key"], a.get("modality_key"), modalities)
+        likelihoods = self._likelihoods(data.modalities)
+        _binarise(data, [m for m, kind in likelihoods.items() if LIKELIHOODS[kind].binary])
         n = data.n_obs
         n_classes = data.labels.n_classes if data.labels is not None else None
         if data.labels is not None and n_classes == 0:
@@ -260,6 +318,12 @@ class DGD:
         k, _ = self._n_components(n_classes)
         if k > n:
             raise ValueError(f"n_components={k} exceeds the number of cells ({n}); choose fewer components.")
+        order = self._warm_start_order(data) if warm_start else None
+        if data.mosaic:
+            for m in data.modalities:
+                missing = int((~data.observed_mask(m)).sum())
+                if missing:
+                    logger.info("%d of %d cells lack modality %r: fitted on their other modalities", missing, n, m)
         max_epochs = default_max_epochs(n) if max_epochs is None else int(max_epochs)
         config = TrainConfig(
             max_epochs=max_epochs,
@@ -272,31 +336,14 @@ class DGD:
             patience=int(patience),
             min_delta=float(min_delta),
             warmup_epochs=int(warmup_epochs),
-            guide_epochs=int(guide_epochs),
+            guide_epochs=0 if warm_start else int(guide_epochs),
             verbose=verbose,
         )
-        generator = torch.Generator().manual_seed(a["seed"])
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(a["seed"])
-            self._build(
-                {m: c.shape[1] for m, c in data.counts.items()},
-                {key: cat.n_classes for key, cat in data.covariates.items()},
-                n_classes,
-            )
-            history, z_all, cov_all = self._fit_data(data, config, train_size, generator)
-
-        self.representation = z_all
-        self.cov_representation = cov_all
-        self.features = data.feature_names
-        self.covariate_categories = {key: cat.categories for key, cat in data.covariates.items()}
-        self.label_categories = data.labels.categories if data.labels is not None else None
-        self.obs_names = data.obs_names
-        self.history = history
-        self.fit_settings = dict(
+        settings = dict(
             max_epochs=max_epochs,
             batch_size=int(batch_size),
             layer=layer,
+            modalities=list(data.modalities),
             train_size=float(train_size),
             early_stopping=bool(early_stopping),
             patience=int(patience),
@@ -307,12 +354,78 @@ class DGD:
             lr_representation=float(lr_representation),
             lr_mixture=float(lr_mixture),
             betas=[float(b) for b in betas],
-            n_epochs=len(history["epoch"]),
+            warm_start=bool(warm_start),
         )
+        previous = {k: list(v) for k, v in self.history.items()} if warm_start else {}
+        generator = torch.Generator().manual_seed(a["seed"])
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(a["seed"])
+            if not warm_start:
+                self._build(
+                    {m: c.shape[1] for m, c in data.counts.items()},
+                    {key: cat.n_classes for key, cat in data.covariates.items()},
+                    n_classes,
+                )
+            self.features = data.feature_names
+            self.covariate_categories = {key: cat.categories for key, cat in data.covariates.items()}
+            self.label_categories = data.labels.categories if data.labels is not None else None
+            self.obs_names = data.obs_names
+            checkpoint = None
+            if checkpoint_dir is not None:
+                def checkpoint(z, cov, history):
+                    merged = _continue_history(previous, history)
+                    self._write_model(Path(checkpoint_dir), z, cov, merged, {**settings, "n_epochs": len(merged["epoch"])})
+            history, z_all, cov_all = self._fit_data(data, config, train_size, generator, order, checkpoint,
+                                                     int(checkpoint_every))
+
+        self.representation = z_all
+        self.cov_representation = cov_all
+        self.history = _continue_history(previous, history)
+        self.fit_settings = {**settings, "n_epochs": len(self.history["epoch"])}
+        if checkpoint_dir is not None:
+            self._write_model(Path(checkpoint_dir), z_all, cov_all, self.history, self.fit_settings)
         self._write_outputs(adata, z_all, cov_all, key_added)
         return self
 
-    def _fit_data(self, data: CountData, config: TrainConfig, train_size: float, generator: torch.Generator):
+    def _warm_start_order(self, data: CountData) -> np.ndarray:
+        """Rows of the model's stored representations for the cells of ``data``
+        (n,), after checking that the data match the model."""
+        if data.feature_names != self.features:
+            raise ValueError(
+                "warm_start needs the features the model was fitted on (modalities "
+                f"{ {m: len(f) for m, f in self.features.items()} }, got { {m: len(f) for m, f in data.feature_names.items()} })."
+            )
+        cats = {key: cat.categories for key, cat in data.covariates.items()}
+        labels = data.labels.categories if data.labels is not None else None
+        if cats != self.covariate_categories or labels != self.label_categories:
+            raise ValueError("warm_start needs the covariate and label classes the model was fitted with.")
+        position = pd.Index(self.obs_names)
+        if not position.is_unique:
+            raise ValueError("warm_start matches cells by obs name, but the model's obs names are not unique.")
+        order = position.get_indexer(pd.Index(data.obs_names))
+        if (order < 0).any():
+            raise ValueError(
+                f"warm_start continues a fit on the same cells; {int((order < 0).sum())} cells (e.g. "
+                f"{data.obs_names[int(np.flatnonzero(order < 0)[0])]!r}) are not in the model. "
+                "Use transform() to embed new cells."
+            )
+        return order
+
+    def _fit_data(
+        self,
+        data: CountData,
+        config: TrainConfig,
+        train_size: float,
+        generator: torch.Generator,
+        order: np.ndarray | None = None,
+        checkpoint=None,
+        checkpoint_every: int = 10,
+    ):
+        """Split, start and train; returns (history, (n, L) representations,
+        covariate key -> (n, 2)). ``order`` (warm start): rows of the stored
+        representations to start from. ``checkpoint(z, cov, history)`` is
+        called every ``checkpoint_every`` epochs."""
         a = self.init_args
         n = data.n_obs
         perm = torch.randperm(n, generator=generator).numpy()
@@ -320,30 +433,22 @@ class DGD:
         n_val = min(n_val, n - 1)
         val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
 
-        if a["init"] == "pca":
-            z0 = torch.from_numpy(
-                pca_scores(
-                    list(data.counts.values()),
-                    list(data.library.values()),
-                    a["latent_dim"],
-                    generator=generator,
-                    groups=_joint_codes([cat.codes for cat in data.covariates.values()], n),
-                )
-            )
-        else:
-            z0 = torch.zeros(n, a["latent_dim"])
         labels = torch.as_tensor(data.labels.codes) if data.labels is not None else None
         guide = None
-        if a["init"] == "pca" and labels is None and a.get("init_clustering", "leiden") == "leiden":
-            guide = torch.as_tensor(graph_clusters(z0.numpy(), self.gmm.n_mix_comp, seed=a["seed"]))
-            init_mixture_from_labels(self.gmm, z0[train_idx].to(self.device), guide[train_idx])
-        elif a["init"] == "pca":
-            init_mixture(self.gmm, z0[train_idx].to(self.device),
-                         None if labels is None else labels[train_idx].to(self.device), generator=None)
-        cov_init = {}
-        for key, cat in data.covariates.items():
-            codes = torch.as_tensor(cat.codes)
-            cov_init[key] = self.cov_gmms[key].mean.detach().cpu()[codes]
+        if order is not None:
+            rows = torch.as_tensor(order)
+            z0 = self.representation[rows].clone()
+            cov_init = {k: self.cov_representation[k][rows].clone() for k in data.covariates}
+        else:
+            z0 = self._start(data, generator)
+            if a["init"] == "pca" and labels is None and a.get("init_clustering", "leiden") == "leiden":
+                guide = torch.as_tensor(graph_clusters(z0.numpy(), self.gmm.n_mix_comp, seed=a["seed"]))
+                init_mixture_from_labels(self.gmm, z0[train_idx].to(self.device), guide[train_idx])
+            elif a["init"] == "pca":
+                init_mixture(self.gmm, z0[train_idx].to(self.device),
+                             None if labels is None else labels[train_idx].to(self.device), generator=None)
+            cov_init = {key: self.cov_gmms[key].mean.detach().cpu()[torch.as_tensor(cat.codes)]
+                        for key, cat in data.covariates.items()}
 
         def cell_set(rows: np.ndarray) -> CellSet:
             rows_t = torch.as_tensor(rows)
@@ -354,24 +459,50 @@ class DGD:
                 cov_codes={k: torch.as_tensor(cat.codes[rows], device=self.device) for k, cat in data.covariates.items()},
                 labels=None if labels is None else labels[rows_t].to(self.device),
                 guide=None if guide is None else guide[rows_t].to(self.device),
+                observed={m: torch.as_tensor(o[rows], dtype=torch.float32, device=self.device)
+                          for m, o in data.observed.items()},
             )
 
         train_cells = cell_set(train_idx)
         val_cells = cell_set(val_idx) if n_val > 0 else None
-        history = train(self.decoder, self.gmm, dict(self.cov_gmms), train_cells, val_cells, config, generator)
 
-        z_all = torch.empty(n, a["latent_dim"])
-        z_all[torch.as_tensor(train_idx)] = train_cells.rep.z.detach().cpu()
-        cov_all = {k: torch.empty(n, COVARIATE_DIM) for k in data.covariates}
-        for k in cov_all:
-            cov_all[k][torch.as_tensor(train_idx)] = train_cells.cov_reps[k].z.detach().cpu()
-        if val_cells is not None:
-            z_all[torch.as_tensor(val_idx)] = val_cells.rep.z.detach().cpu()
-            for k in cov_all:
-                cov_all[k][torch.as_tensor(val_idx)] = val_cells.cov_reps[k].z.detach().cpu()
+        def gather() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            z_all = torch.empty(n, a["latent_dim"])
+            cov_all = {k: torch.empty(n, COVARIATE_DIM) for k in data.covariates}
+            for idx, cells in ((train_idx, train_cells), (val_idx, val_cells)):
+                if cells is None:
+                    continue
+                z_all[torch.as_tensor(idx)] = cells.rep.z.detach().cpu()
+                for k in cov_all:
+                    cov_all[k][torch.as_tensor(idx)] = cells.cov_reps[k].z.detach().cpu()
+            return z_all, cov_all
+
+        def on_epoch_end(epoch: int, history: dict[str, list]) -> None:
+            if epoch % checkpoint_every == 0:
+                checkpoint(*gather(), {**history, "n_train": [len(train_idx)], "n_val": [int(n_val)]})
+
+        history = train(self.decoder, self.gmm, dict(self.cov_gmms), train_cells, val_cells, config, generator,
+                        on_epoch_end=None if checkpoint is None else on_epoch_end)
         history["n_train"] = [len(train_idx)]
         history["n_val"] = [int(n_val)]
-        return history, z_all, cov_all
+        return (history, *gather())
+
+    def _start(self, data: CountData, generator: torch.Generator) -> torch.Tensor:
+        """Starting representations (n, L): scaled PCA scores of the
+        log-normalised counts of all modalities (centred within covariate
+        classes), or zeros with ``init='zero'``."""
+        a = self.init_args
+        if a["init"] != "pca":
+            return torch.zeros(data.n_obs, a["latent_dim"])
+        return torch.from_numpy(
+            pca_scores(
+                list(data.counts.values()),
+                list(data.library.values()),
+                a["latent_dim"],
+                generator=generator,
+                groups=_joint_codes([cat.codes for cat in data.covariates.values()], data.n_obs),
+            )
+        )
 
     # ------------------------------------------------------------------ outputs
     @torch.no_grad()
@@ -421,8 +552,16 @@ class DGD:
         min_delta: float = 1e-4,
         min_overlap: float = 0.5,
         max_elements: int = 20_000_000,
+        modality: str | None = None,
     ) -> "DGD":
         """Embed new cells: fit fresh representations against the frozen decoder and mixtures.
+
+        ``adata_new`` is an AnnData or a MuData carrying any of the model's
+        modalities: a MuData's modalities are matched by name, an AnnData's by
+        ``.var[modality_key]`` or, for a plain AnnData, ``modality`` (default:
+        the model's modality sharing most of its feature names, e.g. the RNA
+        of an RNA-only query). Cells are fitted on the modalities they have;
+        :meth:`predict_modality` then decodes the others.
 
         The trained model is never changed (decoder, mixtures and the training
         representations stay as they are).
@@ -486,7 +625,7 @@ class DGD:
         """
         import time
 
-        from .data import read_new_anndata
+        from .data import read_new_data
         from .train.new_cells import INIT_TYPES, NewCellConfig, fit_new_cells
 
         self._check_fitted()
@@ -498,11 +637,11 @@ class DGD:
                             ("batch_size", batch_size), ("patience", patience), ("max_elements", max_elements)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
-        if len(self.features) != 1:
-            raise ValueError(f"the model has modalities {sorted(self.features)}; transform reads one AnnData modality.")
         t0 = time.perf_counter()
-        new = read_new_anndata(adata_new, self.features, layer, self.covariate_categories, min_overlap,
-                               modality=next(iter(self.features)))
+        new = read_new_data(adata_new, self.features, layer, self.covariate_categories, min_overlap,
+                            modality_key=self.init_args.get("modality_key"), modality=modality)
+        kinds = {m: self.decoder.likelihoods[m] for m in new.data.modalities}
+        _binarise(new.data, [m for m, lik in kinds.items() if lik.binary])
         config = NewCellConfig(
             init=init, n_samples=int(n_samples), n_starts=int(n_starts), max_epochs=int(max_epochs),
             batch_size=int(batch_size),
@@ -521,7 +660,7 @@ class DGD:
         return self
 
     def _new_cell_set(self, new):
-        """A CellSet (representations at zero) for new cells read by ``read_new_anndata``."""
+        """A CellSet (representations at zero) for new cells read by ``read_new_data``."""
         from .train.objective import CellSet
 
         d = new.data
@@ -535,6 +674,7 @@ class DGD:
                 m: None if a.complete else torch.as_tensor(a.feature_index, device=self.device)
                 for m, a in new.alignments.items()
             },
+            observed={m: torch.as_tensor(o, dtype=torch.float32, device=self.device) for m, o in d.observed.items()},
         )
 
     @staticmethod
@@ -620,7 +760,7 @@ class DGD:
         fixed = self._transform_batch_inputs(transform_batch)
         z, cov, names = self._stored_representations(adata, key, skip=set(fixed))
         n = z.shape[0]
-        scale = self._library_scale(adata, library_size, layer, n)
+        scale = self._library_scale(adata, library_size, layer, n, modality)
         out = np.empty((n, len(self.features[modality])), dtype=np.float32)
         keys = list(self.cov_gmms)
         with torch.no_grad():
@@ -630,13 +770,59 @@ class DGD:
                     fixed[k].expand(stop - start, -1) if k in fixed else cov[k][start:stop] for k in keys
                 ]
                 x_in = torch.cat(parts, dim=-1).to(self.device)
-                out[start:stop] = torch.exp(self.decoder(x_in)[modality]).cpu().numpy()
+                out[start:stop] = torch.exp(self.decoder(x_in, modalities=[modality])[modality]).cpu().numpy()
         if isinstance(scale, tuple):  # 'latent': observed totals over the features present / their decoded share
             library, columns = scale
             scale = library / np.maximum(out[:, columns].sum(axis=1, dtype=np.float64), 1e-12)
         if scale is not None:
             out *= np.asarray(scale, dtype=np.float32).reshape(-1, 1)
         return pd.DataFrame(out, index=pd.Index(names), columns=pd.Index(self.features[modality]), copy=False)
+
+    def predict_modality(
+        self,
+        adata=None,
+        modality: str | None = None,
+        library_size: float | None = None,
+        key: str = "dgd",
+        transform_batch: str | dict[str, str] | None = None,
+        batch_size: int = 1024,
+    ) -> pd.DataFrame:
+        """Predict a modality the cells were not measured in (e.g. proteins of an RNA-only query).
+
+        Decodes the cells' representations through the head of ``modality``:
+        the representations come from :meth:`fit` (``adata`` None: the training
+        cells, or an object ``fit`` wrote into) or :meth:`transform` (run it on
+        the query first: it fits the cells on the modalities they have). Reads
+        ``obsm[f"X_{key}"]`` and ``obsm[f"X_{key}_{covariate}"]``; writes nothing.
+
+        Parameters
+        ----------
+        adata
+            AnnData / MuData carrying the representations, or None.
+        modality
+            The modality to predict; required when the model has several.
+        library_size
+            None: fractions (rows sum to 1 over the modality's features). A
+            number: expected counts at that library size. To compare with
+            measured data, use e.g. the median library size of the modality in
+            the training data.
+        transform_batch
+            Decode as if measured in this covariate class (see
+            :meth:`get_normalized_expression`).
+
+        Returns
+        -------
+        DataFrame (cells x the modality's training features), float32.
+        """
+        self._check_fitted()
+        if modality is None:
+            if len(self.features) > 1:
+                raise ValueError(f"the model has modalities {sorted(self.features)}; pass modality= to choose one.")
+            modality = next(iter(self.features))
+        if isinstance(library_size, str):
+            raise ValueError("predict_modality takes library_size None or a number; the cells' own library size "
+                             "in an unmeasured modality is unknown.")
+        return self.get_normalized_expression(adata, library_size, modality, key, transform_batch, None, batch_size)
 
     def _stored_representations(self, adata, key: str, skip: set[str]):
         """(n, L) representations, covariate key -> (n, 2), and the cell names:
@@ -690,7 +876,7 @@ class DGD:
                 out[k] = (g.label_mixture_probs(label) @ g.mean).cpu()
         return out
 
-    def _library_scale(self, adata, library_size, layer, n: int):
+    def _library_scale(self, adata, library_size, layer, n: int, modality: str):
         """None (fractions), an (n,) or scalar scale, or for ``'latent'`` the
         tuple (observed totals (n,), decoded columns they cover)."""
         if library_size is None:
@@ -700,11 +886,11 @@ class DGD:
                 raise ValueError(f"library_size must be None, a number or 'latent', got {library_size!r}.")
             if adata is None:
                 raise ValueError("library_size='latent' needs the cells' counts: pass adata.")
-            from .data import read_new_anndata
+            from .data import read_new_data
 
-            new = read_new_anndata(adata, self.features, layer, None, modality=next(iter(self.features)))
-            mod = next(iter(new.alignments))
-            return new.data.library[mod], new.alignments[mod].feature_index
+            new = read_new_data(adata, {modality: self.features[modality]}, layer, None,
+                                modality_key=self.init_args.get("modality_key"), modality=modality)
+            return new.data.library[modality], new.alignments[modality].feature_index
         value = float(library_size)
         if not value > 0:
             raise ValueError(f"library_size must be > 0, got {library_size}.")
@@ -718,32 +904,45 @@ class DGD:
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Save to directory ``path``: ``config.json`` (settings, features,
         classes, history, library version) and ``weights.pt`` (a flat dict of
-        tensors, loadable with ``torch.load(weights_only=True)``)."""
+        tensors, loadable with ``torch.load(weights_only=True)``). Each file is
+        written to a temporary name and then renamed, so a crash never leaves a
+        half-written file."""
         self._check_fitted()
         path = Path(path)
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it.")
+        self._write_model(path, self.representation, self.cov_representation, self.history, self.fit_settings)
+
+    def _write_model(
+        self, path: Path, representation: torch.Tensor, cov_representation: dict[str, torch.Tensor],
+        history: dict[str, list], fit_settings: dict[str, Any],
+    ) -> None:
+        """Write the model with the given training-cell representations (n, L)
+        and covariate representations to ``path`` (see :meth:`save`)."""
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {f"decoder.{k}": v.detach().cpu() for k, v in self.decoder.state_dict().items()}
-        tensors.update({f"gmm.{k}": v.detach().cpu() for k, v in self.gmm.state_dict().items()})
+        tensors = {f"decoder.{k}": v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()}
+        tensors.update({f"gmm.{k}": v.detach().cpu().clone() for k, v in self.gmm.state_dict().items()})
         for key, g in self.cov_gmms.items():
-            tensors.update({f"cov_gmm.{key}.{k}": v.detach().cpu() for k, v in g.state_dict().items()})
-        tensors["representation"] = self.representation.clone()
-        for key, c in self.cov_representation.items():
-            tensors[f"cov_representation.{key}"] = c.clone()
+            tensors.update({f"cov_gmm.{key}.{k}": v.detach().cpu().clone() for k, v in g.state_dict().items()})
+        tensors["representation"] = representation.detach().cpu().clone()
+        for key, c in cov_representation.items():
+            tensors[f"cov_representation.{key}"] = c.detach().cpu().clone()
         config = {
             "format_version": FORMAT_VERSION,
             "dgdcell_version": __version__,
             "init_args": self.init_args,
-            "fit_settings": self.fit_settings,
+            "fit_settings": fit_settings,
             "features": self.features,
             "covariate_categories": self.covariate_categories,
             "label_categories": self.label_categories,
             "obs_names": self.obs_names,
-            "history": self.history,
+            "history": history,
         }
-        torch.save(tensors, path / WEIGHTS_FILE)
-        (path / CONFIG_FILE).write_text(json.dumps(config))
+        tmp_weights, tmp_config = path / f".{WEIGHTS_FILE}.tmp", path / f".{CONFIG_FILE}.tmp"
+        torch.save(tensors, tmp_weights)
+        tmp_config.write_text(json.dumps(config))
+        os.replace(tmp_weights, path / WEIGHTS_FILE)
+        os.replace(tmp_config, path / CONFIG_FILE)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> "DGD":
@@ -805,6 +1004,35 @@ def _covariate_mixture(n_classes: int) -> GaussianMixtureSupervised:
     with torch.no_grad():
         g.mean.copy_(torch.stack([angle.cos(), angle.sin()], -1))
     return g
+
+
+def _binarise(data: CountData, modalities: list[str]) -> None:
+    """Counts of ``modalities`` set to 1 where > 0 (in place), library sizes
+    recounted as the number of features on (unobserved cells keep 1)."""
+    for m in modalities:
+        csr = data.counts[m]
+        csr.data[:] = 1.0
+        library = np.diff(csr.indptr).astype(np.float64)
+        data.library[m] = np.where(data.observed_mask(m), library, 1.0)
+
+
+def _continue_history(previous: dict[str, list], new: dict[str, list]) -> dict[str, list]:
+    """``new`` appended to ``previous`` (a warm start's earlier history), with
+    epochs and cumulative seconds continuing; per-fit keys (``n_train``,
+    ``n_val``) are taken from ``new``."""
+    if not previous or not previous.get("epoch"):
+        return {k: list(v) for k, v in new.items()}
+    out = {}
+    for key, values in new.items():
+        if key == "epoch":
+            out[key] = list(previous[key]) + [e + previous[key][-1] for e in values]
+        elif key == "seconds":
+            out[key] = list(previous[key]) + [t + previous[key][-1] for t in values]
+        elif key in previous and len(previous[key]) == len(previous["epoch"]):
+            out[key] = list(previous[key]) + list(values)
+        else:
+            out[key] = list(values)
+    return out
 
 
 def _joint_codes(codes: list[np.ndarray], n: int) -> np.ndarray | None:

@@ -1,11 +1,11 @@
-"""Reading AnnData into count matrices, library sizes and category codes; input checks.
+"""Reading AnnData / MuData into count matrices, library sizes and category codes; input checks.
 
 Knows nothing of torch modules.
 """
 
-from .aligning import FeatureAlignment, NewCellData, align_features, read_covariates, read_new_anndata
+from .aligning import FeatureAlignment, NewCellData, align_features, read_covariates, read_new_anndata, read_new_data
 from .checks import check_cell_totals, check_counts, check_obs_column
-from .reading import DEFAULT_MODALITY, Categories, CountData, encode_categories, get_matrix, read_anndata, to_csr
+from .reading import DEFAULT_MODALITY, Categories, CountData, encode_categories, get_matrix, is_mudata, read_anndata, read_data, to_csr
 
 __all__ = [
     "FeatureAlignment",
@@ -13,6 +13,7 @@ __all__ = [
     "align_features",
     "read_covariates",
     "read_new_anndata",
+    "read_new_data",
     "DEFAULT_MODALITY",
     "Categories",
     "CountData",
@@ -21,6 +22,8 @@ __all__ = [
     "check_obs_column",
     "encode_categories",
     "get_matrix",
+    "is_mudata",
     "read_anndata",
+    "read_data",
     "to_csr",
 ]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .checks import check_counts
 from .reading import DEFAULT_MODALITY, Categories, CountData, encode_categories, get_matrix, to_csr
@@ -135,6 +136,118 @@ class NewCellData:
     missing_covariates: list[str] = field(default_factory=list)
 
 
+def _new_modalities(data, features: dict[str, list[str]], layer, modality_key, modality):
+    """modality -> (AnnData-like with the modality's columns, layer, where-prefix, present (n,) bool)."""
+    from .reading import _layer_for, is_mudata
+
+    n = data.n_obs
+    if is_mudata(data):
+        mods = [m for m in features if m in data.mod]
+        if not mods:
+            raise KeyError(
+                f"the MuData's modalities {list(data.mod)} include none of the model's {sorted(features)}; "
+                "rename the modalities to match."
+            )
+        out = {}
+        for m in mods:
+            rows = np.asarray(data.obsmap[m]).astype(np.int64).ravel()
+            out[m] = (data.mod[m], _layer_for(layer, m), f"mdata.mod[{m!r}]", rows)
+        return out
+    if modality_key is not None and modality_key in data.var.columns:
+        labels = data.var[modality_key].astype(str).to_numpy()
+        mods = [m for m in features if (labels == m).any()]
+        if not mods:
+            raise KeyError(
+                f"adata.var[{modality_key!r}] names none of the model's modalities {sorted(features)} "
+                f"(values: {sorted(set(labels))[:10]})."
+            )
+        return {m: (data[:, labels == m], layer, "adata", np.arange(1, n + 1)) for m in mods}
+    if modality is None:
+        if len(features) == 1:
+            modality = next(iter(features))
+        else:  # the modality whose features the data share most
+            names = pd.Index([str(v) for v in data.var_names])
+            share = {m: float(pd.Index(f).isin(names).mean()) for m, f in features.items()}
+            modality = max(share, key=share.get)
+            logger.info("reading the AnnData as modality %r (shares %.0f%% of its features)", modality,
+                        100 * share[modality])
+    elif modality not in features:
+        raise KeyError(f"modality {modality!r} is not in the model (modalities: {sorted(features)}).")
+    return {modality: (data, layer, "adata", np.arange(1, n + 1))}
+
+
+def read_new_data(
+    data,
+    features: dict[str, list[str]],
+    layer: str | dict[str, str] | None = None,
+    covariate_categories: dict[str, list[str]] | None = None,
+    min_overlap: float = 0.5,
+    modality_key: str | None = None,
+    modality: str | None = None,
+) -> NewCellData:
+    """Check and read new cells (AnnData or MuData) against a model's features and classes.
+
+    ``features`` maps each of the model's modalities to its training feature
+    names. The new data may carry any subset of them: a MuData's modalities
+    are matched by name, an AnnData's by ``.var[modality_key]`` or, for a
+    plain AnnData, ``modality`` (default: the model's modality sharing most
+    of its feature names). Within a modality, features are aligned by name
+    (:func:`align_features`) and the counts are checked (raw non-negative
+    integers) on the shared features only. Modalities of the model missing
+    from the data are absent from the result (unobserved for every cell); a
+    cell with no counts in a modality is unobserved there, and a cell with
+    no counts in any is an error. Covariate columns are read as codes in the
+    model's classes: unseen classes, missing values and missing columns give
+    -1. Never modifies ``data``.
+    """
+    from .reading import is_mudata, obs_column
+
+    n = data.n_obs
+    counts, library, names, observed, alignments = {}, {}, {}, {}, {}
+    for m, (ad, lay, prefix, rows) in _new_modalities(data, features, layer, modality_key, modality).items():
+        X, where = get_matrix(ad, lay)
+        where = where.replace("adata", prefix, 1)
+        align = align_features(ad.var_names, features[m], min_overlap, m)
+        sub = X[:, align.columns]
+        check_counts(sub, f"{where} (its {align.n_shared} features shared with the model)",
+                     available_layers=list(ad.layers.keys()))
+        csr = to_csr(sub)
+        present = rows > 0
+        if not (present.all() and np.array_equal(rows, np.arange(1, n + 1))):
+            csr = to_csr(sp.diags(present.astype(np.float32)) @ csr[np.where(present, rows - 1, 0)])
+        lib = np.asarray(csr.sum(axis=1), dtype=np.float64).ravel()
+        observed[m] = present & (lib > 0)
+        counts[m], library[m], alignments[m] = csr, lib, align
+        names[m] = [features[m][j] for j in align.feature_index]
+        if align.n_missing or align.n_extra:
+            logger.info(
+                "%s: %d of %d model features present (%d missing, left out of the likelihood); %d extra features "
+                "ignored", m, align.n_shared, align.n_train, align.n_missing, align.n_extra,
+            )
+    _check_shared_totals(sum(library.values()), data.obs_names, alignments)
+    for m in counts:
+        library[m] = np.where(observed[m], library[m], 1.0)
+    obs = data.obs
+    if is_mudata(data):  # covariate columns from mdata.obs or a modality's obs
+        frames = {k: obs_column(data, k) for k in covariate_categories or {}}
+        obs = pd.DataFrame({k: f[k] for k, f in frames.items() if k in f.columns}, index=data.obs.index)
+    covariates, unseen, missing = read_covariates(obs, covariate_categories or {})
+    return NewCellData(
+        data=CountData(
+            counts=counts,
+            library=library,
+            feature_names=names,
+            covariates=covariates,
+            labels=None,
+            obs_names=[str(v) for v in data.obs_names],
+            observed=observed if any(not o.all() for o in observed.values()) else {},
+        ),
+        alignments=alignments,
+        unseen_classes=unseen,
+        missing_covariates=missing,
+    )
+
+
 def read_new_anndata(
     adata,
     features: dict[str, list[str]],
@@ -143,48 +256,8 @@ def read_new_anndata(
     min_overlap: float = 0.5,
     modality: str = DEFAULT_MODALITY,
 ) -> NewCellData:
-    """Check and read one AnnData (a single modality) against a model's features and classes.
-
-    ``features`` maps each of the model's modalities to its training feature
-    names; a plain AnnData carries one (``modality``). Counts come from
-    ``adata.X`` or ``adata.layers[layer]`` and are checked (raw non-negative
-    integers) on the shared features only; a cell without counts in the shared
-    features is an error. Covariate columns are read as codes in the model's
-    classes: unseen classes, missing values and missing columns give -1.
-    Never modifies ``adata``.
-    """
-    if set(features) != {modality}:
-        raise ValueError(
-            f"the model has modalities {sorted(features)}; an AnnData carries one ({modality!r}). "
-            "Pass the modality the model was trained on."
-        )
-    X, where = get_matrix(adata, layer)
-    align = align_features(adata.var_names, features[modality], min_overlap, modality)
-    sub = X[:, align.columns]
-    sub_where = f"{where} (its {align.n_shared} features shared with the model)"
-    check_counts(sub, sub_where, available_layers=list(adata.layers.keys()))
-    counts = to_csr(sub)
-    library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    _check_shared_totals(library, adata.obs_names, align, modality)
-    if align.n_missing or align.n_extra:
-        logger.info(
-            "%s: %d of %d model features present (%d missing, left out of the likelihood); %d extra features ignored",
-            modality, align.n_shared, align.n_train, align.n_missing, align.n_extra,
-        )
-    covariates, unseen, missing = read_covariates(adata.obs, covariate_categories or {})
-    return NewCellData(
-        data=CountData(
-            counts={modality: counts},
-            library={modality: library},
-            feature_names={modality: [features[modality][j] for j in align.feature_index]},
-            covariates=covariates,
-            labels=None,
-            obs_names=[str(v) for v in adata.obs_names],
-        ),
-        alignments={modality: align},
-        unseen_classes=unseen,
-        missing_covariates=missing,
-    )
+    """Read one AnnData as modality ``modality`` of the model; see :func:`read_new_data`."""
+    return read_new_data(adata, features, layer, covariate_categories, min_overlap, modality=modality)
 
 
 def read_covariates(
@@ -213,12 +286,13 @@ def read_covariates(
     return covariates, unseen, missing
 
 
-def _check_shared_totals(library: np.ndarray, obs_names, align: FeatureAlignment, modality: str) -> None:
-    """Raise when a cell has no counts in the features shared with the model."""
+def _check_shared_totals(library: np.ndarray, obs_names, alignments: dict[str, FeatureAlignment]) -> None:
+    """Raise when a cell has no counts in the features shared with the model (summed over modalities)."""
     empty = np.flatnonzero(library <= 0)
     if empty.size:
+        shared = " + ".join(f"{a.n_shared} {m}" for m, a in alignments.items())
         raise ValueError(
-            f"{empty.size} cells have no counts in the {align.n_shared} {modality} features shared with the "
+            f"{empty.size} cells have no counts in the {shared} features shared with the "
             f"model (e.g. {str(obs_names[empty[0]])!r}); their library size is 0 and they cannot be embedded. "
             "Remove them first (keep cells with counts in the model's features)."
         )

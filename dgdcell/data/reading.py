@@ -1,7 +1,13 @@
-"""Read an AnnData into what training needs: sparse counts, library sizes, codes.
+"""Read an AnnData or MuData into what training needs: sparse counts, library sizes, codes.
 
 Nothing here knows about torch. Counts stay scipy CSR (float32); a dense input
 is converted to CSR once.
+
+Modalities come from a MuData's ``.mod`` (any names, any number), from an
+AnnData's ``.var[modality_key]`` column, or a plain AnnData is one modality
+(``'rna'``). A cell that lacks a modality (absent from that ``.mod``, or with no
+counts in it) is flagged unobserved there and contributes only the
+modalities it has (mosaic data).
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ class CountData:
         Categories of the label column, or None.
     obs_names
         list of n_obs cell names.
+    observed
+        modality -> (n_obs,) bool: whether the cell was measured in the
+        modality. Missing modalities are all observed. An unobserved cell has
+        an empty row and library size 1 (a placeholder, never used).
     """
 
     counts: dict[str, sp.csr_matrix]
@@ -56,6 +66,17 @@ class CountData:
     covariates: dict[str, Categories] = field(default_factory=dict)
     labels: Categories | None = None
     obs_names: list[str] = field(default_factory=list)
+    observed: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def observed_mask(self, modality: str) -> np.ndarray:
+        """(n_obs,) bool: cells measured in ``modality``."""
+        mask = self.observed.get(modality)
+        return np.ones(self.n_obs, dtype=bool) if mask is None else mask
+
+    @property
+    def mosaic(self) -> bool:
+        """True when some cell lacks some modality."""
+        return any(not m.all() for m in self.observed.values())
 
     @property
     def n_obs(self) -> int:
@@ -121,6 +142,171 @@ def encode_categories(
     return Categories(codes=codes, categories=cats)
 
 
+def is_mudata(data) -> bool:
+    """True for a MuData (anything with ``.mod`` and ``.obsmap``)."""
+    return hasattr(data, "mod") and hasattr(data, "obsmap")
+
+
+def _layer_for(layer: str | dict | None, modality: str) -> str | None:
+    return layer.get(modality) if isinstance(layer, dict) else layer
+
+
+def _read_modality(adata, layer: str | None, where_prefix: str) -> sp.csr_matrix:
+    """Checked CSR counts of one AnnData (``.X`` or ``layer``)."""
+    X, where = get_matrix(adata, layer)
+    where = where.replace("adata", where_prefix, 1)
+    check_counts(X, where, available_layers=list(adata.layers.keys()))
+    return to_csr(X)
+
+
+def _modality_counts(
+    data, layer, modality_key: str | None, modalities: list[str] | None
+) -> tuple[dict[str, sp.csr_matrix], dict[str, list[str]], dict[str, np.ndarray]]:
+    """Counts, feature names and presence masks per modality, rows in ``data.obs_names`` order."""
+    n = data.n_obs
+    counts, names, present = {}, {}, {}
+    if is_mudata(data):
+        wanted = list(data.mod) if modalities is None else [str(m) for m in modalities]
+        for m in wanted:
+            if m not in data.mod:
+                raise KeyError(f"the MuData has no modality {m!r} (modalities: {list(data.mod)}); fix modalities=.")
+        if not wanted:
+            raise ValueError("no modality selected: the MuData has none, or modalities=[] was passed.")
+        for m in wanted:
+            csr = _read_modality(data.mod[m], _layer_for(layer, m), f"mdata.mod[{m!r}]")
+            rows = np.asarray(data.obsmap[m]).astype(np.int64).ravel()  # 1-based row in the modality, 0: absent
+            present[m] = rows > 0
+            if not (present[m].all() and np.array_equal(rows, np.arange(1, n + 1))):
+                take = np.where(present[m], rows - 1, 0)
+                csr = csr[take].tocsr()
+                csr = sp.diags(present[m].astype(np.float32)) @ csr
+                csr = to_csr(csr)
+            counts[m], names[m] = csr, [str(v) for v in data.mod[m].var_names]
+        return counts, names, present
+    if modality_key is not None:
+        if modality_key not in data.var.columns:
+            raise KeyError(
+                f"modality_key {modality_key!r} is not a column of adata.var (columns: {list(data.var.columns)[:20]}); "
+                "fix the name, or pass modality_key=None for a single modality."
+            )
+        col = data.var[modality_key]
+        if col.isna().any():
+            raise ValueError(f"adata.var[{modality_key!r}] has missing values; every feature needs a modality.")
+        labels = col.astype(str).to_numpy()
+        order = [str(c) for c in col.cat.categories] if isinstance(col.dtype, pd.CategoricalDtype) else list(dict.fromkeys(labels))
+        order = [m for m in order if (labels == m).any()]
+        wanted = order if modalities is None else [str(m) for m in modalities]
+        for m in wanted:
+            if m not in order:
+                raise KeyError(f"no feature has adata.var[{modality_key!r}] == {m!r} (modalities: {order}).")
+        csr = _read_modality(data, _layer_for(layer, "adata"), "adata")
+        for m in wanted:
+            cols = np.flatnonzero(labels == m)
+            counts[m] = to_csr(csr[:, cols])
+            names[m] = [str(v) for v in data.var_names[cols]]
+            present[m] = np.ones(n, dtype=bool)
+        return counts, names, present
+    m = DEFAULT_MODALITY if not modalities else str(modalities[0])
+    if modalities is not None and len(modalities) != 1:
+        raise ValueError(
+            f"an AnnData without modality_key is one modality, but modalities={list(modalities)} was passed; "
+            "pass a MuData or set modality_key= to the .var column naming each feature's modality."
+        )
+    counts[m] = _read_modality(data, layer, "adata")
+    names[m] = [str(v) for v in data.var_names]
+    present[m] = np.ones(n, dtype=bool)
+    return counts, names, present
+
+
+def _totals_source(data, layer, modalities: list[str]) -> str:
+    """Where the counts of a cell total come from, for error messages."""
+    if len(modalities) > 1:
+        return f"any of the modalities {modalities}"
+    if is_mudata(data):
+        return f"mdata.mod[{modalities[0]!r}]"
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
+def obs_column(data, key: str) -> pd.DataFrame:
+    """A one-column frame ``obs[key]`` of an AnnData or MuData. For a MuData a
+    key missing from ``mdata.obs`` is looked up as ``'<modality>:<key>'`` (the
+    form in which MuData mirrors its modalities' obs columns)."""
+    obs = data.obs
+    if key in obs.columns or not is_mudata(data):
+        return obs
+    prefixed = [c for c in obs.columns if str(c).endswith(f":{key}")]
+    if prefixed:
+        return pd.DataFrame({key: obs[prefixed[0]]}, index=obs.index)
+    for m, ad in data.mod.items():
+        if key in ad.obs.columns and ad.n_obs == data.n_obs and ad.obs_names.equals(data.obs_names):
+            return pd.DataFrame({key: ad.obs[key]}, index=obs.index)
+    return obs
+
+
+def read_data(
+    data,
+    layer: str | dict[str, str] | None = None,
+    covariate_keys: list[str] | None = None,
+    label_key: str | None = None,
+    modality_key: str | None = None,
+    modalities: list[str] | None = None,
+) -> CountData:
+    """Check and read an AnnData or a MuData into :class:`CountData`.
+
+    Parameters
+    ----------
+    data
+        MuData (one modality per ``.mod``), AnnData whose ``.var[modality_key]``
+        names each feature's modality, or a plain AnnData (one modality,
+        ``'rna'``, or ``modalities[0]``).
+    layer
+        Layer holding the raw counts (None: ``.X``); for a MuData also a dict
+        modality -> layer.
+    covariate_keys, label_key
+        obs columns (for a MuData, ``mdata.obs`` or a modality's column).
+        Covariates need no missing values and at least 2 classes; missing
+        labels mark unlabelled cells.
+    modality_key
+        For an AnnData with several modalities: the ``.var`` column.
+    modalities
+        Which modalities to read (default: all, in their order).
+
+    A cell absent from a modality, or with no counts in it, is unobserved
+    there (``CountData.observed``); with several modalities that is allowed
+    (mosaic data) as long as every cell has counts somewhere. Never modifies
+    ``data``.
+    """
+    counts, names, present = _modality_counts(data, layer, modality_key, modalities)
+    library = {m: np.asarray(c.sum(axis=1), dtype=np.float64).ravel() for m, c in counts.items()}
+    total = sum(library.values())
+    check_cell_totals(total, _totals_source(data, layer, list(counts)))
+    observed = {}
+    for m in counts:
+        observed[m] = present[m] & (library[m] > 0)
+        library[m] = np.where(observed[m], library[m], 1.0)
+    covariates = {}
+    for key in covariate_keys or []:
+        cat = encode_categories(obs_column(data, key), key, "covariate", allow_missing=False)
+        if cat.n_classes < 2:
+            raise ValueError(
+                f"covariate {key!r} has a single class ({cat.categories}); it carries no information. "
+                "Drop it from covariate_keys."
+            )
+        covariates[key] = cat
+    labels = (
+        encode_categories(obs_column(data, label_key), label_key, "label", allow_missing=True) if label_key else None
+    )
+    return CountData(
+        counts=counts,
+        library=library,
+        feature_names=names,
+        covariates=covariates,
+        labels=labels,
+        obs_names=[str(v) for v in data.obs_names],
+        observed=observed if len(counts) > 1 else {},
+    )
+
+
 def read_anndata(
     adata,
     layer: str | None = None,
@@ -128,33 +314,5 @@ def read_anndata(
     label_key: str | None = None,
     modality: str = DEFAULT_MODALITY,
 ) -> CountData:
-    """Check and read one AnnData (a single modality) into :class:`CountData`.
-
-    Reads ``adata.X`` or ``adata.layers[layer]`` and the obs columns named by
-    ``covariate_keys`` (no missing values, at least 2 classes) and ``label_key``
-    (missing values allowed: those cells are unlabelled). Never modifies ``adata``.
-    """
-    X, where = get_matrix(adata, layer)
-    check_counts(X, where, available_layers=list(adata.layers.keys()))
-    counts = to_csr(X)
-    library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    check_cell_totals(library, where)
-
-    covariates = {}
-    for key in covariate_keys or []:
-        cat = encode_categories(adata.obs, key, "covariate", allow_missing=False)
-        if cat.n_classes < 2:
-            raise ValueError(
-                f"covariate {key!r} has a single class ({cat.categories}); it carries no information. "
-                "Drop it from covariate_keys."
-            )
-        covariates[key] = cat
-    labels = encode_categories(adata.obs, label_key, "label", allow_missing=True) if label_key else None
-    return CountData(
-        counts={modality: counts},
-        library={modality: library},
-        feature_names={modality: [str(v) for v in adata.var_names]},
-        covariates=covariates,
-        labels=labels,
-        obs_names=[str(v) for v in adata.obs_names],
-    )
+    """Check and read one AnnData (a single modality named ``modality``); see :func:`read_data`."""
+    return read_data(adata, layer, covariate_keys, label_key, modalities=[modality])

@@ -1,6 +1,18 @@
 """Neural parts: the decoder and count likelihoods (no AnnData here)."""
 
 from .decoder import Decoder
-from .likelihoods import LIKELIHOODS, NegativeBinomial, nb_log_prob, nb_log_prob_sparse, nb_log_prob_sparse_mu_terms
+from .likelihoods import (
+    LIKELIHOODS,
+    Bernoulli,
+    NegativeBinomial,
+    bernoulli_log_prob_sparse,
+    nb_log_prob, nb_log_prob_sparse, nb_log_prob_sparse_mu_terms,
+)
 
-__all__ = ["Decoder", "LIKELIHOODS", "NegativeBinomial", "nb_log_prob", "nb_log_prob_sparse", "nb_log_prob_sparse_mu_terms"]
+__all__ = [
+    "Decoder",
+    "LIKELIHOODS",
+    "Bernoulli",
+    "NegativeBinomial",
+    "bernoulli_log_prob_sparse",
+    "nb_log_prob", "nb_log_prob_sparse", "nb_log_prob_sparse_mu_terms"]

@@ -33,7 +33,8 @@ class Decoder(nn.Module):
         Widths of each head's hidden layers; the head's last layer maps to the
         modality's features.
     likelihood
-        Mapping modality name -> likelihood name (``'nb'``); default NB for all.
+        Mapping modality name -> likelihood name (``'nb'`` or ``'bernoulli'``,
+        see :data:`~dgdcell.nn.likelihoods.LIKELIHOODS`); default NB for all.
     dispersion_init
         Initial NB dispersion.
 
@@ -66,16 +67,22 @@ class Decoder(nn.Module):
                 raise ValueError(f"Unknown likelihood {kind!r} for modality {mod!r}; choose from {sorted(LIKELIHOODS)}.")
             self.likelihoods[mod] = LIKELIHOODS[kind](int(n_feat), dispersion_init)
 
-    def logits(self, z: torch.Tensor, feature_index: Mapping[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
+    def logits(
+        self,
+        z: torch.Tensor,
+        feature_index: Mapping[str, torch.Tensor | None] | None = None,
+        modalities: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Unnormalised head outputs per modality, (n, G_m).
 
         ``feature_index`` optionally restricts a modality to a subset of its
-        features (used when new data lack some features).
+        features (used when new data lack some features); ``modalities``
+        restricts the heads evaluated (default: all).
         """
         h = self.trunk(z)
         out = {}
-        for mod, head in self.heads.items():
-            lg = head(h)
+        for mod in self.modalities if modalities is None else modalities:
+            lg = self.heads[mod](h)
             if feature_index is not None and feature_index.get(mod) is not None:
                 lg = lg[:, feature_index[mod]]
             out[mod] = lg
@@ -89,13 +96,20 @@ class Decoder(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Log expected counts ``log(s * p)`` per modality, (n, G_m), given
         per-cell log library sizes (n,). The softmax runs over the (selected)
-        features, in one pass: ``logits - (logsumexp(logits) - log s)``."""
+        features, in one pass: ``logits - (logsumexp(logits) - log s)``.
+        Only the modalities in ``log_library`` are decoded."""
         out = {}
-        for mod, lg in self.logits(z, feature_index).items():
+        for mod, lg in self.logits(z, feature_index, list(log_library)).items():
             shift = torch.logsumexp(lg, dim=-1) - log_library[mod]
             out[mod] = lg - shift.unsqueeze(-1)
         return out
 
-    def forward(self, z: torch.Tensor, feature_index: Mapping[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
-        """Log fractions per modality, (n, G_m), whose exp sums to 1 over the (selected) features."""
-        return {mod: torch.log_softmax(lg, dim=-1) for mod, lg in self.logits(z, feature_index).items()}
+    def forward(
+        self,
+        z: torch.Tensor,
+        feature_index: Mapping[str, torch.Tensor | None] | None = None,
+        modalities: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Log fractions per modality, (n, G_m), whose exp sums to 1 over the
+        (selected) features; ``modalities`` as in :meth:`logits`."""
+        return {mod: torch.log_softmax(lg, dim=-1) for mod, lg in self.logits(z, feature_index, modalities).items()}

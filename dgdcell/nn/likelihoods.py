@@ -132,6 +132,7 @@ class NegativeBinomial(nn.Module):
     """
 
     name = "nb"
+    binary = False
 
     def __init__(self, n_features: int, dispersion_init: float = 2.0):
         super().__init__()
@@ -158,4 +159,60 @@ class NegativeBinomial(nn.Module):
         return nb_log_prob_sparse(log_mu, log_r, flat_index, rows, values, log_factorial)
 
 
-LIKELIHOODS = {"nb": NegativeBinomial}
+def bernoulli_log_prob_sparse(
+    log_mu: torch.Tensor, flat_index: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """Per-cell log-likelihood (n,) of binarised counts under ``P(x > 0) = 1 - exp(-mu)``.
+
+    ``log P = sum_j -mu_ij + sum_{x_ij>0} [log(1 - exp(-mu_ij)) + mu_ij]``: the
+    dense part is a plain sum, the rest runs over the non-zeros (given as in
+    :func:`nb_log_prob_sparse`; their values are ignored: any count > 0 is 1).
+    ``log(1 - exp(-mu))`` is evaluated as ``log(-expm1(-mu))``, and as
+    ``log mu - mu / 2`` for ``mu < 1e-4`` where ``expm1`` underflows.
+    """
+    dense = -torch.exp(log_mu).sum(-1)
+    lm = log_mu.reshape(-1).take(flat_index)
+    mu = torch.exp(lm)
+    small = mu < 1e-4
+    log_p1 = torch.where(small, lm - 0.5 * mu, torch.log(-torch.expm1(-mu.clamp_min(1e-4))))
+    return dense.index_add(0, rows, log_p1 + mu)
+
+
+class Bernoulli(nn.Module):
+    """Bernoulli likelihood for binarised features (e.g. ATAC peaks): a feature is
+    "on" with probability ``1 - exp(-mu)``, ``mu = library * p`` as for counts
+    (the probability that a Poisson count with that mean is non-zero). The
+    library size is the number of features on. No parameters.
+
+    Parameters
+    ----------
+    n_features
+        Number of features G (kept for the common interface).
+    dispersion_init
+        Ignored (common interface).
+    """
+
+    name = "bernoulli"
+    binary = True
+
+    def __init__(self, n_features: int, dispersion_init: float = 2.0):
+        super().__init__()
+        self.n_features = int(n_features)
+
+    def log_prob_sparse(
+        self,
+        log_mu: torch.Tensor,
+        flat_index: torch.Tensor,
+        rows: torch.Tensor,
+        values: torch.Tensor,
+        log_factorial: torch.Tensor | None = None,
+        feature_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-cell log-likelihood (n,); arguments as :meth:`NegativeBinomial.log_prob_sparse`
+        (``values``, ``log_factorial`` and ``feature_index`` are not needed)."""
+        return bernoulli_log_prob_sparse(log_mu, flat_index, rows)
+
+
+#: likelihood name -> module class; each has ``log_prob_sparse`` and ``binary``
+#: (True: counts are binarised before fitting)
+LIKELIHOODS = {"nb": NegativeBinomial, "bernoulli": Bernoulli}

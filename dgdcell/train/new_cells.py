@@ -275,6 +275,17 @@ def _nonzero_term(
     return torch.zeros(idx.shape[0], log_frac.shape[0], device=log_frac.device).index_add_(0, rows, term)
 
 
+def _bernoulli_nonzero_term(counts: DeviceCounts, idx: torch.Tensor, log_frac: torch.Tensor) -> torch.Tensor:
+    """``sum_{x_ij>0} [log(1 - exp(-mu_icj)) + mu_icj]`` for rows ``idx`` (B,) against
+    candidates with log fractions (C', G): (B, C') (see :func:`bernoulli_log_prob_sparse`)."""
+    flat, rows, _ = counts.batch(idx)
+    cols = flat.remainder(counts.n_features)
+    log_mu = log_frac.index_select(1, cols).T + counts.log_library[idx][rows].unsqueeze(-1)  # (nnz, C')
+    mu = torch.exp(log_mu)
+    term = torch.where(mu < 1e-4, log_mu - 0.5 * mu, torch.log(-torch.expm1(-mu.clamp_min(1e-4)))) + mu
+    return torch.zeros(idx.shape[0], log_frac.shape[0], device=log_frac.device).index_add_(0, rows, term)
+
+
 def _row_chunks(cost: torch.Tensor, budget: int) -> list[tuple[int, int]]:
     """Consecutive row ranges whose summed ``cost`` (n,) stays within ``budget``
     (a single row over budget forms its own range)."""
@@ -328,23 +339,25 @@ def _iter_scores(
     max_elements = max(int(max_elements), 1)
     fidx = cells.feature_index or {}
     mods = list(cells.counts)
+    nb_mods = [m for m in mods if isinstance(decoder.likelihoods[m], NegativeBinomial)]
     n_feat = sum(cells.counts[m].n_features for m in mods)
     log_r = {m: decoder.likelihoods[m].log_r if fidx.get(m) is None else decoder.likelihoods[m].log_r[fidx[m]]
-             for m in mods}
+             for m in nb_mods}
     main, tables = _prior_tables(gmm, cov_gmms, cand, cells.labels)
     main_row = torch.zeros(cells.n, dtype=torch.long, device=cand.z.device) if main.shape[0] == 1 else cells.labels + 1
-    constant = sum(_log_prob_constant(cells.counts[m], log_r[m], max_elements) for m in mods)
+    constant = _masked_sum(cells, {m: _log_prob_constant(cells.counts[m], log_r[m], max_elements) for m in nb_mods},
+                           cand.z.device)
     exact = n_grid is None or cells.n <= 2 * int(n_grid)  # the grid costs about 2 n_grid exact rows
-    grids = {} if exact else {m: _log_library_grid(cells.counts[m].log_library, int(n_grid)) for m in mods}
+    grids = {} if exact else {m: _log_library_grid(cells.counts[m].log_library, int(n_grid)) for m in nb_mods}
     nnz = sum(cells.counts[m].indptr.diff() for m in mods)
     width = max(1, max_elements // max(n_feat, 1))  # candidates per chunk
     for rows_g, cands_g in _class_groups(cells, cand, cov_gmms):
         counts_g = {m: RowView(cells.counts[m], rows_g) for m in mods}
         for c0 in range(0, cands_g.shape[0], width):
             ci = cands_g[c0 : c0 + width]
-            log_frac = decoder(cand.decoder_input(ci), fidx or None)  # mod -> (C', G)
+            log_frac = decoder(cand.decoder_input(ci), fidx or None, mods)  # mod -> (C', G)
             tabs = {}
-            for m in mods if not exact else []:
+            for m in nb_mods if not exact else []:
                 grid, h = grids[m]
                 tabs[m] = _dense_on_grid(log_frac[m], log_r[m], grid, max_elements) + (float(grid[0]), h)
             row_cost = ci.shape[0] * (nnz[rows_g] + (n_feat if exact else 0))
@@ -356,14 +369,26 @@ def _iter_scores(
                     score = score + table[(cells.cov_codes[key][idx] + 1).unsqueeze(1), ci]
                 for m in mods:
                     t = counts_g[m].log_library[local]
-                    if exact:
+                    if m not in log_r:  # Bernoulli: the dense term is -library (fractions sum to 1)
+                        nll = torch.exp(t).unsqueeze(1) - _bernoulli_nonzero_term(counts_g[m], local, log_frac[m])
+                    elif exact:
                         arg = t[:, None, None] + (log_frac[m] - log_r[m])  # (B, C', G)
-                        dense = -(F.softplus(arg) @ torch.exp(log_r[m]))
+                        nll = (F.softplus(arg) @ torch.exp(log_r[m])) + _nonzero_term(counts_g[m], local, log_frac[m], log_r[m])
                     else:
                         values, slopes, start, h = tabs[m]
-                        dense = _hermite(values, slopes, start, h, t)
-                    score = score - dense + _nonzero_term(counts_g[m], local, log_frac[m], log_r[m])
+                        nll = -_hermite(values, slopes, start, h, t) + _nonzero_term(counts_g[m], local, log_frac[m], log_r[m])
+                    if m in cells.observed:
+                        nll = nll * cells.observed[m][idx].unsqueeze(1)
+                    score = score + nll
                 yield idx, ci, score
+
+
+def _masked_sum(cells: CellSet, per_modality: dict[str, torch.Tensor], device) -> torch.Tensor:
+    """Sum over modalities of per-cell (n,) values, each counted only where the cell was observed."""
+    total = torch.zeros(cells.n, device=device)
+    for m, v in per_modality.items():
+        total = total + (v * cells.observed[m] if m in cells.observed else v)
+    return total
 
 
 @torch.no_grad()
@@ -461,6 +486,7 @@ def _row_cell_set(cells: CellSet, rows: torch.Tensor) -> CellSet:
         cov_codes={k: v[rows] for k, v in cells.cov_codes.items()},
         labels=None if cells.labels is None else cells.labels[rows],
         feature_index=cells.feature_index,
+        observed={m: v[rows] for m, v in cells.observed.items()},
     )
 
 
@@ -614,14 +640,16 @@ def _reconstruction_fn(decoder: Decoder, cells: CellSet, rows_cell: torch.Tensor
     fidx = cells.feature_index or {}
     log_r = {m: decoder.likelihoods[m].log_r if fidx.get(m) is None else decoder.likelihoods[m].log_r[fidx[m]]
              for m in mods}
-    constant = sum(_log_prob_constant(cells.counts[m], log_r[m], max_elements) for m in mods)[rows_cell]
+    constant = _masked_sum(cells, {m: _log_prob_constant(cells.counts[m], log_r[m], max_elements) for m in mods},
+                           rows_cell.device)[rows_cell]
 
     def nll(x_in: torch.Tensor, view: CellSet, idx: torch.Tensor) -> torch.Tensor:
         log_mu = decoder.log_mean(x_in, {m: view.counts[m].log_library[idx] for m in mods}, fidx or None)
         out = -constant[idx]
         for m in mods:
             flat, rows, vals = view.counts[m].batch(idx)
-            out = out - nb_log_prob_sparse_mu_terms(log_mu[m], log_r[m], flat, rows, vals)
+            ll = nb_log_prob_sparse_mu_terms(log_mu[m], log_r[m], flat, rows, vals)
+            out = out - (ll * view.observed[m][idx] if m in view.observed else ll)
         return out
 
     return nll

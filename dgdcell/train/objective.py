@@ -38,6 +38,10 @@ class CellSet:
     guide
         (n,) long mixture component of each cell during the guided phase of
         training (pseudo-labels from the initial clustering), or None.
+    observed
+        modality -> (n,) float 1/0: whether the cell was measured in the
+        modality (mosaic data); a modality not listed is observed everywhere.
+        An unobserved modality adds nothing to the cell's loss.
     """
 
     rep: RepresentationLayer
@@ -47,6 +51,7 @@ class CellSet:
     labels: torch.Tensor | None = None
     feature_index: dict[str, torch.Tensor | None] = field(default_factory=dict)
     guide: torch.Tensor | None = None
+    observed: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -66,16 +71,18 @@ def decoder_input(cells: CellSet, idx: torch.Tensor | None, cov_keys: list[str])
 def reconstruction_nll(
     decoder: Decoder, x_in: torch.Tensor, cells: CellSet, idx: torch.Tensor
 ) -> torch.Tensor:
-    """Negative log-likelihood of the counts of rows ``idx`` summed over modalities: (B,)."""
+    """Negative log-likelihood of the counts of rows ``idx`` summed over the
+    modalities each cell was measured in: (B,)."""
     log_lib = {mod: counts.log_library[idx] for mod, counts in cells.counts.items()}
     log_mu = decoder.log_mean(x_in, log_lib, cells.feature_index or None)
     nll = torch.zeros(idx.shape[0], device=x_in.device)
     for mod, counts in cells.counts.items():
         flat, rows, vals = counts.batch(idx)
         lik = decoder.likelihoods[mod]
-        nll = nll - lik.log_prob_sparse(
-            log_mu[mod], flat, rows, vals, counts.log_factorial[idx], cells.feature_index.get(mod)
-        )
+        ll = lik.log_prob_sparse(log_mu[mod], flat, rows, vals, counts.log_factorial[idx], cells.feature_index.get(mod))
+        if mod in cells.observed:
+            ll = ll * cells.observed[mod][idx]
+        nll = nll - ll
     return nll
 
 
