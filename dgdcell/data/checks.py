@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata import AnnData
+
+logger = logging.getLogger(__name__)
 
 
 def _values(X) -> np.ndarray:
-    """The stored values of a dense or sparse matrix (no densifying)."""
+    """The stored values of a dense or sparse matrix (no densifying); backed
+    (on-disk) sparse matrices are read into memory."""
+    if hasattr(X, "to_memory"):  # anndata's backed sparse datasets
+        X = X.to_memory()
     return X.data if sp.issparse(X) else np.asarray(X).ravel()
+
+
+def check_data_object(data) -> None:
+    """Raise TypeError unless ``data`` is an AnnData or a MuData.
+
+    A bare matrix or DataFrame has no ``obs``/``var`` to read names, covariates
+    or labels from, and nowhere to write the results.
+    """
+    if isinstance(data, AnnData) or (hasattr(data, "mod") and hasattr(data, "obsmap")):  # MuData
+        return
+    raise TypeError(
+        f"expected an AnnData or MuData, got {type(data).__module__}.{type(data).__qualname__}. "
+        "Wrap a cells x features count matrix first, e.g. adata = anndata.AnnData(X) "
+        "(for a DataFrame: anndata.AnnData(df), which keeps its index and columns as names)."
+    )
 
 
 def check_counts(X, where: str, available_layers: list[str] | None = None) -> None:
@@ -33,6 +57,11 @@ def check_counts(X, where: str, available_layers: list[str] | None = None) -> No
         raise TypeError(f"{where} has dtype {dtype}; expected a numeric matrix of raw counts.")
     if np.issubdtype(dtype, np.complexfloating):
         raise TypeError(f"{where} has complex dtype {dtype}; expected real raw counts.")
+    if dtype == bool:
+        logger.warning(
+            "%s is boolean (binarised data): it is modelled as counts of 0 and 1. Pass the raw counts if you have them.",
+            where,
+        )
     v = _values(X)
     if np.issubdtype(v.dtype, np.floating):
         if not np.isfinite(v).all():
@@ -44,24 +73,50 @@ def check_counts(X, where: str, available_layers: list[str] | None = None) -> No
             "Scaled or centred data (e.g. after sc.pp.scale) cannot be modelled: pass the raw counts."
         )
     if np.issubdtype(v.dtype, np.floating) and v.size and not np.all(np.mod(v, 1) == 0):
-        hint = ""
-        if available_layers:
-            hint = f" Available layers: {available_layers}; pass e.g. layer='counts' if one holds the raw counts."
-        else:
-            hint = " If the raw counts are in adata.raw or a layer, pass them (e.g. layer='counts')."
+        hint = _raw_counts_hint(where, available_layers or [])
         raise ValueError(
             f"{where} contains non-integer values (e.g. {v[np.mod(v, 1) != 0][0]:g}); it looks normalised or "
             f"log-transformed, but the model needs raw integer counts.{hint}"
         )
 
 
+def _raw_counts_hint(where: str, layers: list[str]) -> str:
+    """Where the raw counts might be, for a non-integer error on ``where``
+    (``"adata.X"``, ``"mdata.mod['adt'].X"``, ...)."""
+    modality = re.match(r"mdata\.mod\[('[^']*')\]", where)
+    obj = "adata" if modality is None else modality.group(0)
+
+    def layer_arg(name: str) -> str:
+        return f"layer={name!r}" if modality is None else f"layer={{{modality.group(1)}: {name!r}}}"
+
+    current = re.search(r"\.layers\[('[^']*')\]", where)
+    others = [name for name in layers if current is None or repr(name) != current.group(1)]
+    likely = [name for name in others if "count" in name.lower() or "raw" in name.lower()]
+    if likely:
+        return f" Available layers of {obj}: {layers}; {layer_arg(likely[0])} probably holds the raw counts."
+    if others:
+        return f" Available layers of {obj}: {layers}; pass {layer_arg('<name>')} naming the one with the raw counts."
+    return f" If the raw counts are in {obj}.raw or a layer, put them in a layer and pass it (e.g. {layer_arg('counts')})."
+
+
 def check_cell_totals(totals: np.ndarray, where: str) -> None:
-    """Raise if any cell has zero total counts."""
+    """Raise if any cell has zero total counts.
+
+    ``where`` names the source (e.g. ``"adata.X"``, ``"mdata.mod['rna']"`` or
+    ``"any of the modalities [...]"``); the suggested fix fits the source.
+    """
     empty = np.flatnonzero(totals <= 0)
     if empty.size:
+        anndata_fix = "sc.pp.filter_cells(adata, min_counts=1)"
+        mudata_fix = "mdata = mdata[keep].copy() with keep the cells that have counts"
+        if where.startswith("mdata"):
+            fix = f"Remove them first, e.g. {mudata_fix}."
+        elif "modalities" in where:
+            fix = f"Remove them first, e.g. {anndata_fix} for an AnnData or {mudata_fix} for a MuData."
+        else:
+            fix = f"Remove them first, e.g. {anndata_fix}."
         raise ValueError(
-            f"{empty.size} cells have no counts in {where} (e.g. row {empty[0]}); their library size is 0. "
-            "Remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
+            f"{empty.size} cells have no counts in {where} (e.g. row {empty[0]}); their library size is 0. {fix}"
         )
 
 
