@@ -705,6 +705,44 @@ def _delete_weights(path: Path):
     (path / "weights.pt").unlink()
 
 
+def _config_text(text: str | bytes):
+    def spoil(path: Path):
+        if isinstance(text, bytes):
+            (path / "config.json").write_bytes(text)
+        else:
+            (path / "config.json").write_text(text)
+
+    return spoil
+
+
+def _config_drop(key: str):
+    def spoil(path: Path):
+        cfg = json.loads((path / "config.json").read_text())
+        del cfg[key]
+        (path / "config.json").write_text(json.dumps(cfg))
+
+    return spoil
+
+
+def _newer_init_arg(path: Path):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["dgdcell_version"] = "9.0.0"
+    cfg["init_args"]["new_option"] = 1
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _other_models_weights(path: Path):
+    other = DGD(latent_dim=4, n_components=3, seed=0).fit(make_adata(), **FIT)
+    other.save(path.parent / "other", overwrite=True)
+    (path / "weights.pt").write_bytes((path.parent / "other" / "weights.pt").read_bytes())
+
+
+def _drop_tensor(path: Path):
+    tensors = torch.load(path / "weights.pt", weights_only=True)
+    del tensors["representation"]
+    torch.save(tensors, path / "weights.pt")
+
+
 CASES += [
     Case("model files", "weights.pt truncated to half", _load_case(_truncate), (ValueError, r"corrupted or truncated")),
     Case("model files", "config.json not valid JSON", _load_case(_garbage_config), (ValueError, r"config.json is corrupted")),
@@ -714,7 +752,54 @@ CASES += [
     Case("model files", "weights.pt holding a pickled arbitrary object", _load_case(_pickle_object),
          (ValueError, r"could not be read")),
     Case("model files", "weights.pt missing", _load_case(_delete_weights), (FileNotFoundError, r"not a saved DGD")),
+    Case("model files", "weights.pt empty (0 bytes)", _load_case(lambda p: (p / "weights.pt").write_bytes(b"")),
+         (ValueError, r"corrupted or truncated")),
+    Case("model files", "config.json holding binary garbage", _load_case(_config_text(b"\x80\x81\xff garbage")),
+         (ValueError, r"config.json")),
+    Case("model files", "config.json valid JSON but not an object ([])", _load_case(_config_text("[]")),
+         (ValueError, r"config.json")),
+    Case("model files", "config.json without 'init_args'", _load_case(_config_drop("init_args")),
+         (ValueError, r"init_args")),
+    Case("model files", "config.json from a newer dgdcell with an unknown setting", _load_case(_newer_init_arg),
+         (ValueError, r"new_option.*9\.0\.0")),
+    Case("model files", "weights.pt of another model (latent_dim 4 vs 3)", _load_case(_other_models_weights),
+         (ValueError, r"weights.pt.*config.json")),
+    Case("model files", "weights.pt without the representations", _load_case(_drop_tensor),
+         (ValueError, r"representation")),
 ]
+
+
+# ----- resuming (warm_start)
+@case("warm start", "warm_start=True on an unfitted model", (ValueError, r"warm_start=True continues a fitted model"))
+def _():
+    return _fit(make_adata(), warm_start=True)
+
+
+@case("warm start", "warm_start=True on other cells than the model's", (ValueError, r"not in the model.*transform"))
+def _():
+    model = fitted_model()
+    a = make_adata(seed=3)
+    a.obs_names = [f"other{i}" for i in range(a.n_obs)]
+    return a, lambda obj: model.fit(obj, warm_start=True, **FIT)
+
+
+@case("warm start", "warm_start=True on the model's cells in another order")
+def _():
+    a = make_adata()
+    a = a[np.random.default_rng(0).permutation(a.n_obs)].copy()
+    model = DGD.load(saved_model(Path(tempfile.mkdtemp(prefix="dgd_robust_"))), device="cpu")
+    return a, lambda obj: model.fit(obj, warm_start=True, **FIT)
+
+
+@case("warm start", "warm_start=True on data with fewer features", (ValueError, r"warm_start needs the features"))
+def _():
+    model = DGD.load(saved_model(Path(tempfile.mkdtemp(prefix="dgd_robust_"))), device="cpu")
+    return make_adata()[:, :30].copy(), lambda obj: model.fit(obj, warm_start=True, **FIT)
+
+
+@case("warm start", "checkpoint_every=0", (ValueError, r"checkpoint_every must be >= 1"))
+def _():
+    return _fit(make_adata(), checkpoint_dir=tempfile.mkdtemp(prefix="dgd_robust_"), checkpoint_every=0)
 
 
 # ----- MuData (fit reads every modality of mdata.mod, or those named by modalities=)
