@@ -501,6 +501,7 @@ class DGD:
                 a["latent_dim"],
                 generator=generator,
                 groups=_joint_codes([cat.codes for cat in data.covariates.values()], data.n_obs),
+                observed=[data.observed.get(m) for m in data.counts],
             )
         )
 

@@ -31,6 +31,7 @@ def pca_scores(
     n_fit: int = 20000,
     generator: torch.Generator | None = None,
     groups: np.ndarray | None = None,
+    observed: list[np.ndarray | None] | None = None,
 ) -> np.ndarray:
     """PCA scores (n_cells, n_components) of the scaled log-normalised counts.
 
@@ -42,25 +43,32 @@ def pca_scores(
     The axes are fitted on at most ``n_fit`` cells and all cells are projected
     with sparse products, so memory grows with the non-zeros.
     The scores are divided by the standard deviation of the first axis.
+    ``observed`` ((n_cells,) bool per modality, None: all) marks the cells
+    measured in each modality; statistics use those cells only and an
+    unobserved cell sits at its group's mean in that modality (so missing
+    measurements do not separate cells).
     """
     n = matrices[0].shape[0]
     if groups is None:
         groups = np.zeros(n, dtype=np.int64)
     _, groups = np.unique(np.asarray(groups), return_inverse=True)
     indicator = sp.csr_matrix((np.ones(n, dtype=np.float32), (groups, np.arange(n))), shape=(groups.max() + 1, n))
-    group_size = np.asarray(indicator.sum(1)).ravel()
     blocks = []
-    for csr, lib in zip(matrices, libraries):
-        ln = log_normalise(csr, lib)
-        mean = (indicator @ ln).toarray() / group_size[:, None]  # (n_groups, G) group means
+    for i, (csr, lib) in enumerate(zip(matrices, libraries)):
+        mask = np.ones(n, dtype=bool) if observed is None or observed[i] is None else np.asarray(observed[i], bool)
+        ln = log_normalise(csr, lib)  # unobserved rows are empty
+        ind = indicator @ sp.diags(mask.astype(np.float32))
+        size = np.maximum(np.asarray(ind.sum(1)).ravel(), 1.0)
+        mean = (ind @ ln).toarray() / size[:, None]  # (n_groups, G) group means over observed cells
         sq = np.asarray(ln.multiply(ln).sum(axis=0)).ravel()
-        within = (sq - (group_size[:, None] * mean**2).sum(0)) / n
+        within = (sq - (size[:, None] * mean**2).sum(0)) / max(int(mask.sum()), 1)
         sd = np.sqrt(np.maximum(within, 0.0))
         scale = np.where(sd > 0, 1.0 / np.maximum(sd, 1e-8), 0.0) / math.sqrt(csr.shape[1])
-        blocks.append((ln, mean, scale.astype(np.float32)))
+        blocks.append((ln, mean, scale.astype(np.float32), mask))
     sub = torch.randperm(n, generator=generator)[: min(n, n_fit)].sort().values.numpy()
     dense = torch.from_numpy(
-        np.hstack([((b[0][sub].toarray() - b[1][groups[sub]]) * b[2]).astype(np.float32) for b in blocks])
+        np.hstack([((b[0][sub].toarray() - b[1][groups[sub]]) * b[2] * b[3][sub, None]).astype(np.float32)
+                   for b in blocks])
     )
     k = max(1, min(n_components, min(dense.shape) - 1))
     # randomized SVD (Halko et al.) in torch: a few (n_fit, G) x (G, k + 10) products;
@@ -72,10 +80,10 @@ def pca_scores(
     v = v[:, :k].double().numpy()  # (G_total, k)
     scores = np.zeros((n, k), dtype=np.float64)
     start = 0
-    for ln, mean, scale in blocks:
+    for ln, mean, scale, mask in blocks:
         g = ln.shape[1]
         vb = v[start : start + g] * scale[:, None]
-        scores += ln @ vb - (mean @ vb)[groups]
+        scores += (ln @ vb - (mean @ vb)[groups]) * mask[:, None]
         start += g
     scores /= max(scores[:, 0].std(), 1e-8)
     if k < n_components:

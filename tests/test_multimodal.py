@@ -1,0 +1,262 @@
+"""Several modalities (MuData, var-keyed AnnData), mosaic cells, Bernoulli features,
+protein prediction, several covariates and counterfactual decoding."""
+
+from pathlib import Path
+
+import anndata as ad
+import mudata as md
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from scipy.stats import spearmanr
+from sklearn.metrics import adjusted_rand_score
+
+from dgdcell import DGD
+from dgdcell.data import read_data
+from dgdcell.nn import bernoulli_log_prob_sparse
+
+from .conftest import make_counts
+
+DATA = Path(__file__).parent / "data"
+FAST = dict(max_epochs=30, verbose=False)
+
+
+def make_cite(n_per_group=(70, 50, 40), n_proteins=8, seed=0, adt_seed=1):
+    """MuData: RNA from :func:`make_counts` and a protein panel whose profile depends on the group."""
+    rna = make_counts(n_per_group=n_per_group, seed=seed)
+    rng = np.random.default_rng(adt_seed)
+    groups = rna.obs["group"].cat.codes.to_numpy()
+    profiles = rng.gamma(2.0, 1.0, size=(len(n_per_group), n_proteins))
+    for g in range(len(n_per_group)):
+        profiles[g, g * 2 : g * 2 + 2] *= 10.0
+    frac = profiles[groups] / profiles[groups].sum(1, keepdims=True)
+    mu = frac * rng.lognormal(np.log(2000), 0.3, size=(rna.n_obs, 1))
+    counts = rng.negative_binomial(10.0, 10.0 / (10.0 + mu)).astype(np.float32)
+    adt = ad.AnnData(sp.csr_matrix(counts), obs=pd.DataFrame(index=rna.obs_names),
+                     var=pd.DataFrame(index=[f"prot{j}" for j in range(n_proteins)]))
+    mdata = md.MuData({"rna": rna, "adt": adt})
+    mdata.obs["group"] = rna.obs["group"].to_numpy()
+    mdata.obs["batch"] = rna.obs["batch"].to_numpy()
+    return mdata
+
+
+def as_var_keyed(mdata) -> ad.AnnData:
+    """The same data as one AnnData whose ``var['modality']`` names each feature's modality."""
+    mods = list(mdata.mod)
+    X = sp.hstack([mdata.mod[m].X for m in mods]).tocsr()
+    var = pd.DataFrame({"modality": pd.Categorical(np.concatenate([[m] * mdata.mod[m].n_vars for m in mods]),
+                                                   categories=mods)},
+                       index=np.concatenate([mdata.mod[m].var_names for m in mods]))
+    return ad.AnnData(X, obs=mdata.obs[["group", "batch"]].copy(), var=var)
+
+
+@pytest.fixture(scope="module")
+def cite_fit():
+    mdata = make_cite()
+    model = DGD(latent_dim=5, n_components=3, seed=0).fit(mdata, **FAST)
+    return mdata, model
+
+
+def test_mudata_fit_writes_joint_outputs(cite_fit):
+    mdata, model = cite_fit
+    assert set(model.features) == {"rna", "adt"}
+    assert mdata.obsm["X_dgd"].shape == (mdata.n_obs, 5)
+    assert mdata.obsm["X_dgd_cluster_probs"].shape == (mdata.n_obs, 3)
+    assert adjusted_rand_score(mdata.obs["group"], mdata.obs["dgd_cluster"]) > 0.95
+    assert "dgd" in mdata.uns and mdata.uns["dgd"]["fit"]["modalities"] == ["rna", "adt"]
+    for mod in mdata.mod.values():  # the modalities' own AnnData are untouched
+        assert "X_dgd" not in mod.obsm
+
+
+def test_var_keyed_anndata_equals_mudata(cite_fit):
+    mdata, model = cite_fit
+    adata = as_var_keyed(mdata)
+    other = DGD(latent_dim=5, n_components=3, seed=0, modality_key="modality").fit(adata, **FAST)
+    assert other.features == model.features
+    np.testing.assert_array_equal(adata.obsm["X_dgd"], mdata.obsm["X_dgd"])
+
+
+def test_each_modality_gets_its_head_library_and_likelihood(cite_fit):
+    mdata, model = cite_fit
+    data = read_data(mdata)
+    np.testing.assert_allclose(data.library["adt"], np.asarray(mdata.mod["adt"].X.sum(1)).ravel())
+    assert set(model.decoder.heads) == {"rna", "adt"}
+    assert model.decoder.likelihoods["adt"].log_r.shape == (8,)
+    expr = model.get_normalized_expression(modality="adt")
+    assert list(expr.columns) == list(mdata.mod["adt"].var_names)
+    np.testing.assert_allclose(expr.sum(1), 1.0, rtol=1e-4)
+
+
+def test_predict_modality_for_rna_only_query(cite_fit):
+    mdata, model = cite_fit
+    query = make_cite(n_per_group=(30, 30, 30), seed=5)  # same profiles (adt_seed), new cells
+    rna = query.mod["rna"].copy()
+    model.transform(rna, verbose=False)
+    assert adjusted_rand_score(query.obs["group"], rna.obs["dgd_cluster"]) > 0.9
+    pred = model.predict_modality(rna, "adt")
+    assert pred.shape == (rna.n_obs, 8) and list(pred.index) == list(rna.obs_names)
+    np.testing.assert_allclose(pred.sum(1), 1.0, rtol=1e-4)
+    counts = model.predict_modality(rna, "adt", library_size=2000.0)
+    np.testing.assert_allclose(counts.sum(1), 2000.0, rtol=1e-4)
+    truth = query.mod["adt"].X.toarray()
+    truth = truth / truth.sum(1, keepdims=True)
+    rho = [spearmanr(pred.iloc[:, j], truth[:, j]).statistic for j in range(8)]
+    assert np.mean(rho) > 0.5  # predicted from RNA alone
+    # after fit too: the training cells' own decoded proteins
+    assert model.predict_modality(mdata, "adt").shape == (mdata.n_obs, 8)
+    with pytest.raises(ValueError, match="modality="):
+        model.predict_modality(rna)
+
+
+def test_transform_mudata_with_both_modalities(cite_fit):
+    mdata, model = cite_fit
+    new = mdata[:60].copy()
+    for key in list(new.obsm):
+        del new.obsm[key]
+    model.transform(new, verbose=False)
+    assert new.obsm["X_dgd"].shape == (60, 5)
+    assert adjusted_rand_score(new.obs["group"], new.obs["dgd_cluster"]) > 0.9
+    assert set(new.uns["dgd"]["transform"]["features"]) == {"rna", "adt"}
+
+
+def test_mosaic_cells_contribute_only_their_modalities():
+    mdata = make_cite()
+    adt = mdata.mod["adt"].X.tolil()
+    missing = np.arange(0, mdata.n_obs, 4)
+    adt[missing] = 0  # a quarter of the cells have no protein measurement
+    mdata.mod["adt"].X = adt.tocsr()
+    data = read_data(mdata)
+    assert data.mosaic and not data.observed["adt"][missing].any() and data.observed["rna"].all()
+    assert (data.library["adt"][missing] == 1.0).all()  # placeholder, never used
+    model = DGD(latent_dim=5, n_components=3, seed=0).fit(mdata, **FAST)
+    assert adjusted_rand_score(mdata.obs["group"], mdata.obs["dgd_cluster"]) > 0.9
+    # the loss of an unobserved modality is zero: the training objective equals RNA-only for those cells
+    from dgdcell.train import CellSet, DeviceCounts
+    from dgdcell.train.objective import reconstruction_nll
+
+    rows = missing[:10]
+    z = torch.as_tensor(mdata.obsm["X_dgd"][rows])
+    cells = {}
+    for mods in (["rna", "adt"], ["rna"]):
+        cells[len(mods)] = CellSet(
+            rep=None, cov_reps={},
+            counts={m: DeviceCounts(data.counts[m][rows], data.library[m][rows], torch.device("cpu")) for m in mods},
+            observed={m: torch.as_tensor(data.observed[m][rows], dtype=torch.float32) for m in mods},
+        )
+    idx = torch.arange(len(rows))
+    with torch.no_grad():
+        both = reconstruction_nll(model.decoder, z, cells[2], idx)
+        rna_only = reconstruction_nll(model.decoder, z, cells[1], idx)
+    torch.testing.assert_close(both, rna_only)
+
+
+def test_cells_without_counts_in_any_modality_are_an_error():
+    mdata = make_cite()
+    for m in mdata.mod:
+        X = mdata.mod[m].X.tolil()
+        X[3] = 0
+        mdata.mod[m].X = X.tocsr()
+    before = set(mdata.obsm)
+    with pytest.raises(ValueError, match="no counts in any of the modalities"):
+        DGD(n_components=3).fit(mdata, **FAST)
+    assert set(mdata.obsm) == before
+
+
+def test_bernoulli_log_prob_matches_torch_distributions():
+    gen = torch.Generator().manual_seed(0)
+    log_mu = torch.randn(6, 40, generator=gen) * 3 - 2  # mu from ~1e-5 to ~100
+    x = (torch.rand(6, 40, generator=gen) < 0.3).float() * torch.randint(1, 4, (6, 40), generator=gen)
+    flat = x.reshape(-1).nonzero().squeeze(1)
+    rows = flat // 40
+    ours = bernoulli_log_prob_sparse(log_mu.double(), flat, rows)
+    mu = torch.exp(log_mu.double())
+    logits = torch.log(-torch.expm1(-mu)) + mu  # log p - log(1 - p) for p = 1 - exp(-mu), exact in float64
+    ref = torch.distributions.Bernoulli(logits=logits).log_prob((x > 0).double()).sum(1)
+    torch.testing.assert_close(ours, ref)
+    tiny = bernoulli_log_prob_sparse(torch.full((1, 2), -30.0), torch.tensor([0]), torch.tensor([0]))
+    assert torch.isfinite(tiny).all()
+
+
+def test_multiome_rna_atac_end_to_end(tmp_path):
+    """The tiny 10x multiome slice (RNA + ATAC): ATAC as binarised peaks."""
+    mdata = md.read_h5mu(DATA / "multiome_pbmc_tiny_muon_test.h5mu")
+    model = DGD(latent_dim=8, n_components=4, likelihood={"atac": "bernoulli"}, seed=0)
+    model.fit(mdata, max_epochs=5, verbose=False)
+    assert mdata.obsm["X_dgd"].shape == (mdata.n_obs, 8)
+    assert np.isfinite(model.history["train_loss"]).all()
+    assert type(model.decoder.likelihoods["atac"]).__name__ == "Bernoulli"
+    model.save(tmp_path / "m")
+    loaded = DGD.load(tmp_path / "m")
+    query = mdata.mod["rna"][:40].copy()
+    loaded.transform(query, verbose=False, max_epochs=10)
+    peaks = loaded.predict_modality(query, "atac")
+    assert peaks.shape == (40, mdata.mod["atac"].n_vars)
+    torch.testing.assert_close(loaded.decoder.heads["atac"][1].weight, model.decoder.heads["atac"][1].weight,
+                               rtol=0, atol=0)
+
+
+def test_several_covariates_and_counterfactual_decoding():
+    """Two covariates, each with its own supervised mixture; decoding every cell in
+    one batch moves its batch-affected genes to that batch's levels."""
+    adata = make_counts(n_per_group=(70, 60, 50), n_batches=2, batch_effect=0.8, seed=3)
+    rng = np.random.default_rng(0)
+    adata.obs["donor"] = pd.Categorical(rng.choice(["d0", "d1", "d2"], size=adata.n_obs))
+    model = DGD(latent_dim=5, n_components=3, covariate_keys=["batch", "donor"], seed=0)
+    model.fit(adata, max_epochs=60, verbose=False)
+    assert set(model.cov_gmms) == {"batch", "donor"}
+    assert model.cov_gmms["donor"].Nclass == 3
+    assert adata.obsm["X_dgd_batch"].shape == adata.obsm["X_dgd_donor"].shape == (adata.n_obs, 2)
+    assert adjusted_rand_score(adata.obs["group"], adata.obs["dgd_cluster"]) > 0.9
+
+    X = adata.X.toarray()
+    frac = X / X.sum(1, keepdims=True)
+    b = adata.obs["batch"].to_numpy()
+    g = adata.obs["group"].to_numpy()
+    as_b1 = model.get_normalized_expression(transform_batch={"batch": "b1"}).to_numpy()
+    as_b0 = model.get_normalized_expression(transform_batch="b0").to_numpy()
+    # per group, the observed batch effect (log ratio b1/b0 of mean fractions) against the decoded one
+    for grp in np.unique(g):
+        obs_ratio = np.log(frac[(g == grp) & (b == "b1")].mean(0) / frac[(g == grp) & (b == "b0")].mean(0))
+        cells = g == grp
+        dec_ratio = np.log(as_b1[cells].mean(0) / as_b0[cells].mean(0))
+        assert np.corrcoef(obs_ratio, dec_ratio)[0, 1] > 0.9
+    with pytest.raises(KeyError, match="not a class"):
+        model.get_normalized_expression(transform_batch={"batch": "b9"})
+
+
+def test_multimodal_input_errors():
+    mdata = make_cite()
+    with pytest.raises(KeyError, match="no modality 'atac'"):
+        DGD(n_components=3).fit(mdata, modalities=["rna", "atac"], **FAST)
+    with pytest.raises(ValueError, match="lack"):
+        DGD(n_components=3, likelihood={"atac": "bernoulli"}).fit(mdata, **FAST)
+    with pytest.raises(ValueError, match="unknown likelihood"):
+        DGD(likelihood={"adt": "gaussian"})
+    with pytest.raises(KeyError, match="modality_key"):
+        DGD(n_components=3, modality_key="kind").fit(as_var_keyed(mdata), **FAST)
+    assert "X_dgd" not in mdata.obsm
+
+
+def test_checkpoints_and_warm_start(tmp_path):
+    adata = make_counts()
+    ckpt = tmp_path / "ckpt"
+    model = DGD(latent_dim=4, n_components=3, seed=0)
+    model.fit(adata, max_epochs=6, early_stopping=False, guide_epochs=2, checkpoint_dir=ckpt, checkpoint_every=2,
+              verbose=False)
+    assert (ckpt / "config.json").is_file() and not list(ckpt.glob(".*tmp"))
+    resumed = DGD.load(ckpt)
+    assert resumed.history["epoch"] == list(range(1, 7))
+    resumed.fit(adata, max_epochs=4, early_stopping=False, warm_start=True, verbose=False)
+    assert resumed.history["epoch"] == list(range(1, 11))
+    assert resumed.fit_settings["n_epochs"] == 10 and resumed.fit_settings["warm_start"]
+    assert resumed.history["train_loss"][-1] <= model.history["train_loss"][-1] * 1.01
+    assert adjusted_rand_score(adata.obs["group"], adata.obs["dgd_cluster"]) > 0.9
+    shuffled = adata[::-1].copy()  # same cells in another order: matched by name
+    DGD.load(ckpt).fit(shuffled, max_epochs=1, warm_start=True, verbose=False)
+    with pytest.raises(ValueError, match="not in the model"):
+        other = ad.AnnData(adata.X[:10], obs=pd.DataFrame(index=[f"new{i}" for i in range(10)]), var=adata.var.copy())
+        DGD.load(ckpt).fit(other, warm_start=True)
+    with pytest.raises(ValueError, match="fitted model"):
+        DGD().fit(adata, warm_start=True)
