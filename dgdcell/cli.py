@@ -68,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         "obs['dgd_cluster'], obsm['X_dgd_cluster_probs'], obsm['X_dgd_<covariate>'], uns['dgd']) "
         "and save the model to --model-dir.",
     )
-    fit.add_argument("input", metavar="IN.h5ad", help="AnnData with raw counts in .X or --layer")
+    fit.add_argument("input", metavar="IN.h5ad", help="AnnData (.h5ad) or MuData (.h5mu) with raw counts in .X or --layer")
     fit.add_argument("-o", "--output", metavar="OUT.h5ad", required=True, help="where to write the AnnData with the results")
     fit.add_argument("--model-dir", metavar="DIR", required=True, help="where to save the fitted model (see 'dgdcell info')")
     fit.add_argument("--covariate", metavar="KEY", action="append", default=[],
                      help="obs column modelled as a covariate (batch, donor, ...); repeat or comma-separate for several")
+    fit.add_argument("--likelihood", metavar="MOD=KIND", action="append", default=[],
+                     help="likelihood of a modality of a MuData input: nb (default) or bernoulli; repeatable")
     fit.add_argument("--label-key", metavar="KEY", help="obs column of known labels (semi-supervised mixture)")
     fit.add_argument("--n-components", metavar="K", type=_positive_int,
                      help="mixture components / clusters (default 10, or the number of label classes)")
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the model saved in MODEL_DIR; write OUT.h5ad with the same keys as 'fit'.",
     )
     tr.add_argument("model_dir", metavar="MODEL_DIR", help="a model saved by 'dgdcell fit' or DGD.save")
-    tr.add_argument("input", metavar="IN.h5ad", help="AnnData with raw counts of the new cells")
+    tr.add_argument("input", metavar="IN.h5ad", help="AnnData (.h5ad) or MuData (.h5mu) with raw counts of the new cells")
     tr.add_argument("-o", "--output", metavar="OUT.h5ad", required=True, help="where to write the AnnData with the results")
     tr.add_argument("--layer", metavar="NAME", help="read counts from adata.layers[NAME] instead of .X")
     tr.add_argument("--max-epochs", metavar="N", type=_positive_int, help="epoch cap (default: the library's)")
@@ -152,16 +154,16 @@ def _check_input(path: str) -> Path:
     if not p.exists():
         raise CLIError(f"input file not found: {p}")
     if p.is_dir():
-        raise CLIError(f"input is a directory, expected an .h5ad file: {p}")
-    if p.suffix.lower() != ".h5ad":
-        raise CLIError(f"input must be an .h5ad file (AnnData), got {p.name}")
+        raise CLIError(f"input is a directory, expected an .h5ad or .h5mu file: {p}")
+    if p.suffix.lower() not in (".h5ad", ".h5mu"):
+        raise CLIError(f"input must be an .h5ad (AnnData) or .h5mu (MuData) file, got {p.name}")
     return p
 
 
 def _check_output(path: str, overwrite: bool) -> Path:
     p = Path(path)
-    if p.suffix.lower() != ".h5ad":
-        raise CLIError(f"output must end in .h5ad, got {p.name}")
+    if p.suffix.lower() not in (".h5ad", ".h5mu"):
+        raise CLIError(f"output must end in .h5ad or .h5mu, got {p.name}")
     if p.is_dir():
         raise CLIError(f"output is a directory: {p}")
     if p.exists() and not overwrite:
@@ -189,22 +191,47 @@ def _check_device(device: str) -> None:
 
 
 def _read_h5ad(path: Path):
+    """An AnnData (.h5ad) or a MuData (.h5mu)."""
     import anndata as ad
 
+    mudata = path.suffix.lower() == ".h5mu"
     try:
+        if mudata:
+            import mudata as md
+
+            return md.read_h5mu(path)
         return ad.read_h5ad(path)
     except Exception as err:
-        raise CLIError(f"could not read {path} as AnnData: {err}") from err
+        raise CLIError(f"could not read {path} as {'MuData' if mudata else 'AnnData'}: {err}") from err
 
 
 def _write_h5ad(adata, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.partial.h5ad")
+    """Write an AnnData or MuData (by the object's type) to ``path`` via a temporary file."""
+    mudata = hasattr(adata, "mod")
+    if mudata != (path.suffix.lower() == ".h5mu"):
+        raise CLIError(f"output {path.name}: a {'MuData' if mudata else 'AnnData'} is written as "
+                       f"{'.h5mu' if mudata else '.h5ad'}")
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
-        adata.write_h5ad(tmp)
+        if mudata:
+            adata.write_h5mu(tmp)
+        else:
+            adata.write_h5ad(tmp)
         tmp.replace(path)  # never leave a half-written output under the final name
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _likelihoods(values: list[str]) -> dict[str, str]:
+    """``['atac=bernoulli', ...]`` -> ``{'atac': 'bernoulli'}``."""
+    out = {}
+    for v in values:
+        mod, sep, kind = v.partition("=")
+        if not sep or not mod.strip() or not kind.strip():
+            raise CLIError(f"--likelihood takes MODALITY=KIND (e.g. atac=bernoulli), got {v!r}")
+        out[mod.strip()] = kind.strip()
+    return out
 
 
 def _covariates(values: list[str]) -> list[str]:
@@ -251,6 +278,7 @@ def cmd_fit(args) -> int:
         covariate_keys=covariates,
         label_key=args.label_key,
         seed=args.seed,
+        likelihood=_likelihoods(args.likelihood),
         device=args.device,
     )
     logger.info(

@@ -260,3 +260,25 @@ def test_checkpoints_and_warm_start(tmp_path):
         DGD.load(ckpt).fit(other, warm_start=True)
     with pytest.raises(ValueError, match="fitted model"):
         DGD().fit(adata, warm_start=True)
+
+
+def test_cli_fits_and_transforms_mudata(tmp_path):
+    import contextlib
+    import io
+
+    from dgdcell import cli
+
+    src = tmp_path / "in.h5mu"
+    make_cite().write_h5mu(src)
+    small = ["--latent-dim", "3", "--n-components", "3", "--max-epochs", "3", "--device", "cpu", "-q"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        rc = cli.main([str(a) for a in ["fit", src, "-o", tmp_path / "out.h5mu", "--model-dir", tmp_path / "m",
+                                        "--likelihood", "adt=nb", *small]])
+        assert rc == 0
+        out = md.read_h5mu(tmp_path / "out.h5mu")
+        assert out.obsm["X_dgd"].shape == (out.n_obs, 3) and "dgd_cluster" in out.obs
+        rc = cli.main([str(a) for a in ["transform", tmp_path / "m", src, "-o", tmp_path / "new.h5mu",
+                                        "--max-epochs", "3", "--device", "cpu", "-q"]])
+        assert rc == 0
+        assert cli.main([str(a) for a in ["fit", src, "-o", tmp_path / "x.h5mu", "--model-dir", tmp_path / "m2",
+                                          "--likelihood", "adt", *small]]) != 0
