@@ -207,13 +207,15 @@ class Case:
 
     ``build`` returns ``(obj, call)``: the user's object and the call made on it.
     ``expect`` is ``None`` when the call should succeed, else ``(exception type, regex)``:
-    the message must match the regex (it names the problem and the fix).
+    the message must match the regex (it names the problem and the fix). ``note``: the change
+    that would make the case ok, listed under the table while it is not.
     """
 
     group: str
     name: str
     build: Callable[[], tuple[Any, Callable[[Any], Any]]]
     expect: tuple[type, str] | None
+    note: str = ""
 
 
 def fit_with(**model_kw) -> Callable[..., Callable[[Any], Any]]:
@@ -230,11 +232,11 @@ def fit_with(**model_kw) -> Callable[..., Callable[[Any], Any]]:
 FIT_DEFAULT = fit_with()
 
 
-def case(group, name, expect=None):
+def case(group, name, expect=None, note=""):
     """Decorator registering a builder as a :class:`Case`."""
 
     def register(build):
-        CASES.append(Case(group, name, build, expect))
+        CASES.append(Case(group, name, build, expect, note))
         return build
 
     return register
@@ -370,7 +372,9 @@ def _():
     return _fit(make_adata()[:, :0].copy())
 
 
-@case("shape", "one cell with n_components=1")
+@case("shape", "one cell with n_components=1",
+      note="dgdcell/train/initialisation.py takes z.var(0) (unbiased: NaN for one cell) for the variance floor and "
+           "the start variances; use z.var(0, correction=0), or reject fewer than 2 cells in DGD.fit.")
 def _():
     return make_adata()[:1].copy(), fit_with(n_components=1)()
 
@@ -571,7 +575,9 @@ def _():
     return make_adata(), fit_with(covariance_type="diag")()
 
 
-@case("parameters", "max_epochs=0", (ValueError, r"max_epochs"))
+@case("parameters", "max_epochs=0", (ValueError, r"max_epochs"),
+      note="DGD.fit checks batch_size and train_size but not max_epochs: 0 or -5 silently skip training; "
+           "raise ValueError('max_epochs must be >= 1').")
 def _():
     return _fit(make_adata(), max_epochs=0)
 
@@ -586,12 +592,15 @@ def _():
     return _fit(make_adata(), train_size=0.0)
 
 
-@case("parameters", "a numpy array instead of an AnnData", (TypeError, r"AnnData"))
+NOT_ANNDATA = "call dgdcell.data.checks.check_data_object(data) first in read_data and read_new_data."
+
+
+@case("parameters", "a numpy array instead of an AnnData", (TypeError, r"AnnData"), note=NOT_ANNDATA)
 def _():
     return _dense(make_adata().X), FIT_DEFAULT()
 
 
-@case("parameters", "a pandas DataFrame instead of an AnnData", (TypeError, r"AnnData"))
+@case("parameters", "a pandas DataFrame instead of an AnnData", (TypeError, r"AnnData"), note=NOT_ANNDATA)
 def _():
     a = make_adata()
     return pd.DataFrame(_dense(a.X), index=a.obs_names, columns=a.var_names), FIT_DEFAULT()
@@ -705,6 +714,13 @@ def _delete_weights(path: Path):
     (path / "weights.pt").unlink()
 
 
+LOAD_NOTE = (
+    "DGD.load: catch UnicodeDecodeError with JSONDecodeError; require a dict with the keys save writes; wrap "
+    "DGD(**init_args), _build, load_state_dict and the tensor look-ups in try/except (KeyError, TypeError, "
+    "RuntimeError) -> ValueError naming both files."
+)
+
+
 def _config_text(text: str | bytes):
     def spoil(path: Path):
         if isinstance(text, bytes):
@@ -755,17 +771,17 @@ CASES += [
     Case("model files", "weights.pt empty (0 bytes)", _load_case(lambda p: (p / "weights.pt").write_bytes(b"")),
          (ValueError, r"corrupted or truncated")),
     Case("model files", "config.json holding binary garbage", _load_case(_config_text(b"\x80\x81\xff garbage")),
-         (ValueError, r"config.json")),
+         (ValueError, r"config.json"), LOAD_NOTE),
     Case("model files", "config.json valid JSON but not an object ([])", _load_case(_config_text("[]")),
-         (ValueError, r"config.json")),
+         (ValueError, r"config.json"), LOAD_NOTE),
     Case("model files", "config.json without 'init_args'", _load_case(_config_drop("init_args")),
-         (ValueError, r"init_args")),
+         (ValueError, r"init_args"), LOAD_NOTE),
     Case("model files", "config.json from a newer dgdcell with an unknown setting", _load_case(_newer_init_arg),
-         (ValueError, r"new_option.*9\.0\.0")),
+         (ValueError, r"new_option.*9\.0\.0"), LOAD_NOTE),
     Case("model files", "weights.pt of another model (latent_dim 4 vs 3)", _load_case(_other_models_weights),
-         (ValueError, r"weights.pt.*config.json")),
+         (ValueError, r"weights.pt.*config.json"), LOAD_NOTE),
     Case("model files", "weights.pt without the representations", _load_case(_drop_tensor),
-         (ValueError, r"representation")),
+         (ValueError, r"representation"), LOAD_NOTE),
 ]
 
 
@@ -956,6 +972,7 @@ def run_case(c: Case) -> dict:
         "unchanged": unchanged,
         "expected": "succeeds" if c.expect is None else f"{c.expect[0].__name__} /{c.expect[1]}/",
         "verdict": "ok" if ok else "NO",
+        "note": c.note,
     }
 
 
@@ -990,6 +1007,10 @@ def write_markdown(rows: list[dict], path: Path) -> None:
             f"| {i} | {r['group']} | {_cell(r['input'])} | {r['outcome']} | {_cell(r['message'])} | "
             f"{_cell(warned)} | {r['unchanged']} | `{_cell(r['expected'])}` | {r['verdict']} |"
         )
+    failing = [(i, r) for i, r in enumerate(rows, 1) if r["verdict"] != "ok"]
+    if failing:
+        lines += ["", "## Cases not ok, and the change each needs", ""]
+        lines += [f"- #{i} {r['input']} ({r['outcome']}): {r['note'] or 'no note'}" for i, r in failing]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -51,7 +51,7 @@ def check_counts(X, where: str, available_layers: list[str] | None = None) -> No
     if X.shape[0] == 0:
         raise ValueError(f"{where} has no cells (0 rows): nothing to fit.")
     if X.shape[1] == 0:
-        raise ValueError(f"{where} has no features (0 columns).")
+        raise ValueError(f"{where} has no features (0 columns); check the feature selection that produced it.")
     dtype = X.dtype
     if not (np.issubdtype(dtype, np.number) or dtype == bool):
         raise TypeError(f"{where} has dtype {dtype}; expected a numeric matrix of raw counts.")
@@ -66,7 +66,10 @@ def check_counts(X, where: str, available_layers: list[str] | None = None) -> No
     if np.issubdtype(v.dtype, np.floating):
         if not np.isfinite(v).all():
             n_bad = int((~np.isfinite(v)).sum())
-            raise ValueError(f"{where} contains {n_bad} NaN or infinite values; counts must be finite.")
+            raise ValueError(
+                f"{where} contains {n_bad} NaN or infinite values; counts must be finite. Pass the raw counts "
+                "(NaN often comes from normalising or joining tables); if a NaN stands for 0, set it to 0 first."
+            )
     if v.size and v.min() < 0:
         raise ValueError(
             f"{where} contains negative values (min {v.min():g}); expected raw counts. "
