@@ -293,6 +293,45 @@ def test_fit_on_a_bare_matrix_is_a_type_error():
         DGD(**MODEL).fit(np.ones((20, 5)), **FIT)
 
 
+# --------------------------------------------------------------------------- bad inputs to transform
+@pytest.fixture(scope="module")
+def trained():
+    return DGD(**MODEL).fit(make_counts(n_per_group=(30, 30, 30), n_genes=30), **FIT)
+
+
+def _rename_all(a):
+    a.var_names = [f"ENSG{j:011d}" for j in range(a.n_vars)]
+
+
+def _nan(a):
+    a.X.data[0] = np.nan
+
+
+def _duplicate_shared(a):
+    a.var_names = ["gene0"] + list(a.var_names[1:-1]) + ["gene0"]
+
+
+BAD_TRANSFORM = {
+    "other kind of feature names": (_rename_all, {}, ValueError,
+                                    r"only 0 of the model's 30 rna features.*Are the names the same kind"),
+    "NaN": (_nan, {}, ValueError, r"contains 1 NaN or infinite values.*set it to 0 first"),
+    "missing layer": (lambda a: None, {"layer": "counts"}, KeyError, r"layer 'counts' not found"),
+    "duplicated shared feature": (_duplicate_shared, {}, ValueError, r"more than once.*var_names_make_unique"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_TRANSFORM))
+def test_bad_transform_input_names_the_fix_and_leaves_adata_unchanged(trained, name):
+    spoil, kw, exc, pattern = BAD_TRANSFORM[name]
+    a = make_counts(n_per_group=(10, 10, 10), n_genes=30, seed=3)
+    spoil(a)
+    before = snapshot(a)
+    with pytest.raises(exc) as info:
+        trained.transform(a, max_epochs=2, verbose=False, **kw)
+    assert re.search(pattern, str(info.value), flags=re.S), str(info.value)
+    assert changed_parts(before, a) == []
+
+
 # --------------------------------------------------------------------------- MuData
 def make_mudata():
     rna = make_counts(n_per_group=(30, 30, 30), n_genes=30)
