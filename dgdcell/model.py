@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.pt"
+WEIGHTS_FILE_ALT = "weights.1.pt"  # every other write of a checkpoint directory (see DGD._write_model)
 COVARIATE_DIM = 2
 
 
@@ -513,16 +514,23 @@ class DGD:
         z = torch.as_tensor(np.asarray(z), dtype=torch.float32, device=self.device)
         return self.gmm.sample_probs(z).cpu().numpy()
 
-    def _write_outputs(self, adata, z: torch.Tensor, cov: dict[str, torch.Tensor], key: str) -> None:
+    def _write_outputs(
+        self, adata, z: torch.Tensor, cov: dict[str, torch.Tensor], key: str, extra_uns: dict | None = None
+    ) -> None:
+        """Write the documented keys into ``adata`` (AnnData or MuData); every value
+        is computed before the first assignment, so a failure leaves ``adata`` as it was."""
         probs = self.cluster_probabilities(z)
-        k = probs.shape[1]
-        cats = [str(i) for i in range(k)]
-        adata.obsm[f"X_{key}"] = z.numpy().astype(np.float32)
-        for name, c in cov.items():
-            adata.obsm[f"X_{key}_{name}"] = c.numpy().astype(np.float32)
-        adata.obsm[f"X_{key}_cluster_probs"] = probs.astype(np.float32)
-        adata.obs[f"{key}_cluster"] = pd.Categorical.from_codes(probs.argmax(1), categories=cats)
-        adata.uns[key] = self._uns_record()
+        cats = [str(i) for i in range(probs.shape[1])]
+        obsm = {f"X_{key}": z.numpy().astype(np.float32)}
+        obsm.update({f"X_{key}_{name}": c.numpy().astype(np.float32) for name, c in cov.items()})
+        obsm[f"X_{key}_cluster_probs"] = probs.astype(np.float32)
+        cluster = pd.Categorical.from_codes(probs.argmax(1), categories=cats)
+        uns = self._uns_record()
+        uns.update(extra_uns or {})
+        for name, value in obsm.items():
+            adata.obsm[name] = value
+        adata.obs[f"{key}_cluster"] = cluster
+        adata.uns[key] = uns
 
     def _uns_record(self) -> dict:
         settings = {k: ("" if v is None else v) for k, v in self.init_args.items()}
@@ -656,8 +664,7 @@ class DGD:
         z = cells.rep.z.detach().cpu()
         cov = {k: r.z.detach().cpu() for k, r in cells.cov_reps.items()}
         record = self._transform_record(new, config, layer, seed, history, time.perf_counter() - t0)
-        self._write_outputs(adata_new, z, cov, key_added)
-        adata_new.uns[key_added]["transform"] = record
+        self._write_outputs(adata_new, z, cov, key_added, extra_uns={"transform": record})
         return self
 
     def _new_cell_set(self, new):
@@ -939,33 +946,66 @@ class DGD:
             "obs_names": self.obs_names,
             "history": history,
         }
-        tmp_weights, tmp_config = path / f".{WEIGHTS_FILE}.tmp", path / f".{CONFIG_FILE}.tmp"
+        # the weights alternate between two names and config.json names the current one, so that
+        # at any moment config.json and the weights it names are a complete pair of one state
+        current = _weights_file(path)
+        weights = WEIGHTS_FILE_ALT if current == WEIGHTS_FILE and (path / WEIGHTS_FILE).is_file() else WEIGHTS_FILE
+        config["weights_file"] = weights
+        tmp_weights, tmp_config = path / f".{weights}.tmp", path / f".{CONFIG_FILE}.tmp"
         torch.save(tensors, tmp_weights)
         tmp_config.write_text(json.dumps(config))
-        os.replace(tmp_weights, path / WEIGHTS_FILE)
+        os.replace(tmp_weights, path / weights)
         os.replace(tmp_config, path / CONFIG_FILE)
+        stale = path / (WEIGHTS_FILE_ALT if weights == WEIGHTS_FILE else WEIGHTS_FILE)
+        if stale.is_file():
+            stale.unlink()
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> "DGD":
-        """Load a model saved by :meth:`save`. Needs no training data."""
+        """Load a model saved by :meth:`save` (or a ``checkpoint_dir`` of :meth:`fit`). Needs no training data.
+
+        Tensors are read with ``torch.load(weights_only=True)``: no arbitrary
+        object is ever unpickled. Raises FileNotFoundError when ``path`` holds
+        no saved model, ValueError when a file is corrupted, truncated or from
+        another model, or the format version is not this library's; a model
+        saved by another dgdcell version loads with a warning.
+        """
         path = Path(path)
-        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a saved DGD (expected {CONFIG_FILE} and {WEIGHTS_FILE}).")
         try:
             config = json.loads((path / CONFIG_FILE).read_text())
-        except json.JSONDecodeError as err:
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path / CONFIG_FILE} is corrupted: {err}") from err
+        if not isinstance(config, dict):
+            raise ValueError(f"{path / CONFIG_FILE} is corrupted: expected a JSON object, got {type(config).__name__}.")
+        weights = path / _weights_file(path)
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path} is not a saved DGD (expected {CONFIG_FILE} and {weights.name}).")
         fmt = config.get("format_version")
         if fmt != FORMAT_VERSION:
             raise ValueError(f"{path} has model format {fmt}; this dgdcell ({__version__}) reads format {FORMAT_VERSION}.")
         saved_version = config.get("dgdcell_version")
         if saved_version != __version__:
             logger.warning("model saved by dgdcell %s, loading with %s", saved_version, __version__)
-        model = cls(device=device, **config["init_args"])
         try:
-            tensors = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated / corrupted file
-            raise ValueError(f"{path / WEIGHTS_FILE} could not be read (corrupted or truncated?): {err}") from err
+            tensors = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated / corrupted file, or a pickle of arbitrary objects
+            raise ValueError(f"{weights} could not be read (corrupted or truncated?): {err}") from err
+        try:
+            return cls._from_saved(config, tensors, device)
+        except (KeyError, TypeError, RuntimeError, AttributeError, ValueError) as err:
+            raise ValueError(
+                f"{path} does not hold a consistent saved DGD ({type(err).__name__}: {err}); "
+                f"were {CONFIG_FILE} and the weights written by the same model?"
+            ) from err
+
+    @classmethod
+    def _from_saved(cls, config: dict, tensors: dict[str, torch.Tensor], device: str) -> "DGD":
+        """A model from a parsed ``config.json`` and its tensors (KeyError / RuntimeError when they do not match)."""
+        if not isinstance(tensors, dict):
+            raise TypeError(f"the weights file holds a {type(tensors).__name__}, not a dict of tensors")
+        model = cls(device=device, **config["init_args"])
         labels = config["label_categories"]
         with torch.random.fork_rng(devices=[]):
             model._build(
@@ -979,6 +1019,9 @@ class DGD:
             g.load_state_dict(_prefixed(tensors, f"cov_gmm.{key}."))
         model.representation = tensors["representation"]
         model.cov_representation = {k: tensors[f"cov_representation.{k}"] for k in config["covariate_categories"]}
+        if model.representation.shape != (len(config["obs_names"]), model.latent_dim):
+            raise ValueError(f"representation has shape {tuple(model.representation.shape)}, expected "
+                             f"({len(config['obs_names'])}, {model.latent_dim})")
         model.features = config["features"]
         model.covariate_categories = config["covariate_categories"]
         model.label_categories = labels
@@ -1041,6 +1084,15 @@ def _joint_codes(codes: list[np.ndarray], n: int) -> np.ndarray | None:
     if not codes:
         return None
     return np.unique(np.stack(codes, 1), axis=0, return_inverse=True)[1].reshape(n)
+
+
+def _weights_file(path: Path) -> str:
+    """The weights file that ``path/config.json`` names (``weights.pt`` when it names none or is unreadable)."""
+    try:
+        name = json.loads((path / CONFIG_FILE).read_text()).get("weights_file", WEIGHTS_FILE)
+    except (OSError, ValueError, AttributeError):
+        return WEIGHTS_FILE
+    return name if name in (WEIGHTS_FILE, WEIGHTS_FILE_ALT) else WEIGHTS_FILE
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

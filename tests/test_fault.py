@@ -167,8 +167,6 @@ def test_a_checkpoint_is_loadable_whenever_the_writer_dies(small, tmp_path, monk
         assert adata.obsm["X_dgd"].shape == (adata.n_obs, 3)
 
 
-@pytest.mark.xfail(strict=True, reason="weights.pt and config.json are replaced one after the other: a kill "
-                                      "between the two leaves weights of epoch 2 with the config of epoch 1")
 def test_a_checkpoint_pair_is_from_one_epoch_whenever_the_writer_dies(small, tmp_path, monkeypatch):
     per = _steps_per_checkpoint(small, tmp_path, monkeypatch)
     for offset in range(1, per + 1):

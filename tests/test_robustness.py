@@ -262,8 +262,6 @@ def test_a_failure_during_training_leaves_adata_and_a_fitted_model_unchanged(mon
     assert changed_parts(before, a) == []
 
 
-@pytest.mark.xfail(strict=True, reason="DGD._write_outputs assigns obsm before building uns: a failure there "
-                                      "leaves the AnnData half-written")
 def test_a_failure_while_writing_results_leaves_adata_unchanged(monkeypatch):
     a = make_counts(n_per_group=(30, 30, 30), n_genes=30)
     before = snapshot(a)
@@ -286,8 +284,6 @@ def test_check_data_object_names_the_fix(obj):
     check_data_object(ad.AnnData(np.ones((4, 3))))
 
 
-@pytest.mark.xfail(strict=True, reason="fit does not call check_data_object yet: a bare matrix gives an "
-                                      "AttributeError about n_obs")
 def test_fit_on_a_bare_matrix_is_a_type_error():
     with pytest.raises(TypeError, match="AnnData"):
         DGD(**MODEL).fit(np.ones((20, 5)), **FIT)
@@ -477,17 +473,14 @@ def _weights_without(key):
     return spoil
 
 
-NOT_YET = pytest.mark.xfail(strict=True, reason="DGD.load lets this error through unwrapped (see the robustness report)")
-
-
 @pytest.mark.parametrize(
     "spoil",
     [
-        pytest.param(lambda p: (p / "config.json").write_bytes(b"\x80\xff"), marks=NOT_YET, id="binary config"),
-        pytest.param(_config_json([]), marks=NOT_YET, id="config a JSON list"),
-        pytest.param(_config_without("init_args"), marks=NOT_YET, id="config without init_args"),
-        pytest.param(_other_model_weights, marks=NOT_YET, id="weights of another model"),
-        pytest.param(_weights_without("representation"), marks=NOT_YET, id="weights without representation"),
+        pytest.param(lambda p: (p / "config.json").write_bytes(b"\x80\xff"), id="binary config"),
+        pytest.param(_config_json([]), id="config a JSON list"),
+        pytest.param(_config_without("init_args"), id="config without init_args"),
+        pytest.param(_other_model_weights, id="weights of another model"),
+        pytest.param(_weights_without("representation"), id="weights without representation"),
     ],
 )
 def test_inconsistent_model_files_give_a_value_error(model_dir, spoil):

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .checks import check_counts
+from .checks import check_counts, check_data_object
 from .reading import DEFAULT_MODALITY, Categories, CountData, encode_categories, get_matrix, to_csr
 
 logger = logging.getLogger(__name__)
@@ -202,6 +202,7 @@ def read_new_data(
     """
     from .reading import is_mudata, obs_column
 
+    check_data_object(data)
     n = data.n_obs
     counts, library, names, observed, alignments = {}, {}, {}, {}, {}
     for m, (ad, lay, prefix, rows) in _new_modalities(data, features, layer, modality_key, modality).items():

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .checks import check_cell_totals, check_counts, check_obs_column
+from .checks import check_cell_totals, check_counts, check_data_object, check_obs_column
 
 DEFAULT_MODALITY = "rna"
 
@@ -276,6 +276,7 @@ def read_data(
     (mosaic data) as long as every cell has counts somewhere. Never modifies
     ``data``.
     """
+    check_data_object(data)
     counts, names, present = _modality_counts(data, layer, modality_key, modalities)
     library = {m: np.asarray(c.sum(axis=1), dtype=np.float64).ravel() for m, c in counts.items()}
     total = sum(library.values())
