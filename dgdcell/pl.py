@@ -317,7 +317,19 @@ def _draw_latent(
 
 
 def adjusted_rand_index(a: Sequence, b: Sequence) -> float:
-    """Adjusted Rand index of two labelings (numpy; equals sklearn's ``adjusted_rand_score``)."""
+    """Adjusted Rand index of two labelings (numpy; equals sklearn's ``adjusted_rand_score``).
+
+    Parameters
+    ----------
+    a, b
+        Two labelings of the same cells, of equal length (any hashable
+        values, e.g. ``adata.obs['cell_type']`` and ``adata.obs['dgd_cluster']``).
+
+    Returns
+    -------
+    float
+        1 for identical partitions (up to renaming), about 0 for independent ones.
+    """
     a_codes = pd.factorize(np.asarray(a, dtype=object))[0]
     b_codes = pd.factorize(np.asarray(b, dtype=object))[0]
     if a_codes.size != b_codes.size:
@@ -420,12 +432,19 @@ def history(
     save, show
         See the module docstring.
 
-    The dotted line marks the epoch with the lowest validation loss (early
-    stopping keeps the state of that epoch). Losses are per cell, in nats.
-
     Returns
     -------
-    Figure with two Axes.
+    matplotlib.figure.Figure
+        Two Axes: total loss and reconstruction loss (negative log-likelihood
+        of the counts), training and validation cells.
+
+    Notes
+    -----
+    Reads ``model.history`` or ``adata.uns[key]['history']`` (keys ``epoch``,
+    ``train_loss``, ``train_reconstruction``, ``val_loss``,
+    ``val_reconstruction``); writes nothing into the AnnData. The dotted line
+    marks the epoch with the lowest validation loss (early stopping keeps the
+    state of that epoch). Losses are per cell, in nats.
     """
     hist = _get_history(model_or_adata, key)
     fig, axes = _new_figure(1, 2, figsize=(10, 3.8))
@@ -485,7 +504,15 @@ def latent(
 
     Returns
     -------
-    Figure.
+    matplotlib.figure.Figure
+        The figure of the drawn Axes.
+
+    Notes
+    -----
+    Reads ``adata.obsm[f'X_{key}']`` (``basis='pca'``) or
+    ``adata.obsm[f'X_{basis}']``, ``adata.obs[color]`` or a feature of
+    ``adata.var_names``, and ``adata.uns[f'{color}_colors']`` when present;
+    writes nothing.
     """
     if color is None:
         color = f"{key}_cluster"
@@ -528,13 +555,17 @@ def components_vs_labels(
     cmap, ax, save, show
         Colormap; Axes to draw into; see the module docstring.
 
-    Cells missing either value are left out (their number is shown). The title
-    gives the adjusted Rand index of the two labelings (numpy implementation,
-    equal to sklearn's ``adjusted_rand_score``).
-
     Returns
     -------
-    Figure.
+    matplotlib.figure.Figure
+        The heatmap's figure.
+
+    Notes
+    -----
+    Reads ``adata.obs[cluster_key]`` and ``adata.obs[label_key]``; writes
+    nothing. Cells missing either value are left out (their number is shown).
+    The title gives the adjusted Rand index of the two labelings (numpy
+    implementation, equal to sklearn's ``adjusted_rand_score``).
     """
     if normalize not in ("row", "column", "col", None, "none", False):
         raise ValueError(f"normalize must be 'row', 'column' or None, got {normalize!r}.")
@@ -565,13 +596,35 @@ def summary(
     space (with the mixture components when ``model`` is given) and, with
     ``label_key``, the components-vs-labels heatmap.
 
-    The history is read from ``model`` when given, else from
-    ``adata.uns[key]``; without either it is left out. Used by
-    ``dgdcell fit --plot``.
+    Parameters
+    ----------
+    adata
+        AnnData with the outputs of a fit or transform.
+    model
+        The fitted :class:`~dgdcell.DGD` (history and mixture components), or None.
+    label_key
+        ``adata.obs`` column of reference labels: adds the heatmap of
+        :func:`components_vs_labels`.
+    key
+        The ``key_added`` of the fit.
+    color
+        Colour of the latent panel (see :func:`latent`); default
+        ``f'{key}_cluster'``.
+    save, show
+        See the module docstring.
 
     Returns
     -------
-    Figure.
+    matplotlib.figure.Figure
+        One row of panels: total and reconstruction loss (when a history is
+        found), the latent PCA, and the heatmap (with ``label_key``).
+
+    Notes
+    -----
+    The history is read from ``model`` when given, else from
+    ``adata.uns[key]['history']``; without either it is left out. Also reads
+    ``adata.obsm[f'X_{key}']``, ``adata.obs[f'{key}_cluster']`` and
+    ``adata.obs[label_key]``; writes nothing. Used by ``dgdcell fit --plot``.
     """
     hist = None
     for source in (model, adata):

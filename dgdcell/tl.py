@@ -10,14 +10,55 @@ def dgd(adata, n_components: int | None = None, latent_dim: int = 20, covariate_
         copy: bool = False, return_model: bool = False, **kwargs):
     """Fit a :class:`~dgdcell.DGD` and write its outputs into ``adata`` (scanpy style).
 
-    Reads raw counts from ``adata.X`` or ``adata.layers[layer]``. Writes
-    ``obsm['X_dgd']``, ``obs['dgd_cluster']``, ``obsm['X_dgd_cluster_probs']``,
-    one ``obsm['X_dgd_<covariate>']`` per covariate and ``uns['dgd']`` (keys
-    renamed by ``key_added``). Other keyword arguments go to ``DGD(...)`` when it
-    takes them, else to ``DGD.fit``.
+    Parameters
+    ----------
+    adata
+        AnnData (or MuData) with raw counts in ``.X`` or ``.layers[layer]``.
+    n_components
+        Number of mixture components (clusters); default 10, or the number of
+        classes of ``label_key``.
+    latent_dim
+        Dimension of each cell's representation.
+    covariate_keys
+        ``adata.obs`` columns modelled as covariates (batch, donor, ...).
+    label_key
+        ``adata.obs`` column of known labels (semi-supervised mixture).
+    seed
+        Random seed.
+    layer
+        Read the counts from ``adata.layers[layer]`` instead of ``.X``.
+    max_epochs
+        Epoch cap (default: by data size; early stopping usually ends sooner).
+    key_added
+        Prefix of the keys written (default ``'dgd'``).
+    copy
+        Work on a copy of ``adata`` and return it.
+    return_model
+        Return the fitted model.
+    **kwargs
+        Passed to ``DGD(...)`` when it takes them (``covariance_type``,
+        ``likelihood``, ``device``, ...), else to :meth:`DGD.fit`
+        (``batch_size``, ``train_size``, ``patience``, ``verbose``, ...).
 
-    Returns the modified copy when ``copy=True``, the fitted model when
-    ``return_model=True`` (both: ``(adata, model)``), else None.
+    Returns
+    -------
+    None, AnnData, DGD or (AnnData, DGD)
+        The modified copy when ``copy=True``, the fitted model when
+        ``return_model=True`` (both: ``(adata, model)``), else None.
+
+    Notes
+    -----
+    Reads the counts and the obs columns ``covariate_keys`` and ``label_key``.
+    Writes, as :meth:`DGD.fit` (keys renamed by ``key_added``):
+    ``obsm['X_dgd']``, ``obs['dgd_cluster']``, ``obsm['X_dgd_cluster_probs']``,
+    one ``obsm['X_dgd_<covariate>']`` per covariate and ``uns['dgd']``.
+
+    Examples
+    --------
+    >>> adata = dgdcell.datasets.cellbench()
+    >>> dgdcell.tl.dgd(adata, n_components=5, covariate_keys=["batch"])
+    >>> adata.obs["dgd_cluster"].nunique()
+    5
     """
     import inspect
 

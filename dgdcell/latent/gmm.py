@@ -133,7 +133,7 @@ class GaussianMixture(nn.Module):
     # ----- sampling ----------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n_sample: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n_sample`` draws from the mixture, (n_sample, dim)."""
+        """``n_sample`` draws from the mixture, (n_sample, dim); ``generator`` seeds them (CPU)."""
         comp = torch.multinomial(self.mixture_probs().cpu(), n_sample, replacement=True, generator=generator)
         comp = comp.to(self.mean.device)
         noise = torch.randn(n_sample, self.dim, generator=generator).to(self.mean.device)
@@ -141,7 +141,7 @@ class GaussianMixture(nn.Module):
 
     @torch.no_grad()
     def component_sample(self, n_sample: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n_sample`` draws from every component, (n_sample, K, dim)."""
+        """``n_sample`` draws from every component, (n_sample, K, dim); ``generator`` seeds them (CPU)."""
         noise = torch.randn(n_sample, self.n_mix_comp, self.dim, generator=generator).to(self.mean.device)
         return self.mean + self.stddev() * noise
 
@@ -151,8 +151,9 @@ class GaussianMixture(nn.Module):
     ) -> torch.Tensor:
         """Candidate starting points for new representations.
 
-        ``'mean'``: the K component means, (K, dim). ``'sample'``: ``n_new_samples``
-        draws from each component, (K * n_new_samples, dim), grouped by component.
+        ``resample_type='mean'``: the K component means, (K, dim).
+        ``resample_type='sample'``: ``n_new_samples`` draws from each component,
+        (K * n_new_samples, dim), grouped by component, seeded by ``generator``.
         """
         if resample_type == "mean":
             return self.mean.detach().clone()
@@ -164,12 +165,12 @@ class GaussianMixture(nn.Module):
     # ----- clustering --------------------------------------------------------------
     @torch.no_grad()
     def sample_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior component probabilities (responsibilities) of each row: (n, K)."""
+        """Posterior component probabilities (responsibilities) of each row of ``x`` (n, dim): (n, K)."""
         return torch.softmax(self.component_log_prob(x) + self.log_mixture_probs(), dim=-1)
 
     @torch.no_grad()
     def clustering(self, x: torch.Tensor) -> torch.Tensor:
-        """Most probable component of each row: (n,) long."""
+        """Most probable component of each row of ``x`` (n, dim): (n,) long."""
         return torch.argmax(self.component_log_prob(x) + self.log_mixture_probs(), dim=-1)
 
 
@@ -183,6 +184,20 @@ class GaussianMixtureSupervised(GaussianMixture):
     mixture (semi-supervised).
 
     Labels are long tensors of shape (n,) with values in ``[-1, Nclass)``.
+
+    Parameters
+    ----------
+    Nclass
+        Number of classes.
+    Ncompperclass
+        Components per class; K = ``Nclass * Ncompperclass``.
+    dim
+        Dimension of the space.
+    covariance_type, mean_init, sd_init
+        As in :class:`GaussianMixture`.
+    alpha
+        Concentration of the symmetric Dirichlet prior on the weights (the
+        ``weight_alpha`` of :class:`GaussianMixture`).
     """
 
     def __init__(
@@ -230,22 +245,26 @@ class GaussianMixtureSupervised(GaussianMixture):
         return lp + self._log_label_weights(label)
 
     def log_prob(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        """Log density of each row given its class (full mixture for label -1 or None): (n,)."""
+        """Log density of each row of ``x`` (n, dim) given its ``label`` (n,) (full mixture for label -1 or None): (n,)."""
         return torch.logsumexp(self._log_joint(x, label), dim=-1)
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None, prior_scale: float = 1.0) -> torch.Tensor:
-        """Negative log density per sample given labels, incl. scaled parameter priors: (n,)."""
+        """Negative log density of each row of ``x`` given its ``label``, incl. parameter priors: (n,).
+
+        ``label`` (n,) long, -1 or None for unknown; ``prior_scale`` as in
+        :meth:`GaussianMixture.forward`.
+        """
         n = max(int(x.shape[0]), 1)
         return -self.log_prob(x, label) - prior_scale * self.prior_log_prob() / n
 
     @torch.no_grad()
     def sample_probs(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        """Responsibilities (n, K), restricted to the class's components when labelled."""
+        """Responsibilities of the rows of ``x`` (n, dim): (n, K), restricted to the class's components when ``label`` is given."""
         return torch.softmax(self._log_joint(x, label), dim=-1)
 
     @torch.no_grad()
     def clustering(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        """Most probable component of each row (within its class when labelled): (n,)."""
+        """Most probable component of each row of ``x`` (within its class when ``label`` is given): (n,)."""
         return torch.argmax(self._log_joint(x, label), dim=-1)
 
     @torch.no_grad()
@@ -254,8 +273,9 @@ class GaussianMixtureSupervised(GaussianMixture):
     ) -> torch.Tensor:
         """One point per label: (n, dim).
 
-        A component is drawn from the label's class by its weights; ``'random'``
-        returns a draw from that component, ``'origin'`` its mean.
+        A component is drawn from the label's class by its weights;
+        ``sample_type='random'`` returns a draw from that component,
+        ``sample_type='origin'`` its mean. ``generator`` seeds the draws (CPU).
         """
         probs = self.label_mixture_probs(label)
         comp = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(self.mean.device)

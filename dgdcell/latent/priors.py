@@ -59,7 +59,7 @@ class Softball:
         return self._log_norm - F.softplus(self.sharpness * (r / self.radius - 1.0))
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` points uniform in the ball, shape (n, dim)."""
+        """``n`` points uniform in the ball, shape (n, dim); ``generator`` seeds them."""
         direction = torch.randn(n, self.dim, generator=generator)
         direction = direction / torch.linalg.vector_norm(direction, dim=-1, keepdim=True).clamp_min(1e-12)
         u = torch.rand(n, 1, generator=generator)
@@ -67,7 +67,15 @@ class Softball:
 
 
 class GaussianPrior:
-    """Independent normal prior N(mean, stddev^2) on each of ``dim`` coordinates."""
+    """Independent normal prior N(mean, stddev^2) on each of ``dim`` coordinates.
+
+    Parameters
+    ----------
+    dim
+        Number of coordinates.
+    mean, stddev
+        Mean and standard deviation (> 0) of every coordinate.
+    """
 
     def __init__(self, dim: int, mean: float, stddev: float):
         if not stddev > 0:
@@ -83,7 +91,7 @@ class GaussianPrior:
         return (self._log_norm - 0.5 * zs.square()).sum(-1)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` draws, shape (n, dim)."""
+        """``n`` draws, shape (n, dim); ``generator`` seeds them."""
         return self.mean + self.stddev * torch.randn(n, self.dim, generator=generator)
 
 
@@ -93,6 +101,13 @@ class DirichletPrior:
     ``log_prob(logits)`` evaluates the Dirichlet density at ``softmax(logits)``.
     With ``alpha = 1`` it is constant (a flat prior); ``alpha > 1`` favours
     balanced weights.
+
+    Parameters
+    ----------
+    n_components
+        Number of mixture weights K.
+    alpha
+        Concentration (> 0).
     """
 
     def __init__(self, n_components: int, alpha: float = 1.0):
@@ -107,6 +122,6 @@ class DirichletPrior:
         return self._log_norm + (self.alpha - 1.0) * torch.log_softmax(logits, dim=-1).sum(-1)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` weight vectors, shape (n, K) (each row sums to 1)."""
+        """``n`` weight vectors, shape (n, K) (each row sums to 1); ``generator`` is accepted for API symmetry (unused)."""
         g = torch._standard_gamma(torch.full((n, self.n_components), self.alpha))
         return g / g.sum(-1, keepdim=True)
