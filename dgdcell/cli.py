@@ -49,6 +49,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``dgdcell`` argument parser with the subcommands ``fit``, ``transform`` and ``info``
+    (each subcommand's parser sets ``func`` to its ``cmd_*`` function)."""
     common = argparse.ArgumentParser(add_help=False)
     out = common.add_argument_group("output and logging")
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar, summary or info messages")
@@ -260,6 +262,9 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 # --------------------------------------------------------------------------- commands
 def cmd_fit(args) -> int:
+    """``dgdcell fit``: read ``args.input`` (.h5ad / .h5mu), fit a DGD, write ``args.output`` (the
+    input plus the keys :meth:`dgdcell.DGD.fit` writes), save the model to ``args.model_dir`` and,
+    with ``--plot``, a summary figure. Returns the exit status (0)."""
     from .model import DGD
 
     src = _check_input(args.input)
@@ -330,6 +335,9 @@ def _plot_summary(adata, model, label_key, key, path) -> None:
 
 
 def cmd_transform(args) -> int:
+    """``dgdcell transform``: load the model in ``args.model_dir``, embed the cells of
+    ``args.input`` with :meth:`dgdcell.DGD.transform` and write ``args.output`` (the input plus
+    the keys it writes). Returns the exit status (0)."""
     from .model import DGD
 
     if not hasattr(DGD, "transform"):
@@ -366,7 +374,19 @@ def cmd_transform(args) -> int:
 
 
 def describe_model(model_dir: str | Path) -> dict[str, Any]:
-    """A JSON-serialisable description of a saved model (what ``dgdcell info`` prints)."""
+    """A JSON-serialisable description of a saved model (what ``dgdcell info`` prints).
+
+    Parameters
+    ----------
+    model_dir
+        A folder written by :meth:`dgdcell.DGD.save` or ``dgdcell fit --model-dir``.
+
+    Returns
+    -------
+    dict
+        Versions, settings (``settings``, ``fit_settings``), mixture size and weights, features
+        per modality, covariate classes, labels, cell counts, epochs, final and best losses.
+    """
     from .model import CONFIG_FILE, DGD
 
     model_dir = Path(model_dir)
@@ -408,6 +428,8 @@ def describe_model(model_dir: str | Path) -> dict[str, Any]:
 
 
 def cmd_info(args) -> int:
+    """``dgdcell info``: print :func:`describe_model` of ``args.model_dir`` as text, or as JSON
+    with ``--json``. Returns the exit status (0)."""
     d = describe_model(args.model_dir)
     if args.json:
         print(json.dumps(d, indent=2))
