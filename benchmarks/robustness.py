@@ -681,8 +681,13 @@ def _load_case(spoil: Callable[[Path], None]):
     return build
 
 
+def weights_of(path: Path) -> Path:
+    """The weights file that ``path/config.json`` names (a checkpoint alternates between two names)."""
+    return path / json.loads((path / "config.json").read_text()).get("weights_file", "weights.pt")
+
+
 def _truncate(path: Path):
-    w = path / "weights.pt"
+    w = weights_of(path)
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
 
 
@@ -705,13 +710,13 @@ class _Evil:
 
 
 def _pickle_object(path: Path):
-    tensors = torch.load(path / "weights.pt", weights_only=True)
+    tensors = torch.load(weights_of(path), weights_only=True)
     tensors["payload"] = _Evil()
-    torch.save(tensors, path / "weights.pt")
+    torch.save(tensors, weights_of(path))
 
 
 def _delete_weights(path: Path):
-    (path / "weights.pt").unlink()
+    weights_of(path).unlink()
 
 
 LOAD_NOTE = (
@@ -750,13 +755,13 @@ def _newer_init_arg(path: Path):
 def _other_models_weights(path: Path):
     other = DGD(latent_dim=4, n_components=3, seed=0).fit(make_adata(), **FIT)
     other.save(path.parent / "other", overwrite=True)
-    (path / "weights.pt").write_bytes((path.parent / "other" / "weights.pt").read_bytes())
+    weights_of(path).write_bytes(weights_of(path.parent / "other").read_bytes())
 
 
 def _drop_tensor(path: Path):
-    tensors = torch.load(path / "weights.pt", weights_only=True)
+    tensors = torch.load(weights_of(path), weights_only=True)
     del tensors["representation"]
-    torch.save(tensors, path / "weights.pt")
+    torch.save(tensors, weights_of(path))
 
 
 CASES += [
@@ -768,7 +773,7 @@ CASES += [
     Case("model files", "weights.pt holding a pickled arbitrary object", _load_case(_pickle_object),
          (ValueError, r"could not be read")),
     Case("model files", "weights.pt missing", _load_case(_delete_weights), (FileNotFoundError, r"not a saved DGD")),
-    Case("model files", "weights.pt empty (0 bytes)", _load_case(lambda p: (p / "weights.pt").write_bytes(b"")),
+    Case("model files", "weights.pt empty (0 bytes)", _load_case(lambda p: weights_of(p).write_bytes(b"")),
          (ValueError, r"corrupted or truncated")),
     Case("model files", "config.json holding binary garbage", _load_case(_config_text(b"\x80\x81\xff garbage")),
          (ValueError, r"config.json"), LOAD_NOTE),
@@ -777,9 +782,12 @@ CASES += [
     Case("model files", "config.json without 'init_args'", _load_case(_config_drop("init_args")),
          (ValueError, r"init_args"), LOAD_NOTE),
     Case("model files", "config.json from a newer dgdcell with an unknown setting", _load_case(_newer_init_arg),
-         (ValueError, r"new_option.*9\.0\.0"), LOAD_NOTE),
+         (ValueError, r"new_option.*9\.0\.0"),
+         "DGD.load: compare init_args with the parameters of DGD.__init__ before calling it; for unknown ones "
+         "raise ValueError naming them and the saved dgdcell version ('upgrade dgdcell to load it') instead of "
+         "calling the files inconsistent."),
     Case("model files", "weights.pt of another model (latent_dim 4 vs 3)", _load_case(_other_models_weights),
-         (ValueError, r"weights.pt.*config.json"), LOAD_NOTE),
+         (ValueError, r"consistent saved DGD.*config.json and the weights"), LOAD_NOTE),
     Case("model files", "weights.pt without the representations", _load_case(_drop_tensor),
          (ValueError, r"representation"), LOAD_NOTE),
 ]

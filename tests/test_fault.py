@@ -204,7 +204,8 @@ def test_a_nan_loss_leaves_the_last_finite_checkpoint_to_resume_from(small, tmp_
     model = DGD.load(ckpt, device="cpu")
     assert model.history["epoch"] == [1, 2, 3]  # the last finite epoch
     assert all(np.isfinite(model.history[k]).all() for k in ("train_loss", "val_loss"))
-    tensors = torch.load(ckpt / "weights.pt", weights_only=True)
+    weights = json.loads((ckpt / "config.json").read_text()).get("weights_file", "weights.pt")
+    tensors = torch.load(ckpt / weights, weights_only=True)
     assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
     model.fit(adata, warm_start=True, max_epochs=2, lr_decoder=1e-4, verbose=False)
     assert model.history["epoch"] == [1, 2, 3, 4, 5] and np.isfinite(adata.obsm["X_dgd"]).all()

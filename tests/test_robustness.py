@@ -373,6 +373,11 @@ def test_bad_mudata_names_problem_and_fix_and_is_left_unchanged(name):
 
 
 # --------------------------------------------------------------------------- model files
+def weights_of(path):
+    """The weights file that ``path/config.json`` names (a checkpoint alternates between two names)."""
+    return path / json.loads((path / "config.json").read_text()).get("weights_file", "weights.pt")
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "m"
@@ -391,7 +396,7 @@ def model_dir(saved, tmp_path):
 
 @pytest.mark.parametrize("keep", [0, 10, 0.5, -1], ids=["empty", "10 bytes", "half", "all but the last byte"])
 def test_truncated_weights_are_refused(model_dir, keep):
-    w = model_dir / "weights.pt"
+    w = weights_of(model_dir)
     data = w.read_bytes()
     w.write_bytes(data[: int(keep * len(data)) if isinstance(keep, float) else keep])
     with pytest.raises(ValueError, match=r"weights\.pt could not be read \(corrupted or truncated\?\)"):
@@ -437,9 +442,9 @@ class _Payload:
 
 def test_a_pickled_object_in_weights_is_refused_and_never_run(model_dir, tmp_path):
     marker = tmp_path / "code_ran"
-    tensors = torch.load(model_dir / "weights.pt", weights_only=True)
+    tensors = torch.load(weights_of(model_dir), weights_only=True)
     tensors["payload"] = _Payload(marker)
-    torch.save(tensors, model_dir / "weights.pt")
+    torch.save(tensors, weights_of(model_dir))
     with pytest.raises(ValueError, match=r"weights\.pt could not be read.*(Weights only load failed|Unsupported)"):
         DGD.load(model_dir)
     assert not marker.exists()
@@ -448,7 +453,7 @@ def test_a_pickled_object_in_weights_is_refused_and_never_run(model_dir, tmp_pat
 def _other_model_weights(path):
     other = path.parent / "other"
     DGD(latent_dim=4, n_components=3, seed=0).fit(make_counts(n_per_group=(30, 30, 30), n_genes=30), **FIT).save(other)
-    (path / "weights.pt").write_bytes((other / "weights.pt").read_bytes())
+    weights_of(path).write_bytes(weights_of(other).read_bytes())
 
 
 def _config_json(value):
@@ -466,9 +471,9 @@ def _config_without(key):
 
 def _weights_without(key):
     def spoil(path):
-        tensors = torch.load(path / "weights.pt", weights_only=True)
+        tensors = torch.load(weights_of(path), weights_only=True)
         del tensors[key]
-        torch.save(tensors, path / "weights.pt")
+        torch.save(tensors, weights_of(path))
 
     return spoil
 
