@@ -249,7 +249,7 @@ def test_success_adds_only_the_documented_keys():
 
 
 # --------------------------------------------------------------------------- failures inside fit
-def test_a_failure_during_training_leaves_adata_and_a_fitted_model_unchanged(monkeypatch):
+def test_a_failure_during_training_leaves_adata_unchanged(monkeypatch):
     a = make_counts(n_per_group=(30, 30, 30), n_genes=30)
     before = snapshot(a)
 
@@ -260,6 +260,23 @@ def test_a_failure_during_training_leaves_adata_and_a_fitted_model_unchanged(mon
     with pytest.raises(RuntimeError, match="boom"):
         DGD(**MODEL).fit(a, **FIT)
     assert changed_parts(before, a) == []
+
+
+@pytest.mark.xfail(strict=True, reason="DGD.fit rebuilds the decoder and sets features/obs_names before training: "
+                                      "a failed re-fit leaves a fitted model half-replaced")
+def test_a_failed_refit_leaves_the_fitted_model_unchanged(monkeypatch):
+    model = DGD(**MODEL).fit(make_counts(n_per_group=(30, 30, 30), n_genes=30), **FIT)
+    weights = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    features, z = copy.deepcopy(model.features), model.representation.clone()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("dgdcell.model.train", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit(make_counts(n_per_group=(30, 30, 30), n_genes=20, seed=4), **FIT)
+    assert model.features == features and torch.equal(model.representation, z)
+    assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in weights.items())
 
 
 def test_a_failure_while_writing_results_leaves_adata_unchanged(monkeypatch):
