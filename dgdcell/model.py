@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -97,6 +98,11 @@ class DGD:
         each feature's modality (each gets its own decoder head, library size
         and likelihood). Not needed for a MuData (one modality per ``.mod``) or
         a single-modality AnnData.
+    modality_weights
+        Optional dict modality -> weight (> 0, default 1) multiplying that
+        modality's log-likelihood in the objective (a tempered likelihood).
+        A modality with many features dominates the representation; a weight
+        below 1 lets the others shape it more, above 1 less.
     device
         ``'auto'`` (CUDA when present), ``'cpu'``, ``'cuda'``, ...
     """
@@ -119,6 +125,7 @@ class DGD:
         dispersion_init: float = 2.0,
         likelihood: str | dict[str, str] = "nb",
         modality_key: str | None = None,
+        modality_weights: dict[str, float] | None = None,
         device: str = "auto",
     ):
         if int(latent_dim) < 1:
@@ -133,6 +140,9 @@ class DGD:
             raise ValueError(f"init_clustering must be 'leiden' or 'kmeans', got {init_clustering!r}.")
         if isinstance(covariate_keys, str):
             covariate_keys = [covariate_keys]
+        for mod, w in (modality_weights or {}).items():
+            if not (math.isfinite(float(w)) and float(w) > 0):
+                raise ValueError(f"modality_weights[{mod!r}] must be a positive number, got {w}.")
         for kind in [likelihood] if isinstance(likelihood, str) else list(dict(likelihood).values()):
             if kind not in LIKELIHOODS:
                 raise ValueError(f"unknown likelihood {kind!r}; choose from {sorted(LIKELIHOODS)}.")
@@ -155,6 +165,7 @@ class DGD:
             dispersion_init=float(dispersion_init),
             likelihood=likelihood if isinstance(likelihood, str) else {str(k): str(v) for k, v in likelihood.items()},
             modality_key=modality_key,
+            modality_weights={str(k): float(v) for k, v in (modality_weights or {}).items()},
         )
         self.device = resolve_device(device)
         self.decoder: Decoder | None = None
@@ -305,6 +316,8 @@ class DGD:
             raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if max_epochs is not None and int(max_epochs) < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
         if int(checkpoint_every) < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
         if warm_start and not self.is_fitted:
@@ -358,11 +371,47 @@ class DGD:
             warm_start=bool(warm_start),
         )
         previous = {k: list(v) for k, v in self.history.items()} if warm_start else {}
+        backup = self._state(copy_modules=warm_start)
+        try:
+            history, z_all, cov_all = self._fit_fresh_or_warm(
+                data, config, train_size, settings, previous, n_classes, order, checkpoint_dir, int(checkpoint_every)
+            )
+            self.representation = z_all
+            self.cov_representation = cov_all
+            self.history = _continue_history(previous, history)
+            self.fit_settings = {**settings, "n_epochs": len(self.history["epoch"])}
+            if checkpoint_dir is not None:
+                self._write_model(Path(checkpoint_dir), z_all, cov_all, self.history, self.fit_settings)
+            self._write_outputs(adata, z_all, cov_all, key_added)
+        except Exception:
+            self._restore_state(backup)  # a failed fit leaves an already fitted model as it was
+            raise
+        return self
+
+    #: attributes that make up a fitted model
+    _STATE_ATTRS = ("decoder", "gmm", "cov_gmms", "representation", "cov_representation", "features",
+                    "covariate_categories", "label_categories", "obs_names", "history", "fit_settings")
+
+    def _state(self, copy_modules: bool) -> dict[str, Any]:
+        """The fitted state's attributes (modules deep-copied with ``copy_modules``,
+        needed when training will change them in place)."""
+        return {name: (copy.deepcopy(getattr(self, name)) if copy_modules else getattr(self, name))
+                for name in self._STATE_ATTRS}
+
+    def _restore_state(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def _fit_fresh_or_warm(self, data, config, train_size, settings, previous, n_classes, order, checkpoint_dir,
+                           checkpoint_every):
+        """Build (unless warm-starting), set the data's features and classes, train; returns
+        ``_fit_data``'s (history, representations, covariate representations)."""
+        a = self.init_args
         generator = torch.Generator().manual_seed(a["seed"])
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(a["seed"])
-            if not warm_start:
+            if order is None:
                 self._build(
                     {m: c.shape[1] for m, c in data.counts.items()},
                     {key: cat.n_classes for key, cat in data.covariates.items()},
@@ -377,17 +426,7 @@ class DGD:
                 def checkpoint(z, cov, history):
                     merged = _continue_history(previous, history)
                     self._write_model(Path(checkpoint_dir), z, cov, merged, {**settings, "n_epochs": len(merged["epoch"])})
-            history, z_all, cov_all = self._fit_data(data, config, train_size, generator, order, checkpoint,
-                                                     int(checkpoint_every))
-
-        self.representation = z_all
-        self.cov_representation = cov_all
-        self.history = _continue_history(previous, history)
-        self.fit_settings = {**settings, "n_epochs": len(self.history["epoch"])}
-        if checkpoint_dir is not None:
-            self._write_model(Path(checkpoint_dir), z_all, cov_all, self.history, self.fit_settings)
-        self._write_outputs(adata, z_all, cov_all, key_added)
-        return self
+            return self._fit_data(data, config, train_size, generator, order, checkpoint, checkpoint_every)
 
     def _warm_start_order(self, data: CountData) -> np.ndarray:
         """Rows of the model's stored representations for the cells of ``data``
@@ -451,6 +490,8 @@ class DGD:
             cov_init = {key: self.cov_gmms[key].mean.detach().cpu()[torch.as_tensor(cat.codes)]
                         for key, cat in data.covariates.items()}
 
+        weights = self._cell_weights(data)
+
         def cell_set(rows: np.ndarray) -> CellSet:
             rows_t = torch.as_tensor(rows)
             return CellSet(
@@ -460,8 +501,7 @@ class DGD:
                 cov_codes={k: torch.as_tensor(cat.codes[rows], device=self.device) for k, cat in data.covariates.items()},
                 labels=None if labels is None else labels[rows_t].to(self.device),
                 guide=None if guide is None else guide[rows_t].to(self.device),
-                observed={m: torch.as_tensor(o[rows], dtype=torch.float32, device=self.device)
-                          for m, o in data.observed.items()},
+                weight={m: w[rows] for m, w in weights.items()},
             )
 
         train_cells = cell_set(train_idx)
@@ -487,6 +527,19 @@ class DGD:
         history["n_train"] = [len(train_idx)]
         history["n_val"] = [int(n_val)]
         return (history, *gather())
+
+    def _cell_weights(self, data: CountData) -> dict[str, torch.Tensor]:
+        """modality -> (n,) weight of each cell's log-likelihood: the modality's
+        weight where the cell was measured, 0 elsewhere (only modalities where
+        some weight differs from 1)."""
+        spec = self.init_args.get("modality_weights") or {}
+        out = {}
+        for m in data.modalities:
+            w = float(spec.get(m, 1.0))
+            mask = data.observed_mask(m)
+            if w != 1.0 or not mask.all():
+                out[m] = torch.as_tensor(mask * w, dtype=torch.float32, device=self.device)
+        return out
 
     def _start(self, data: CountData, generator: torch.Generator) -> torch.Tensor:
         """Starting representations (n, L): scaled PCA scores of the
@@ -682,7 +735,7 @@ class DGD:
                 m: None if a.complete else torch.as_tensor(a.feature_index, device=self.device)
                 for m, a in new.alignments.items()
             },
-            observed={m: torch.as_tensor(o, dtype=torch.float32, device=self.device) for m, o in d.observed.items()},
+            weight=self._cell_weights(d),
         )
 
     @staticmethod
@@ -992,6 +1045,15 @@ class DGD:
             tensors = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated / corrupted file, or a pickle of arbitrary objects
             raise ValueError(f"{weights} could not be read (corrupted or truncated?): {err}") from err
+        import inspect
+
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "device"}
+        unknown = sorted(set(config.get("init_args") or {}) - known)
+        if unknown:
+            raise ValueError(
+                f"{path} was saved by dgdcell {saved_version} with settings this version ({__version__}) does not "
+                f"know: {unknown}. Upgrade dgdcell to load it."
+            )
         try:
             return cls._from_saved(config, tensors, device)
         except (KeyError, TypeError, RuntimeError, AttributeError, ValueError) as err:

@@ -143,7 +143,7 @@ def test_mosaic_cells_contribute_only_their_modalities():
         cells[len(mods)] = CellSet(
             rep=None, cov_reps={},
             counts={m: DeviceCounts(data.counts[m][rows], data.library[m][rows], torch.device("cpu")) for m in mods},
-            observed={m: torch.as_tensor(data.observed[m][rows], dtype=torch.float32) for m in mods},
+            weight={m: torch.as_tensor(data.observed[m][rows], dtype=torch.float32) for m in mods},
         )
     idx = torch.arange(len(rows))
     with torch.no_grad():

@@ -262,8 +262,6 @@ def test_a_failure_during_training_leaves_adata_unchanged(monkeypatch):
     assert changed_parts(before, a) == []
 
 
-@pytest.mark.xfail(strict=True, reason="DGD.fit rebuilds the decoder and sets features/obs_names before training: "
-                                      "a failed re-fit leaves a fitted model half-replaced")
 def test_a_failed_refit_leaves_the_fitted_model_unchanged(monkeypatch):
     model = DGD(**MODEL).fit(make_counts(n_per_group=(30, 30, 30), n_genes=30), **FIT)
     weights = {k: v.clone() for k, v in model.decoder.state_dict().items()}
@@ -509,3 +507,27 @@ def test_inconsistent_model_files_give_a_value_error(model_dir, spoil):
     spoil(model_dir)
     with pytest.raises(ValueError, match=r"config\.json|weights\.pt"):
         DGD.load(model_dir)
+
+
+def test_max_epochs_below_one_is_a_value_error():
+    a = make_counts(n_per_group=(20, 20), n_genes=20)
+    with pytest.raises(ValueError, match="max_epochs must be >= 1"):
+        DGD(**MODEL).fit(a, max_epochs=0, verbose=False)
+    assert "X_dgd" not in a.obsm
+
+
+def test_a_single_cell_fits_without_nan():
+    a = make_counts(n_per_group=(20, 20), n_genes=20)[:1].copy()
+    DGD(latent_dim=3, n_components=1, seed=0).fit(a, max_epochs=3, verbose=False)
+    assert np.isfinite(a.obsm["X_dgd"]).all()
+
+
+def test_a_model_from_a_newer_version_names_the_unknown_settings(tmp_path):
+    model = DGD(**MODEL).fit(make_counts(n_per_group=(20, 20), n_genes=20), **FIT)
+    model.save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["init_args"]["future_option"] = 1
+    config["dgdcell_version"] = "9.0.0"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"9\.0\.0.*future_option.*Upgrade dgdcell"):
+        DGD.load(tmp_path / "m")

@@ -125,7 +125,7 @@ def init_mixture(
     """
     z = z.detach().to(gmm.mean.device)
     k = gmm.n_mix_comp
-    floor = 1e-3 * z.var(0).mean().clamp_min(1e-8)
+    floor = 1e-3 * z.var(0, correction=0).mean().clamp_min(1e-8)
     if isinstance(gmm, GaussianMixtureSupervised) and labels is not None and (labels >= 0).any():
         centres = []
         for c in range(gmm.Nclass):
@@ -140,7 +140,7 @@ def init_mixture(
         gmm.mean.copy_(kmeans(z, k, generator=generator))
     gmm.weight.zero_()
     if gmm.covariance_type != "fixed":
-        gmm.neglogvar.fill_(-torch.log(z.var(0).mean() / k ** (2.0 / gmm.dim)).item())
+        gmm.neglogvar.fill_(-torch.log(z.var(0, correction=0).mean() / k ** (2.0 / gmm.dim)).item())
     for _ in range(n_em):
         if isinstance(gmm, GaussianMixtureSupervised):
             resp = gmm.sample_probs(z, labels)
@@ -262,7 +262,7 @@ def init_mixture_from_labels(gmm: GaussianMixture, z: torch.Tensor, labels: torc
     gmm.mean.copy_(mean)
     gmm.weight.copy_(torch.log(nk / nk.sum()))
     if gmm.covariance_type != "fixed":
-        floor = 1e-3 * z.var(0).mean().clamp_min(1e-8)
+        floor = 1e-3 * z.var(0, correction=0).mean().clamp_min(1e-8)
         var = ((resp.T @ z.square()) / nk.unsqueeze(-1) - mean.square()).clamp_min(floor)
         if gmm.covariance_type == "isotropic":
             var = var.mean(-1, keepdim=True)

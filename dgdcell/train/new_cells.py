@@ -377,17 +377,17 @@ def _iter_scores(
                     else:
                         values, slopes, start, h = tabs[m]
                         nll = -_hermite(values, slopes, start, h, t) + _nonzero_term(counts_g[m], local, log_frac[m], log_r[m])
-                    if m in cells.observed:
-                        nll = nll * cells.observed[m][idx].unsqueeze(1)
+                    if m in cells.weight:
+                        nll = nll * cells.weight[m][idx].unsqueeze(1)
                     score = score + nll
                 yield idx, ci, score
 
 
 def _masked_sum(cells: CellSet, per_modality: dict[str, torch.Tensor], device) -> torch.Tensor:
-    """Sum over modalities of per-cell (n,) values, each counted only where the cell was observed."""
+    """Sum over modalities of per-cell (n,) values, each times the cell's modality weight."""
     total = torch.zeros(cells.n, device=device)
     for m, v in per_modality.items():
-        total = total + (v * cells.observed[m] if m in cells.observed else v)
+        total = total + (v * cells.weight[m] if m in cells.weight else v)
     return total
 
 
@@ -486,7 +486,7 @@ def _row_cell_set(cells: CellSet, rows: torch.Tensor) -> CellSet:
         cov_codes={k: v[rows] for k, v in cells.cov_codes.items()},
         labels=None if cells.labels is None else cells.labels[rows],
         feature_index=cells.feature_index,
-        observed={m: v[rows] for m, v in cells.observed.items()},
+        weight={m: v[rows] for m, v in cells.weight.items()},
     )
 
 
@@ -649,7 +649,7 @@ def _reconstruction_fn(decoder: Decoder, cells: CellSet, rows_cell: torch.Tensor
         for m in mods:
             flat, rows, vals = view.counts[m].batch(idx)
             ll = nb_log_prob_sparse_mu_terms(log_mu[m], log_r[m], flat, rows, vals)
-            out = out - (ll * view.observed[m][idx] if m in view.observed else ll)
+            out = out - (ll * view.weight[m][idx] if m in view.weight else ll)
         return out
 
     return nll

@@ -38,10 +38,11 @@ class CellSet:
     guide
         (n,) long mixture component of each cell during the guided phase of
         training (pseudo-labels from the initial clustering), or None.
-    observed
-        modality -> (n,) float 1/0: whether the cell was measured in the
-        modality (mosaic data); a modality not listed is observed everywhere.
-        An unobserved modality adds nothing to the cell's loss.
+    weight
+        modality -> (n,) float weight of each cell's log-likelihood in the
+        modality: 0 where the cell was not measured in it (mosaic data), else
+        the modality's weight (1 unless the model says otherwise); a modality
+        not listed has weight 1 everywhere.
     """
 
     rep: RepresentationLayer
@@ -51,7 +52,7 @@ class CellSet:
     labels: torch.Tensor | None = None
     feature_index: dict[str, torch.Tensor | None] = field(default_factory=dict)
     guide: torch.Tensor | None = None
-    observed: dict[str, torch.Tensor] = field(default_factory=dict)
+    weight: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -80,8 +81,8 @@ def reconstruction_nll(
         flat, rows, vals = counts.batch(idx)
         lik = decoder.likelihoods[mod]
         ll = lik.log_prob_sparse(log_mu[mod], flat, rows, vals, counts.log_factorial[idx], cells.feature_index.get(mod))
-        if mod in cells.observed:
-            ll = ll * cells.observed[mod][idx]
+        if mod in cells.weight:
+            ll = ll * cells.weight[mod][idx]
         nll = nll - ll
     return nll
 
