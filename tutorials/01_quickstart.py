@@ -181,7 +181,7 @@ for batch in adata.obs["batch"].cat.categories:
     sel = (adata.obs["batch"] == batch).to_numpy()
     axes[1].scatter(xy[sel, 0], xy[sel, 1], s=6, label=batch)
 axes[1].legend(frameon=False, fontsize="small")
-axes[1].set_title("batch representation obsm['X_dgd_batch']")
+axes[1].set_title("batch representation obsm['X_dgd_batch']");
 
 # %% [markdown]
 # ## Denoised and batch-corrected expression

@@ -151,7 +151,7 @@ sc.pl.umap(both, color=["cell_type", "dataset", "dgd_cluster"], wspace=0.35)
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
 dgdcell.pl.latent(reference, model=ref_model, color="cell_type", ax=axes[0], title="reference")
-dgdcell.pl.latent(query, model=ref_model, color="cell_type", ax=axes[1], title="query (Drop-seq, mapped)")
+dgdcell.pl.latent(query, model=ref_model, color="cell_type", ax=axes[1], title="query (Drop-seq, mapped)");
 
 # %% [markdown]
 # ## Missing genes

@@ -74,6 +74,7 @@ dgd.fit(adata, max_epochs=MAX_EPOCHS, verbose=False)
 # %%
 per_epoch = ["epoch", "train_loss", "val_loss", "train_reconstruction", "val_reconstruction", "seconds"]
 history = pd.DataFrame({k: dgd.history[k] for k in per_epoch}).set_index("epoch")
+settings = dgd.fit_settings  # what fit was called with (max_epochs, guide_epochs, patience, ...)
 history.round(1).tail()
 
 # %%
@@ -82,10 +83,13 @@ dgdcell.pl.history(dgd)
 # %% [markdown]
 # How to read it:
 #
+# - **Most of the loss is reconstruction.** The two panels look alike because the counts of
+#   3,000 genes weigh far more than the 20-dimensional prior terms. The prior part is plotted
+#   separately below.
 # - **The first 20 epochs are the guided phase** (`guide_epochs=20` in `fit`): the mixture
 #   starts from Leiden clusters of a PCA of the counts, and during this phase each cell's prior
-#   is the component of its initial cluster. When the mixture is released, the total loss
-#   jumps (each cell now pays for the full mixture); the reconstruction curve is smooth.
+#   is the component of its initial cluster. When the mixture is released, each cell's prior
+#   becomes the full mixture and the prior term steps (by about a nat per cell).
 # - **Early stopping** starts after the guided phase: the fit ends when the validation loss has
 #   not improved (by a relative `min_delta`) for `patience` epochs (10), and the state of the
 #   best epoch (dotted line) is restored. If a fit ends at `max_epochs` with the curves still
@@ -97,7 +101,6 @@ dgdcell.pl.history(dgd)
 # %%
 best = int(np.argmin(dgd.history["val_loss"]))
 n_epochs = len(dgd.history["epoch"])
-settings = dgd.fit_settings
 print(f"{n_epochs} epochs of at most {settings['max_epochs']} "
       f"({'early stopping' if n_epochs < settings['max_epochs'] else 'reached max_epochs'}); "
       f"best validation epoch {dgd.history['epoch'][best]} with loss {dgd.history['val_loss'][best]:.1f}")
@@ -105,6 +108,23 @@ gap = dgd.history["val_reconstruction"][best] - dgd.history["train_reconstructio
 print(f"validation - training reconstruction at the best epoch: {gap:.1f} nats per cell "
       f"({100 * gap / dgd.history['train_reconstruction'][best]:.2f}%)")
 print(f"{dgd.history['seconds'][-1]:.1f} s, {dgd.history['seconds'][-1] / n_epochs:.2f} s per epoch")
+
+# %% [markdown]
+# The prior part of the loss (total minus reconstruction: minus the log density of the cells'
+# representations under the mixture and of the batch representations, plus the parameter
+# priors), with the end of the guided phase marked:
+
+# %%
+prior = history["train_loss"] - history["train_reconstruction"]
+val_prior = history["val_loss"] - history["val_reconstruction"]
+fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
+ax.plot(history.index, prior, label="train")
+ax.plot(history.index, val_prior, label="validation")
+ax.axvline(settings["guide_epochs"] + 0.5, color="0.5", linestyle=":", label="end of the guided phase")
+ax.set_xlabel("epoch")
+ax.set_ylabel("nats per cell")
+ax.set_title("prior terms of the loss")
+ax.legend(frameon=False, fontsize="small");
 
 # %% [markdown]
 # A log scale makes the late epochs readable:

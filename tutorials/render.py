@@ -43,11 +43,13 @@ def clean(nb) -> None:
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
         if cell.cell_type == "code":
-            cell.outputs = [o for o in cell.outputs if not (o.get("name") == "stderr" and _is_progress(o.get("text", "")))]
+            cell.outputs = [o for o in cell.outputs if not (o.get("name") == "stderr" and _is_noise(o.get("text", "")))]
 
 
-def _is_progress(text: str) -> bool:
-    return "\r" in text and ("it/s" in text or "epoch" in text)
+def _is_noise(text: str) -> bool:
+    """Progress bars, and tqdm's notice that the rendering kernel has no ipywidgets."""
+    progress = "\r" in text and ("it/s" in text or "epoch" in text)
+    return progress or "TqdmWarning: IProgress not found" in text
 
 
 def render(script: Path, timeout: int) -> float:
