@@ -1051,8 +1051,8 @@ class DGD:
         unknown = sorted(set(config.get("init_args") or {}) - known)
         if unknown:
             raise ValueError(
-                f"{path} was saved by dgdcell {saved_version} with settings this version ({__version__}) does not "
-                f"know: {unknown}. Upgrade dgdcell to load it."
+                f"{path} holds settings this dgdcell ({__version__}) does not know: {unknown} (saved by dgdcell "
+                f"{saved_version}). Upgrade dgdcell to load it."
             )
         try:
             return cls._from_saved(config, tensors, device)
