@@ -75,26 +75,96 @@ def nb_log_prob_sparse(
     Returns
     -------
     (n,) ``sum_j log NB(x_ij | mu_ij, r_j)`` in nats; zero counts are implied.
-    The dense work is one softplus over (n, G); the lgamma terms are evaluated
-    in float64 at the non-zeros only, so the result stays accurate for counts
-    up to 1e6 and dispersions 1e-3..1e4.
+    The dense work is one softplus over (n, G) (and one sigmoid in the
+    backward pass); the lgamma terms are evaluated in float64 at the non-zeros
+    only (see :func:`_count_terms`), so the result stays accurate for counts
+    up to 1e6 and dispersions 1e-3..1e4. Not twice differentiable.
     """
-    n, g = log_mu.shape
-    r = torch.exp(log_r)
-    # r log(r / (r + mu)) for every entry, summed per cell with a mat-vec
-    dense = -(F.softplus(log_mu - log_r) @ r)
-    cols = flat_index.remainder(g)
-    lm = log_mu.reshape(-1).take(flat_index)
-    lr = log_r.take(cols)
-    r64 = r.double().take(cols)
-    v64 = values.double()
-    lgam = (torch.lgamma(v64 + r64) - torch.lgamma(r64)).to(log_mu.dtype)
-    nz = lgam - values * F.softplus(lr - lm)
     if log_factorial is None:
-        log_factorial = torch.zeros(n, dtype=log_mu.dtype, device=log_mu.device).index_add_(
+        log_factorial = torch.zeros(log_mu.shape[0], dtype=log_mu.dtype, device=log_mu.device).index_add_(
             0, rows, torch.lgamma(values + 1.0)
         )
-    return dense.index_add(0, rows, nz) - log_factorial
+    return _NBSparse.apply(log_mu, log_r, flat_index, rows, values, log_factorial)
+
+
+class _NBSparse(torch.autograd.Function):
+    """:func:`nb_log_prob_sparse` with a hand-written backward.
+
+    With ``a = log mu - log r`` and upstream gradient ``g`` (n,), the
+    derivatives are ``d/d log mu_ij = g_i (x_ij - (x_ij + r_j) sigmoid(a_ij))``
+    (``-r_j sigmoid(a_ij)`` densely plus ``x_ij sigmoid(-a_ij)`` at the
+    non-zeros) and ``d/d log r_j = -sum_i d/d log mu_ij - r_j sum_i g_i
+    softplus(a_ij) + r_j sum_{x_ij>0} g_i (digamma(x_ij + r_j) - digamma(r_j))``.
+    Autograd would materialise about twice as many (n, G) intermediates (a
+    zero-filled scatter target for the non-zeros among them); here the dense
+    work is one softplus and one sigmoid plus a few in-place passes, and the
+    lgamma / digamma differences come from :func:`_count_terms`.
+    """
+
+    @staticmethod
+    def forward(ctx, log_mu, log_r, flat_index, rows, values, log_factorial):
+        g = log_mu.shape[1]
+        r = torch.exp(log_r)
+        a = log_mu - log_r
+        sp = F.softplus(a)
+        # r log(r / (r + mu)) for every entry, summed per cell with a mat-vec
+        dense = -(sp @ r)
+        cols = flat_index - rows * g
+        a_nz = a.reshape(-1).take(flat_index)
+        lgam = _count_terms(values, r.double(), cols, torch.log, torch.lgamma)
+        nz = lgam.to(log_mu.dtype).sub_(values * F.softplus(-a_nz))
+        ctx.save_for_backward(a, sp, r, flat_index, cols, rows, values, a_nz)
+        return dense.index_add_(0, rows, nz).sub_(log_factorial)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        a, sp, r, flat_index, cols, rows, values, a_nz = ctx.saved_tensors
+        g_nz = grad.take(rows)
+        d_mu = torch.sigmoid(a).mul_(-r).mul_(grad.unsqueeze(1))
+        d_mu.view(-1).index_add_(0, flat_index, g_nz * values * torch.sigmoid(-a_nz))
+        d_r = None
+        if ctx.needs_input_grad[1]:
+            dig = _count_terms(values, r.double(), cols, torch.reciprocal, torch.digamma)
+            d_r = (r * (grad @ sp)).add_(d_mu.sum(0)).neg_()
+            d_r.index_add_(0, cols, g_nz.mul_(dig.to(grad.dtype)).mul_(r.take(cols)))
+        log_factorial_grad = -grad if ctx.needs_input_grad[5] else None
+        return (d_mu if ctx.needs_input_grad[0] else None), d_r, None, None, None, log_factorial_grad
+
+
+#: on the CPU, counts up to this value take their lgamma / digamma differences
+#: from a per-feature table (90-97% of the non-zeros of typical data)
+TABLE_COUNTS = 16
+
+
+def _count_terms(values: torch.Tensor, r: torch.Tensor, cols: torch.Tensor, step, special, table: bool | None = None):
+    """``special(x + r_c) - special(r_c)`` at the non-zeros, (nnz,) float64,
+    for ``special`` = lgamma (``step`` = log) or digamma (``step`` = reciprocal).
+
+    For an integer count x both are sums over ``k < x`` of ``step(r + k)``
+    (``lgamma(z + 1) = lgamma(z) + log z``, ``digamma(z + 1) = digamma(z) + 1 / z``).
+    With ``table`` (default: on the CPU, where ``special`` is the costly part) a
+    (G, TABLE_COUNTS) table of those sums serves every count up to
+    ``TABLE_COUNTS``; only larger counts evaluate ``special`` (``special(x + r) -
+    special(K + r)`` on top of the table's last column). Elsewhere (GPU) all
+    non-zeros evaluate ``special`` directly, which needs no data-dependent shapes.
+
+    ``values`` (nnz,) counts, ``r`` (G,) float64 dispersions, ``cols`` (nnz,) long features.
+    """
+    if table is None:
+        table = values.device.type == "cpu"
+    x = values.double()
+    if not table:
+        return special(x + r.take(cols)).sub_(special(r).take(cols))
+    k = TABLE_COUNTS
+    sums = step(r.unsqueeze(1) + torch.arange(k, dtype=r.dtype, device=r.device)).cumsum_(1)  # (G, K)
+    clipped = values.clamp(max=k).long()
+    out = sums.view(-1).take(cols * k + clipped - 1)
+    big = (values > k).nonzero().squeeze(1)
+    if big.numel():
+        rb = r.take(cols[big])
+        out.index_add_(0, big, special(x[big] + rb).sub_(special(rb + k)))
+    return out
 
 
 def nb_log_prob_sparse_mu_terms(

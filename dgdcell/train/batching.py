@@ -1,51 +1,214 @@
-"""Counts on the training device, sliced per minibatch without densifying."""
+"""Counts for training, sliced per minibatch without densifying.
+
+The CSR arrays live either on the training device (``storage='device'``) or
+in host memory (``storage='host'``: only each minibatch's non-zeros are
+gathered on the host, into pinned memory when the device is CUDA, and copied
+with ``non_blocking=True``). Memory therefore grows with the number of
+non-zeros, never with cells x features.
+
+Slicing a minibatch needs its number of non-zeros to size the output. Asked
+on the fly that is a device->host synchronisation per batch; :meth:`DeviceCounts.prepare`
+instead computes the totals of all batches of an epoch in one vectorised pass
+and one transfer, after which :meth:`DeviceCounts.batch` never synchronises.
+"""
 
 from __future__ import annotations
+
+import copy
+import logging
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+logger = logging.getLogger(__name__)
+
+STORAGES = ("auto", "device", "host")
+#: with ``storage='auto'`` on CUDA, counts stay on the host when their CSR
+#: arrays would take more than this share of the free device memory
+HOST_STORAGE_SHARE = 0.25
+#: the log-factorial constant is summed over row blocks of about this many non-zeros (float64 temporaries)
+_CHUNK_NNZ = 1 << 22
+
 
 class DeviceCounts:
-    """CSR counts of one modality held as torch tensors on ``device``.
+    """CSR counts of one modality, sliced into COO minibatches on ``device``.
 
     Parameters
     ----------
     csr
-        (n_cells, G) scipy CSR of raw counts.
+        (n_cells, G) scipy CSR of raw counts. Its ``indices`` (int32) and
+        float32 ``data`` are shared, not copied, when the storage is host
+        memory (or the device is the CPU) and their dtypes already fit.
     library
         (n_cells,) library sizes (> 0).
     device
-        Where the tensors live.
+        Where minibatches (and, with ``storage='device'``, the CSR arrays) live.
+    storage
+        ``'device'``, ``'host'``, or ``'auto'`` (default): ``'host'`` on CUDA
+        when the CSR arrays would take more than :data:`HOST_STORAGE_SHARE`
+        of the free device memory, else ``'device'``.
+
+    Attributes
+    ----------
+    start, row_nnz
+        (n_cells,) int64 on ``device``: each row's first position in the CSR
+        arrays and its number of non-zeros.
+    log_library, log_factorial
+        (n_cells,) float32 on ``device``: log library size and
+        ``sum_j lgamma(x_ij + 1)`` (a constant of the data).
 
     ``batch(idx)`` returns the non-zeros of rows ``idx`` as COO triplets with
-    rows renumbered 0..len(idx)-1; nothing is ever densified.
+    rows renumbered 0..len(idx)-1; nothing is ever densified. ``subset(rows)``
+    gives the counts of some cells without copying the CSR arrays.
     """
 
-    def __init__(self, csr: sp.csr_matrix, library: np.ndarray, device: torch.device):
+    def __init__(self, csr: sp.csr_matrix, library: np.ndarray, device: torch.device, storage: str = "auto"):
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}.")
+        device = torch.device(device)
+        csr = sp.csr_matrix(csr)
         self.n_cells, self.n_features = csr.shape
-        self.indptr = torch.as_tensor(csr.indptr.astype(np.int64), device=device)
-        self.indices = torch.as_tensor(csr.indices.astype(np.int64), device=device)
-        self.values = torch.as_tensor(csr.data.astype(np.float32), device=device)
+        self.device = device
+        self.storage = _choose_storage(storage, csr, device)
+        home = device if self.storage == "device" else torch.device("cpu")
+        self.indices = _shared(csr.indices, np.int32 if csr.nnz < 2**31 else np.int64, home)
+        self.values = _shared(csr.data, np.float32, home)
+        indptr = torch.from_numpy(csr.indptr.astype(np.int64))
+        self._host_start, self._host_nnz = (indptr[:-1], indptr.diff()) if self.storage == "host" else (None, None)
+        self.start, self.row_nnz = indptr[:-1].to(device), indptr.diff().to(device)
         self.log_library = torch.as_tensor(np.log(library).astype(np.float32), device=device)
-        # sum_j lgamma(x_ij + 1) per cell: a constant of the data, computed once
-        log_fact = sp.csr_matrix((_lgamma1p(csr.data), csr.indices, csr.indptr), shape=csr.shape).sum(axis=1)
-        self.log_factorial = torch.as_tensor(np.asarray(log_fact, dtype=np.float32).ravel(), device=device)
+        self.log_factorial = torch.as_tensor(_log_factorial(csr), device=device)
+        self._pin = self.storage == "host" and device.type == "cuda"
+        self._planned: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
+
+    @property
+    def indptr(self) -> torch.Tensor:
+        """(n_cells + 1,) int64 on ``device``: cumulative non-zeros of the rows
+        (row ``i`` has ``indptr[i + 1] - indptr[i]`` of them)."""
+        return torch.cat([self.row_nnz.new_zeros(1), self.row_nnz.cumsum(0)])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the shared CSR arrays (indices, values) plus the per-row vectors."""
+        tensors = (self.indices, self.values, self.start, self.row_nnz, self.log_library, self.log_factorial)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def subset(self, rows) -> "DeviceCounts":
+        """The counts of cells ``rows`` ((n_sub,) int, numpy or torch; repeats
+        allowed), sharing this object's CSR arrays: only (n_sub,) vectors are
+        new. Equal to ``DeviceCounts(csr[rows], library[rows], ...)``."""
+        rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        out = copy.copy(self)
+        on_device = rows.to(self.device)
+        out.n_cells = int(rows.shape[0])
+        out.start, out.row_nnz = self.start[on_device], self.row_nnz[on_device]
+        out.log_library, out.log_factorial = self.log_library[on_device], self.log_factorial[on_device]
+        if self.storage == "host":
+            out._host_start, out._host_nnz = self._host_start[rows], self._host_nnz[rows]
+        out._planned = {}
+        return out
+
+    def prepare(self, batches: list[torch.Tensor]) -> None:
+        """Make :meth:`batch` synchronisation-free for exactly these index
+        tensors ((B_k,) long each, on ``device``; e.g. one epoch's batches).
+
+        All their non-zero totals come from one vectorised pass over the
+        concatenated indices and one device->host transfer (with host storage,
+        the indices themselves also travel to the host once). Replaces the
+        previous plan.
+        """
+        self._planned = {}
+        if not batches:
+            return
+        sizes = [b.shape[0] for b in batches]
+        flat = torch.cat(batches)
+        ends = torch.tensor(sizes).cumsum(0).to(flat.device) - 1
+        csum = self.row_nnz[flat].cumsum(0)[ends]
+        totals = torch.diff(csum, prepend=csum.new_zeros(1)).tolist()
+        host = flat.cpu().split(sizes) if self.storage == "host" else [None] * len(batches)
+        self._planned = {id(b): (b, t, h) for b, t, h in zip(batches, totals, host)}
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Non-zeros of rows ``idx`` ((B,) long): ``(flat_index, rows, values)``, each
-        (nnz_batch,), where ``flat_index = row * G + col`` addresses a (B, G) matrix."""
-        start = self.indptr[idx]
-        length = self.indptr[idx + 1] - start
-        total = int(length.sum())
+        """Non-zeros of rows ``idx`` ((B,) long, on ``device``):
+        ``(flat_index, rows, values)``, each (nnz_batch,) on ``device``, where
+        ``flat_index = row * G + col`` (long) addresses a (B, G) matrix, ``rows``
+        (long) is the position in ``idx`` and ``values`` (float32) the counts.
+        Rows come in the order of ``idx``, columns as stored within a row.
+        Synchronisation-free when ``idx`` was passed to :meth:`prepare`."""
+        plan = self._planned.get(id(idx))
+        if plan is not None and plan[0] is idx:
+            total, host_idx = plan[1], plan[2]
+        else:  # unplanned: the total costs one synchronisation
+            total, host_idx = int(self.row_nnz[idx].sum()), (idx.cpu() if self.storage == "host" else None)
+        length = self.row_nnz[idx]
         rows = torch.repeat_interleave(torch.arange(idx.shape[0], device=idx.device), length, output_size=total)
-        offset = torch.cumsum(length, 0) - length
-        pos = start[rows] + torch.arange(total, device=idx.device) - offset[rows]
-        return rows * self.n_features + self.indices[pos], rows, self.values[pos]
+        if self.storage == "host":
+            cols, values = self._gather_host(host_idx, total)
+        else:
+            pos = _positions(self.start[idx], length, rows, total)
+            cols, values = self.indices[pos], self.values[pos]
+        return rows * self.n_features + cols, rows, values
+
+    def _gather_host(self, idx: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns (long) and values of rows ``idx`` ((B,) long, on the host),
+        gathered on the host (into pinned buffers on CUDA) and sent to the
+        device without blocking: (total,) each."""
+        length = self._host_nnz[idx]
+        rows = torch.repeat_interleave(torch.arange(idx.shape[0]), length, output_size=total)
+        pos = _positions(self._host_start[idx], length, rows, total)
+        cols = torch.empty(total, dtype=self.indices.dtype, pin_memory=self._pin)
+        values = torch.empty(total, dtype=self.values.dtype, pin_memory=self._pin)
+        torch.index_select(self.indices, 0, pos, out=cols)
+        torch.index_select(self.values, 0, pos, out=values)
+        return cols.to(self.device, non_blocking=True).long(), values.to(self.device, non_blocking=True)
 
 
-def _lgamma1p(x: np.ndarray) -> np.ndarray:
+def _positions(start: torch.Tensor, length: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
+    """Positions in the CSR arrays of the non-zeros of B rows with first
+    positions ``start`` and counts ``length`` ((B,) long), given each
+    non-zero's row ``rows`` ((total,) long): (total,) long."""
+    shift = start - (torch.cumsum(length, 0) - length)
+    return torch.arange(total, device=start.device) + shift[rows]
+
+
+def _choose_storage(storage: str, csr: sp.csr_matrix, device: torch.device) -> str:
+    """Resolve ``'auto'``: host memory on CUDA when the CSR arrays (int32
+    indices, float32 values) would take more than :data:`HOST_STORAGE_SHARE`
+    of the free device memory."""
+    if storage != "auto":
+        return storage
+    if device.type != "cuda":
+        return "device"
+    need = 8 * csr.nnz + 8 * (csr.shape[0] + 1)
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > HOST_STORAGE_SHARE * free:
+        logger.info("counts (%.2f GB) stay in host memory and stream per minibatch", need / 1e9)
+        return "host"
+    return "device"
+
+
+def _shared(array: np.ndarray, dtype, device: torch.device) -> torch.Tensor:
+    """``array`` as a torch tensor of ``dtype`` on ``device``; on the CPU the
+    memory is shared when no conversion is needed."""
+    array = np.asarray(array)
+    if array.dtype != dtype or not array.flags.writeable:
+        array = array.astype(dtype)
+    return torch.from_numpy(array).to(device)
+
+
+def _log_factorial(csr: sp.csr_matrix) -> np.ndarray:
+    """``sum_j lgamma(x_ij + 1)`` per row, (n_cells,) float32, summed in
+    float64 over row blocks of about ``_CHUNK_NNZ`` non-zeros so that
+    temporaries stay small (each row's sum is the same as in one pass)."""
     from scipy.special import gammaln
 
-    return gammaln(x.astype(np.float64) + 1.0)
+    n = csr.shape[0]
+    cuts = np.searchsorted(csr.indptr, np.arange(_CHUNK_NNZ, csr.nnz, _CHUNK_NNZ))
+    edges = np.unique(np.concatenate([[0], cuts, [n]]))
+    out = np.empty(n, dtype=np.float32)
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        block = csr[r0:r1]
+        lg = sp.csr_matrix((gammaln(block.data.astype(np.float64) + 1.0), block.indices, block.indptr), shape=block.shape)
+        out[r0:r1] = np.asarray(lg.sum(axis=1), dtype=np.float32).ravel()
+    return out

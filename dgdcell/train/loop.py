@@ -7,9 +7,11 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..latent import GaussianMixture, GaussianMixtureSupervised
@@ -47,9 +49,55 @@ class TrainConfig:
     verbose: bool = True
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator | None, device) -> list[torch.Tensor]:
+def _batches(cells: CellSet, batch_size: int, generator: torch.Generator | None, device) -> list[torch.Tensor]:
+    """One epoch's minibatches of ``cells``: a random permutation (drawn on the
+    host from ``generator``; identity order when None) sent to ``device`` once
+    and split into (batch_size,) long index tensors. The counts are prepared
+    for these batches, so slicing them needs no per-batch synchronisation."""
+    n = cells.n
     perm = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    return list(perm.to(device).split(batch_size))
+    batches = list(perm.to(device).split(batch_size))
+    for counts in cells.counts.values():
+        counts.prepare(batches)
+    return batches
+
+
+class _SparseRows(nn.Module):
+    """Stands in for a :class:`~dgdcell.latent.RepresentationLayer` during
+    training: the same rows of the same ``z``, read with a sparse backward, so
+    a minibatch adds its (B, d) gradient into ``z.grad`` at its own rows
+    instead of building a dense (n, d) gradient per batch (which makes an
+    epoch cost O(n^2 / B)). ``z.grad`` must be a dense tensor already."""
+
+    def __init__(self, rep: nn.Module):
+        super().__init__()
+        self.rep = rep
+        self.n_rep, self.n_sample = rep.n_rep, rep.n_sample
+
+    @property
+    def z(self) -> nn.Parameter:
+        return self.rep.z
+
+    def forward(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(len(idx), n_rep) rows of ``z`` (all of ``z`` when None)."""
+        return self.rep.z if idx is None else F.embedding(idx, self.rep.z, sparse=True)
+
+
+def _sparse_view(cells: CellSet) -> CellSet:
+    """``cells`` with every representation read through :class:`_SparseRows`;
+    their gradients are allocated (zeros) here if they do not exist yet."""
+    for p in cells.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return replace(cells, rep=_SparseRows(cells.rep), cov_reps={k: _SparseRows(r) for k, r in cells.cov_reps.items()})
+
+
+def _adam(params: list[torch.Tensor], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """Adam; its fused implementation (all tensors updated in one kernel per
+    step, about 3x faster than the per-tensor loop for the decoder on CPU)
+    where the device supports it."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused)
 
 
 def _snapshot(modules: dict) -> dict:
@@ -75,12 +123,13 @@ def representation_epoch(
     """One pass over ``cells`` stepping only their representations (decoder and
     mixtures untouched; no step when ``step`` is False). Returns the mean
     per-cell loss and reconstruction NLL before the step."""
+    view = _sparse_view(cells)
     optimizer.zero_grad(set_to_none=False)
     params = cells.parameters()
     total = torch.zeros((), device=cells.rep.z.device)
     recon_total = torch.zeros((), device=cells.rep.z.device)
-    for idx in _batches(cells.n, batch_size, generator, cells.rep.z.device):
-        recon, prior = batch_loss(decoder, gmm, cov_gmms, cells, idx, prior_scale=0.0, guided=guided)
+    for idx in _batches(cells, batch_size, generator, cells.rep.z.device):
+        recon, prior = batch_loss(decoder, gmm, cov_gmms, view, idx, prior_scale=0.0, guided=guided)
         loss = (recon + prior).sum()
         loss.backward(inputs=params)
         total += loss.detach()
@@ -119,11 +168,11 @@ def train(
     """
     device = train_cells.rep.z.device
     mixture_params = list(gmm.parameters()) + [p for g in cov_gmms.values() for p in g.parameters()]
-    opt_dec = torch.optim.Adam(decoder.parameters(), lr=config.lr_decoder, betas=config.betas)
-    opt_mix = torch.optim.Adam([p for p in mixture_params if p.requires_grad], lr=config.lr_mixture, betas=config.betas)
-    opt_rep = torch.optim.Adam(train_cells.parameters(), lr=config.lr_representation, betas=config.betas)
+    opt_dec = _adam(list(decoder.parameters()), config.lr_decoder, config.betas)
+    opt_mix = _adam([p for p in mixture_params if p.requires_grad], config.lr_mixture, config.betas)
+    opt_rep = _adam(train_cells.parameters(), config.lr_representation, config.betas)
     opt_val = (
-        torch.optim.Adam(val_cells.parameters(), lr=config.lr_representation, betas=config.betas)
+        _adam(val_cells.parameters(), config.lr_representation, config.betas)
         if val_cells is not None
         else None
     )
@@ -139,6 +188,7 @@ def train(
     best_state = None
     stale = 0
     n_train = train_cells.n
+    train_view = _sparse_view(train_cells)
     t0 = time.perf_counter()
     bar = tqdm(range(config.max_epochs), disable=not config.verbose, desc="dgd", unit="epoch", leave=False)
     try:
@@ -148,11 +198,11 @@ def train(
             total = torch.zeros((), device=device)
             recon_total = torch.zeros((), device=device)
             guided = epoch < config.guide_epochs
-            for idx in _batches(n_train, config.batch_size, generator, device):
+            for idx in _batches(train_cells, config.batch_size, generator, device):
                 opt_dec.zero_grad(set_to_none=True)
                 opt_mix.zero_grad(set_to_none=True)
                 recon, prior = batch_loss(
-                    decoder, gmm, cov_gmms, train_cells, idx, prior_scale=idx.shape[0] / n_train, guided=guided
+                    decoder, gmm, cov_gmms, train_view, idx, prior_scale=idx.shape[0] / n_train, guided=guided
                 )
                 loss = (recon + prior).sum()
                 loss.backward()

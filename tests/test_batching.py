@@ -1,0 +1,171 @@
+"""Minibatch slicing of the counts, the fused sparse NB likelihood and the
+sparse representation gradients of the training loop."""
+
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from dgdcell.nn import nb_log_prob
+from dgdcell.nn.likelihoods import nb_log_prob_sparse
+from dgdcell.train import batching
+from dgdcell.train.batching import DeviceCounts
+from dgdcell.train.loop import _sparse_view
+from dgdcell.train.objective import CellSet
+from dgdcell.latent import RepresentationLayer
+
+
+def _csr(n=50, g=30, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.negative_binomial(2, 0.6, size=(n, g)).astype(np.float32) * (rng.random((n, g)) < 0.3)
+    x[3] = 0  # an empty row
+    x[7, 5] = 12345.0
+    return sp.csr_matrix(x)
+
+
+def _reference(csr, idx):
+    """The non-zeros of rows ``idx`` from scipy: (flat, rows, values) in row order."""
+    sub = csr[idx.numpy()].tocoo()
+    order = np.lexsort((sub.col, sub.row))
+    r, c = sub.row[order], sub.col[order]
+    return r * csr.shape[1] + c, r, sub.data[order]
+
+
+def _assert_batch(out, ref):
+    flat, rows, vals = out
+    assert flat.dtype == torch.long and rows.dtype == torch.long and vals.dtype == torch.float32
+    np.testing.assert_array_equal(flat.numpy(), ref[0])
+    np.testing.assert_array_equal(rows.numpy(), ref[1])
+    np.testing.assert_array_equal(vals.numpy(), ref[2])
+
+
+@contextmanager
+def forbid_sync():
+    """Inside, any tensor -> Python number conversion (a device sync on GPU) raises."""
+    names = ("__int__", "__index__", "item", "tolist")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def boom(*args, **kwargs):
+        raise AssertionError("synchronising call")
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, boom)
+        yield
+    finally:
+        for name, f in saved.items():
+            setattr(torch.Tensor, name, f)
+
+
+@pytest.mark.parametrize("storage", ["device", "host"])
+def test_batch_equals_scipy_slicing_and_prepared_batches_never_sync(storage):
+    csr = _csr()
+    lib = np.asarray(csr.sum(1)).ravel() + 1.0
+    counts = DeviceCounts(csr, lib, torch.device("cpu"), storage=storage)
+    assert counts.storage == storage
+    gen = torch.Generator().manual_seed(0)
+    batches = list(torch.randperm(50, generator=gen).split(16))
+    counts.prepare(batches)  # one synchronisation for the whole epoch
+    with forbid_sync():
+        outs = [counts.batch(b) for b in batches]
+    with pytest.raises(AssertionError, match="synchronising"), forbid_sync():
+        counts.batch(batches[0].clone())  # not prepared: needs its total
+    refs = [_reference(csr, b) for b in batches]
+    for out, ref in zip(outs, refs):
+        _assert_batch(out, ref)
+    # an unplanned index tensor (same values, another object) takes the synchronising path, same result
+    _assert_batch(counts.batch(batches[0].clone()), refs[0])
+    torch.testing.assert_close(counts.log_library, torch.as_tensor(np.log(lib), dtype=torch.float32))
+
+
+def test_host_storage_equals_device_storage_and_shares_memory():
+    csr = _csr(seed=1)
+    lib = np.asarray(csr.sum(1)).ravel() + 1.0
+    dev = DeviceCounts(csr, lib, torch.device("cpu"), storage="device")
+    host = DeviceCounts(csr, lib, torch.device("cpu"), storage="host")
+    idx = torch.tensor([3, 7, 0, 49, 7, 12])  # repeats and an empty row
+    for a, b in zip(dev.batch(idx), host.batch(idx)):
+        assert torch.equal(a, b)
+    assert torch.equal(dev.log_factorial, host.log_factorial)
+    # int32 indices and float32 values are used in place (no copy of the CSR arrays)
+    assert host.indices.dtype == torch.int32 and host.values.dtype == torch.float32
+    assert host.indices.data_ptr() == csr.indices.ctypes.data
+    assert host.values.data_ptr() == csr.data.ctypes.data
+    assert DeviceCounts(csr, lib, torch.device("cpu")).storage == "device"  # auto: no CUDA
+    with pytest.raises(ValueError, match="storage"):
+        DeviceCounts(csr, lib, torch.device("cpu"), storage="disk")
+
+
+@pytest.mark.parametrize("storage", ["device", "host"])
+def test_subset_equals_sliced_matrix(storage):
+    csr = _csr(seed=2)
+    lib = np.asarray(csr.sum(1)).ravel() + 1.0
+    rows = np.array([10, 3, 44, 3, 0])
+    full = DeviceCounts(csr, lib, torch.device("cpu"), storage=storage)
+    sub = full.subset(rows)
+    ref = DeviceCounts(csr[rows], lib[rows], torch.device("cpu"), storage=storage)
+    assert sub.n_cells == 5 and sub.indices is full.indices
+    idx = torch.tensor([4, 1, 2])
+    for a, b in zip(sub.batch(idx), ref.batch(idx)):
+        assert torch.equal(a, b)
+    for name in ("log_library", "log_factorial", "indptr", "row_nnz"):
+        assert torch.equal(getattr(sub, name), getattr(ref, name)), name
+
+
+def test_log_factorial_in_row_blocks_equals_one_pass(monkeypatch):
+    from scipy.special import gammaln
+
+    csr = _csr(n=200, seed=3)
+    one = np.asarray(sp.csr_matrix((gammaln(csr.data.astype(np.float64) + 1), csr.indices, csr.indptr),
+                                   shape=csr.shape).sum(1), dtype=np.float32).ravel()
+    monkeypatch.setattr(batching, "_CHUNK_NNZ", 17)
+    np.testing.assert_array_equal(batching._log_factorial(csr), one)
+
+
+def test_fused_nb_matches_autograd_reference_with_weights():
+    torch.manual_seed(0)
+    n, g = 7, 25
+    x = torch.poisson(torch.rand(n, g) * 5) * (torch.rand(n, g) < 0.5)
+    x[2] = 0
+    x[4, 3] = 5000.0
+    rows, cols = x.nonzero(as_tuple=True)
+    log_mu = (3 * torch.randn(n, g)).double().requires_grad_(True)
+    log_r = (2 * torch.randn(g)).double().requires_grad_(True)
+    log_fact = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, torch.lgamma(x[rows, cols].double() + 1))
+    log_fact.requires_grad_(True)
+    w = torch.rand(n, dtype=torch.float64)  # a non-uniform upstream gradient
+    ours = nb_log_prob_sparse(log_mu, log_r, rows * g + cols, rows, x[rows, cols].double(), log_fact)
+    ref = nb_log_prob(x.double(), log_mu, log_r).sum(-1)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-9)
+    got = torch.autograd.grad((ours * w).sum(), [log_mu, log_r, log_fact])
+    want = torch.autograd.grad((ref * w).sum(), [log_mu, log_r])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(got[2], -w)
+    # frozen dispersions (fitting new cells): only the log-mean gradient, the same one
+    frozen = nb_log_prob_sparse(log_mu, log_r.detach(), rows * g + cols, rows, x[rows, cols].double())
+    (only,) = torch.autograd.grad((frozen * w).sum(), [log_mu])
+    torch.testing.assert_close(only, want[0], rtol=1e-10, atol=1e-10)
+
+
+def test_sparse_view_accumulates_the_dense_gradient_at_batch_rows():
+    torch.manual_seed(0)
+    csr = _csr(n=20, g=8)
+    counts = DeviceCounts(csr, np.asarray(csr.sum(1)).ravel() + 1.0, torch.device("cpu"))
+
+    def cells():
+        z = torch.randn(20, 3, generator=torch.Generator().manual_seed(1))
+        return CellSet(rep=RepresentationLayer(3, 20, z), cov_reps={"b": RepresentationLayer(2, 20, z[:, :2])},
+                       counts={"rna": counts})
+
+    dense, sparse = cells(), cells()
+    view = _sparse_view(sparse)
+    assert view.n == 20 and view.rep.n_rep == 3 and view.parameters()[0] is sparse.rep.z
+    for idx in torch.randperm(20).split(6):
+        for c in (dense, view):
+            (c.rep(idx).square().sum() + 3 * c.cov_reps["b"](idx).sum()).backward()
+    assert sparse.rep.z.grad.layout == torch.strided
+    torch.testing.assert_close(sparse.rep.z.grad, dense.rep.z.grad, rtol=0, atol=0)
+    torch.testing.assert_close(sparse.cov_reps["b"].z.grad, dense.cov_reps["b"].z.grad, rtol=0, atol=0)
