@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.pop("DGDCELL_TUTORIAL_FAST", None)  # render the full tutorials
     os.environ.pop("MPLBACKEND", None)  # the kernel picks the inline backend
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     cite = args.cite or os.environ.get("DGDCELL_CITE_H5MU") or (str(DEFAULT_CITE) if DEFAULT_CITE.exists() else "")
     if cite:
