@@ -1,0 +1,348 @@
+"""Speed and memory of dgdcell at 10k, 100k and 1M cells x 2,000 genes.
+
+    python benchmarks/speed.py [--sizes 10000,100000,1000000] [--genes 2000] [--epochs 2]
+                               [--batch-size 256] [--device cpu|cuda|auto] [--threads N]
+                               [--out benchmarks/results]
+
+Data: simulated negative-binomial counts (see :func:`simulate_counts`): 10 cell types, log-normal
+library sizes (median ~800 counts over the 2,000 genes), per-gene dispersions around 2, about 9%
+non-zeros. Model: the default architecture (``DGD(latent_dim=20, n_components=10)``: trunk
+2 x 100, head 2 x 100).
+
+For every size, in this process:
+
+* **loop**: ``DGD(init="zero").fit(adata, max_epochs=E, early_stopping=False)`` (no PCA/Leiden
+  start): seconds per epoch (training + validation cells; the fastest of the E epochs), cells per
+  second, peak RSS during its training loop (and peak GPU memory on CUDA), seconds before the loop;
+* **transform**: ``transform`` of 2,000 newly simulated cells against that model, seconds per
+  1,000 cells;
+* **full fit**: the default ``DGD().fit(adata, max_epochs=1, early_stopping=False)``: seconds before
+  its loop (reading, PCA + Leiden start) and peak RSS of the whole call.
+
+Peak RSS is measured per phase (Linux ``/proc/self/clear_refs``; elsewhere the process's peak so
+far). Writes ``<out>/speed.md``, ``speed.csv`` (after every size) and ``speed.png`` (time and memory
+against cells); the machine and its load average are recorded with the numbers. Other processes on
+the machine slow 2-thread torch work down several-fold: run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+import common  # noqa: E402
+
+#: cells simulated per chunk (dense float32 work of chunk x genes)
+CHUNK = 8192
+N_TYPES = 10
+LIBRARY_BINS = 64
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _type_profiles(n_genes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Expression fractions (N_TYPES, G) that sum to 1 per type, and dispersions (G,).
+
+    A log-normal base profile; each type changes 20% of the genes by a log-fold change
+    drawn from N(0, 1.5^2)."""
+    base = rng.normal(0.0, 3.0, n_genes)
+    shift = rng.normal(0.0, 1.5, (N_TYPES, n_genes)) * (rng.random((N_TYPES, n_genes)) < 0.2)
+    logits = base + shift
+    frac = np.exp(logits - logits.max(1, keepdims=True))
+    return frac / frac.sum(1, keepdims=True), np.exp(rng.normal(np.log(2.0), 0.5, n_genes))
+
+
+def _truncated_nb(mu: np.ndarray, r: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Draws from NB(mu, r) conditioned on being > 0 (float64 arrays of equal shape)."""
+    out = np.empty(mu.shape, dtype=np.float32)
+    p0 = (r / (r + mu)) ** r
+    big = p0 < 0.5  # rejection of zeros costs at most 2 draws on average
+    todo = np.flatnonzero(big)
+    while todo.size:
+        x = rng.poisson(rng.gamma(r[todo], mu[todo] / r[todo]))
+        out[todo[x > 0]] = x[x > 0]
+        todo = todo[x == 0]
+    # inverse CDF from 1 upward for small means (few steps: the pmf falls fast)
+    small = np.flatnonzero(~big)
+    m, rr, q = mu[small], r[small], p0[small]
+    u = q + (1.0 - q) * rng.random(small.size)
+    k = np.ones(small.size)
+    pk = q * rr * m / (m + rr)
+    cdf = q + pk
+    active = np.flatnonzero(cdf < u)
+    for _ in range(1000):
+        if not active.size:
+            break
+        a = active
+        pk[a] *= (k[a] + rr[a]) / (k[a] + 1.0) * m[a] / (m[a] + rr[a])
+        k[a] += 1.0
+        cdf[a] += pk[a]
+        active = a[cdf[a] < u[a]]
+    out[small] = k
+    return out
+
+
+def simulate_counts(n_cells: int, n_genes: int = 2000, seed: int = 0, profiles_seed: int = 0):
+    """Simulated raw counts as an AnnData (CSR float32 ``.X``, ``obs['cell_type']``).
+
+    ``x_ij ~ NB(s_i p_{t_i j}, r_j)``: type ``t_i`` uniform over 10 types, library ``s_i``
+    log-normal (median 1,000, sd 0.6 in log space, quantised to 64 log-spaced levels so that the
+    zero probabilities form a small table), fractions and dispersions from ``profiles_seed``
+    (shared by training and new cells). Exact NB sampling: a uniform draw per entry against the
+    zero probability, then zero-truncated NB values at the non-zeros only, in chunks of cells,
+    so memory grows with the non-zeros.
+    """
+    import anndata as ad
+    import pandas as pd
+    import torch
+
+    frac, r = _type_profiles(n_genes, np.random.default_rng(profiles_seed))
+    rng = np.random.default_rng(seed)
+    types = rng.integers(0, N_TYPES, n_cells)
+    levels = np.exp(np.linspace(np.log(100.0), np.log(20000.0), LIBRARY_BINS))
+    lib = np.clip(np.exp(rng.normal(np.log(800.0), 0.6, n_cells)), levels[0], levels[-1])
+    level = np.abs(np.log(lib)[:, None] - np.log(levels)[None, :]).argmin(1)
+    mu = levels[None, :, None] * frac[:, None, :]  # (type, level, G)
+    p0 = torch.from_numpy(((r / (r + mu)) ** r).reshape(-1, n_genes).astype(np.float32))
+    group = torch.from_numpy(types * LIBRARY_BINS + level)
+    gen = torch.Generator().manual_seed(seed)
+    indptr, indices, data = [np.zeros(1, dtype=np.int64)], [], []
+    for s in range(0, n_cells, CHUNK):
+        g = group[s : s + CHUNK]
+        hit = torch.rand(g.shape[0], n_genes, generator=gen) >= p0[g]
+        row, col = hit.nonzero(as_tuple=True)
+        row, col = row.numpy(), col.numpy()
+        gi = g.numpy()[row]
+        data.append(_truncated_nb(mu.reshape(-1, n_genes)[gi, col], r[col], rng))
+        indices.append(col.astype(np.int32))
+        indptr.append(indptr[-1][-1] + np.cumsum(np.bincount(row, minlength=g.shape[0])))
+    X = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.concatenate(indptr)), shape=(n_cells, n_genes))
+    empty = np.flatnonzero(np.diff(X.indptr) == 0)
+    if empty.size:  # the model rejects cells without counts: give each one count in its top gene
+        X = X.tolil()
+        X[empty, frac[types[empty]].argmax(1)] = 1.0
+        X = X.tocsr()
+    obs = pd.DataFrame({"cell_type": pd.Categorical(types.astype(str))}, index=[f"c{i}" for i in range(n_cells)])
+    var = pd.DataFrame(index=[f"g{j}" for j in range(n_genes)])
+    return ad.AnnData(X, obs=obs, var=var)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def release_free_memory() -> None:
+    """Return freed heap memory to the system (glibc ``malloc_trim``), so that memory a
+    previous phase freed does not count as resident in the next one; no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process in GB: since the last :func:`reset_peak_rss`
+    on Linux, since the start elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
+
+
+class Phase:
+    """Context measuring wall seconds, peak RSS (GB) and, on CUDA, peak GPU memory (GB)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        import torch
+
+        gc.collect()
+        release_free_memory()
+        reset_peak_rss()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.gpu_gb = torch.cuda.max_memory_allocated(self.device) / 1e9
+        else:
+            self.gpu_gb = None
+        self.seconds = time.perf_counter() - self.t0
+        self.rss_gb = peak_rss_gb()
+        return False
+
+
+def fit_measured(adata, device, max_epochs: int, batch_size: int, **model_kw):
+    """``DGD(**model_kw).fit(adata, ...)`` without early stopping, measured as a whole and, separately,
+    its training loop (``dgdcell.model.train``, wrapped): ``(model, fit Phase, loop Phase, seconds
+    from the fit's start to the loop's)``."""
+    import dgdcell
+    import dgdcell.model
+
+    inner, loops = dgdcell.model.train, []
+
+    def train(*args, **kwargs):
+        loops.append(Phase(device))
+        with loops[-1]:
+            return inner(*args, **kwargs)
+
+    dgdcell.model.train = train
+    try:
+        with Phase(device) as fit:
+            model = dgdcell.DGD(n_components=N_TYPES, seed=0, device=str(device), **model_kw)
+            model.fit(adata, max_epochs=max_epochs, early_stopping=False, batch_size=batch_size, verbose=False)
+    finally:
+        dgdcell.model.train = inner
+    return model, fit, loops[-1], loops[-1].t0 - fit.t0
+
+
+def measure_size(n_cells: int, args, device) -> dict:
+    """All measurements for one data size (see the module docstring): one result row."""
+    t0 = time.perf_counter()
+    adata = simulate_counts(n_cells, args.genes, seed=0)
+    row = {"cells": n_cells, "genes": args.genes, "nnz %": 100.0 * adata.X.nnz / (n_cells * args.genes),
+           "simulate s": time.perf_counter() - t0}
+    print(f"[speed] {n_cells} cells simulated in {row['simulate s']:.1f} s ({row['nnz %']:.1f}% non-zeros)", flush=True)
+
+    model, _, loop, setup = fit_measured(adata, device, args.epochs, args.batch_size, init="zero")
+    epoch_s = float(np.min(np.diff([0.0] + list(model.history["seconds"]))))
+    row.update({"s / epoch": epoch_s, "cells / s": n_cells / epoch_s, "loop peak RSS GB": loop.rss_gb})
+    if loop.gpu_gb is not None:
+        row["loop peak GPU GB"] = loop.gpu_gb
+    row["setup s (read, split, counts)"] = setup
+    print(f"[speed] loop: {epoch_s:.2f} s / epoch, {n_cells / epoch_s:,.0f} cells/s, peak RSS {loop.rss_gb:.2f} GB",
+          flush=True)
+
+    new = simulate_counts(args.transform_cells, args.genes, seed=1)
+    with Phase(device) as tr:
+        model.transform(new, verbose=False)
+    row["transform s / 1k cells"] = tr.seconds / (args.transform_cells / 1000)
+    del model, new
+
+    _, full, _, start = fit_measured(adata, device, 1, args.batch_size)
+    row.update({"start s (setup + PCA + Leiden)": start, "full fit s (1 epoch)": full.seconds,
+                "full fit peak RSS GB": full.rss_gb})
+    if full.gpu_gb is not None:
+        row["full fit peak GPU GB"] = full.gpu_gb
+    print(f"[speed] transform {row['transform s / 1k cells']:.2f} s / 1k cells; full fit: start {start:.1f} s, "
+          f"peak RSS {full.rss_gb:.2f} GB", flush=True)
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Seconds per epoch and peak RSS against cells (log-log), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [r["cells"] for r in rows]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(9, 3.6))
+    ax_t.plot(cells, [r["s / epoch"] for r in rows], "o-", label="training epoch")
+    ax_t.plot(cells, [r["start s (setup + PCA + Leiden)"] for r in rows], "s--", label="start (setup + PCA + Leiden)")
+    ax_t.set(xscale="log", yscale="log", xlabel="cells", ylabel="seconds", title="time")
+    ax_m.plot(cells, [r["loop peak RSS GB"] for r in rows], "o-", label="training loop")
+    ax_m.plot(cells, [r["full fit peak RSS GB"] for r in rows], "s--", label="full fit")
+    if "loop peak GPU GB" in rows[0]:
+        ax_m.plot(cells, [r["loop peak GPU GB"] for r in rows], "^:", label="GPU (loop)")
+    ax_m.set(xscale="log", yscale="log", xlabel="cells", ylabel="GB", title="peak memory")
+    for ax in (ax_t, ax_m):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated cell counts")
+    p.add_argument("--genes", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=2, help="epochs of the loop measurement (the fastest is reported)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--transform-cells", type=int, default=2000)
+    p.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'auto' (CUDA when present)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args()
+    import torch
+
+    from dgdcell.model import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    load_before = os.getloadavg()
+    rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for n in [int(s) for s in args.sizes.split(",") if s.strip()]:
+        rows.append(measure_size(n, args, device))
+        write(rows, out, args, device, load_before)
+    plot(rows, out / "speed.png")
+
+
+def write(rows: list[dict], out: Path, args, device, load_before) -> None:
+    """``speed.md`` and ``speed.csv`` for the rows so far."""
+    load_after = os.getloadavg()
+    common.write_table(
+        rows, out / "speed.md", out / "speed.csv", "dgdcell speed and memory (simulated counts)",
+        header_lines=[
+            f"- machine: {common.machine_description()}; device {device}",
+            f"- load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; "
+            f"after: {', '.join(f'{v:.2f}' for v in load_after)}",
+            f"- command: `python benchmarks/speed.py --sizes {args.sizes} --genes {args.genes} --epochs {args.epochs} "
+            f"--batch-size {args.batch_size} --device {args.device}`",
+            "- data: simulated NB counts, 10 cell types, log-normal library sizes (median ~800), "
+            "dispersions ~2 (see `simulate_counts`); model: default architecture (latent 20, trunk 2 x 100, "
+            "head 2 x 100), 10 components",
+            "- `s / epoch`: fastest of the epochs of `DGD(init='zero').fit(max_epochs=E)` (training + validation "
+            "cells); `cells / s` = cells / (s / epoch); `loop peak RSS`: peak resident memory during its training "
+            "loop (the AnnData, the fit's copies of the counts and the model included); `setup s`: that fit's time "
+            "before the loop (reading, checks, split, counts to the device)",
+            f"- `transform s / 1k cells`: `transform` of {args.transform_cells} new cells against that model",
+            "- `full fit`: the default `DGD().fit(max_epochs=1)`; `start s`: its time before the loop (setup, PCA, "
+            "Leiden); `full fit peak RSS`: peak resident memory of the whole call",
+        ],
+        floatfmts={"cells / s": ",.0f", "nnz %": ".1f", "simulate s": ".1f"},
+        floatfmt=".2f",
+    )
+
+
+if __name__ == "__main__":
+    main()
