@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -483,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    with _logging(args.quiet, args.debug):
+    with _logging(args.quiet, args.debug), warnings.catch_warnings():
+        # mudata announces a future change of MuData.update() on every read and subset; not the user's concern here
+        warnings.filterwarnings("ignore", message=r"From 0\.4 \.update\(\) will not pull", category=FutureWarning)
         try:
             return args.func(args)
         except KeyboardInterrupt:

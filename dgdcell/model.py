@@ -183,10 +183,12 @@ class DGD:
     # ------------------------------------------------------------------ building
     @property
     def latent_dim(self) -> int:
+        """Dimension L of the representations."""
         return self.init_args["latent_dim"]
 
     @property
     def is_fitted(self) -> bool:
+        """True after :meth:`fit` or :meth:`load`."""
         return self.representation is not None
 
     def _n_components(self, n_classes: int | None) -> tuple[int, int]:
@@ -309,7 +311,39 @@ class DGD:
         be the same cells (matched by obs name) and features; no guided
         phase; the history continues the saved one. Adam's moments restart.
 
-        Returns ``self``.
+        Parameters
+        ----------
+        adata
+            AnnData or MuData with raw counts (see above).
+        max_epochs
+            Epoch cap (default: :func:`default_max_epochs`, 300 for up to 20k
+            cells, fewer for more); early stopping usually ends sooner.
+        batch_size
+            Cells per minibatch (decoder and mixture step once per minibatch).
+        layer
+            Layer with the raw counts (None: ``.X``); a dict modality -> layer for a MuData.
+        train_size
+            Share of cells trained on; the rest is the validation set.
+        early_stopping, patience, min_delta
+            Stop after ``patience`` epochs without a relative validation-loss
+            improvement of ``min_delta`` (after the guided and warm-up phases).
+        warmup_epochs, guide_epochs
+            Epochs with fixed representations / with each cell's prior its
+            initial cluster's component (see "Schedule").
+        lr_decoder, lr_representation, lr_mixture, betas
+            Adam step sizes of decoder, representations and mixtures, and Adam's betas.
+        key_added
+            Prefix of the keys written.
+        verbose
+            tqdm progress bar over epochs (the losses in its postfix).
+        modalities
+            Modalities of a MuData or var-keyed AnnData to use (default: all).
+        checkpoint_dir, checkpoint_every, warm_start
+            Checkpoints and resuming (see above).
+
+        Returns
+        -------
+        ``self``.
         """
         a = self.init_args
         if not 0.0 < train_size <= 1.0:
@@ -682,8 +716,34 @@ class DGD:
         ``seed`` (default: the model's seed) drives ``init='sample'``; the same
         seed gives identical results on CPU.
 
-        Returns ``self`` (read the new representations from
-        ``adata_new.obsm[f"X_{key}"]``).
+        Parameters
+        ----------
+        adata_new
+            AnnData or MuData with raw counts of the new cells.
+        init, n_samples, n_starts
+            Candidate starts (see step 1 and 2).
+        max_epochs, lr, patience, min_delta
+            Optimisation of each cell (see step 2).
+        layer
+            Layer with the raw counts (None: ``.X``; a dict modality -> layer for a MuData).
+        batch_size
+            Cells decoded at a time during optimisation.
+        key_added
+            Prefix of the keys written.
+        seed
+            Seed of ``init='sample'`` (default: the model's).
+        verbose
+            tqdm progress bar over epochs.
+        min_overlap
+            Smallest share of a modality's training features the new data must carry.
+        max_elements
+            Memory bound of the candidate scoring, in floats.
+        modality
+            For a plain AnnData of a multi-modal model: which modality it holds.
+
+        Returns
+        -------
+        ``self`` (read the new representations from ``adata_new.obsm[f"X_{key}"]``).
         """
         import time
 
@@ -870,6 +930,8 @@ class DGD:
         transform_batch
             Decode as if measured in this covariate class (see
             :meth:`get_normalized_expression`).
+        batch_size
+            Cells decoded at a time.
 
         Returns
         -------
@@ -967,7 +1029,15 @@ class DGD:
         classes, history, library version) and ``weights.pt`` (a flat dict of
         tensors, loadable with ``torch.load(weights_only=True)``). Each file is
         written to a temporary name and then renamed, so a crash never leaves a
-        half-written file."""
+        half-written file.
+
+        Parameters
+        ----------
+        path
+            Directory (created if missing).
+        overwrite
+            Replace the contents of a non-empty ``path``; otherwise that is a FileExistsError.
+        """
         self._check_fitted()
         path = Path(path)
         if path.exists() and any(path.iterdir()) and not overwrite:
@@ -1022,6 +1092,13 @@ class DGD:
         no saved model, ValueError when a file is corrupted, truncated or from
         another model, or the format version is not this library's; a model
         saved by another dgdcell version loads with a warning.
+
+        Parameters
+        ----------
+        path
+            Directory written by :meth:`save` or ``fit(checkpoint_dir=...)``.
+        device
+            Where the model runs (``'auto'``: CUDA when available).
         """
         path = Path(path)
         if not (path / CONFIG_FILE).is_file():

@@ -19,16 +19,9 @@ from dgdcell import datasets, latent, pl, tl
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
-# Parameters that model.py's docstrings do not name yet (see the report of issue #7). Remove an
+# Parameters a public docstring may leave unnamed, by function (none at present). Remove an
 # entry once the docstring documents it; the test fails for any other undocumented parameter.
-KNOWN_GAPS: dict[str, set[str]] = {
-    "DGD.fit": {"max_epochs", "batch_size", "early_stopping", "lr_decoder", "lr_representation", "lr_mixture",
-                "verbose"},
-    "DGD.transform": {"layer", "batch_size", "verbose"},
-    "DGD.predict_modality": {"batch_size"},
-    "DGD.save": {"overwrite"},
-    "DGD.load": {"device"},
-}
+KNOWN_GAPS: dict[str, set[str]] = {}
 
 
 def _dgd_methods():
