@@ -44,6 +44,30 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import common  # noqa: E402
 
+#: static findings written under the table (measured while optimising; see the issue #5 report)
+NOTES = [
+    "## Where the time goes (development notes)",
+    "",
+    "Measured on the 2-core AMD EPYC (Zen 4) above with torch 2.13, simulated data as here, minibatch 256, one "
+    "thread (CPU time, per cell and epoch): the decoder's output layer (forward and the two backward GEMMs) "
+    "~22 us; the softmax of `Decoder.log_mean` (logsumexp, then subtraction) ~7 us -- `torch.log_softmax` "
+    "would take ~2 us; the sparse NB likelihood ~8 us (was ~20 us before the hand-written backward); "
+    "minibatch slicing ~2 us; mixture prior ~2 us; plus ~2.4 ms per minibatch of fixed cost (Python, "
+    "dispatch, optimiser steps, the per-feature lgamma table), i.e. ~9 us per cell at 256 cells per batch. "
+    "Larger minibatches amortise that: on 2 idle threads 100k cells run at ~29k cells/s with 256 and "
+    "~41k cells/s with 1,024 cells per batch (quality: `schedules.md`).",
+    "",
+    "Tried and not kept: `torch.compile` of decoder + likelihood (46 s to compile, ~10% faster steps); "
+    "lgamma / digamma of `x + r` by recurrence + asymptotic series in torch ops (2-4x slower than "
+    "`torch.lgamma` / `torch.digamma`: many small passes); one Adam with two parameter groups instead of two "
+    "optimisers (no measurable gain).",
+    "",
+    "Memory at 1M cells (~1.4 GB of CSR counts): the AnnData's matrix, the copy `read_data` makes, and the "
+    "training / validation copies `DGD._fit_data` makes with `csr[rows]` are each ~1.4 GB; building one "
+    "`DeviceCounts` per modality and taking `.subset(train_idx)` / `.subset(val_idx)` removes the last "
+    "(loop peak 5.3 -> 3.9 GB measured). After the loop, `cluster_probabilities` on all cells at once adds "
+    "~1.5 GB transiently; the PCA start ~1.7-3 GB (full copies of the log-normalised matrix).",
+]
 #: cells simulated per chunk (dense float32 work of chunk x genes)
 CHUNK = 8192
 N_TYPES = 10
@@ -339,6 +363,7 @@ def write(rows: list[dict], out: Path, args, device, load_before) -> None:
             "- `full fit`: the default `DGD().fit(max_epochs=1)`; `start s`: its time before the loop (setup, PCA, "
             "Leiden); `full fit peak RSS`: peak resident memory of the whole call",
         ],
+        footer_lines=NOTES,
         floatfmts={"cells / s": ",.0f", "nnz %": ".1f", "simulate s": ".1f"},
         floatfmt=".2f",
     )

@@ -112,6 +112,9 @@ def test_subset_equals_sliced_matrix(storage):
         assert torch.equal(a, b)
     for name in ("log_library", "log_factorial", "indptr", "row_nnz"):
         assert torch.equal(getattr(sub, name), getattr(ref, name)), name
+    nested = full.subset(torch.tensor([44, 3, 10])).subset([2, 0])  # torch rows, a subset of a subset
+    for a, b in zip(nested.batch(torch.tensor([0, 1])), ref.batch(torch.tensor([0, 2]))):
+        assert torch.equal(a, b)
 
 
 def test_log_factorial_in_row_blocks_equals_one_pass(monkeypatch):
@@ -169,3 +172,19 @@ def test_sparse_view_accumulates_the_dense_gradient_at_batch_rows():
     assert sparse.rep.z.grad.layout == torch.strided
     torch.testing.assert_close(sparse.rep.z.grad, dense.rep.z.grad, rtol=0, atol=0)
     torch.testing.assert_close(sparse.cov_reps["b"].z.grad, dense.cov_reps["b"].z.grad, rtol=0, atol=0)
+
+
+def test_count_terms_table_and_direct_paths_match_scipy():
+    from scipy.special import digamma, gammaln
+
+    from dgdcell.nn.likelihoods import TABLE_COUNTS, _count_terms
+
+    x = torch.tensor([1.0, 2.0, 7.0, TABLE_COUNTS, TABLE_COUNTS + 1, 30.0, 1000.0, 1e6] * 6)
+    r = torch.tensor([1e-3, 0.1, 1.0, 10.0, 1e3, 1e4], dtype=torch.float64)
+    cols = torch.arange(6).repeat_interleave(8)
+    xn, rn = x.double().numpy(), r.numpy()[cols.numpy()]
+    for step, special, ref in ((torch.log, torch.lgamma, gammaln(xn + rn) - gammaln(rn)),
+                               (torch.reciprocal, torch.digamma, digamma(xn + rn) - digamma(rn))):
+        for table in (True, False):  # True: the CPU path, False: the GPU path
+            got = _count_terms(x, r, cols, step, special, table=table).numpy()
+            np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-8)

@@ -72,11 +72,12 @@ class DeviceCounts:
         self.device = device
         self.storage = _choose_storage(storage, csr, device)
         home = device if self.storage == "device" else torch.device("cpu")
-        self.indices = _shared(csr.indices, np.int32 if csr.nnz < 2**31 else np.int64, home)
+        self.indices = _shared(csr.indices, np.int32, home)  # column numbers; positions stay int64
         self.values = _shared(csr.data, np.float32, home)
         indptr = torch.from_numpy(csr.indptr.astype(np.int64))
-        self._host_start, self._host_nnz = (indptr[:-1], indptr.diff()) if self.storage == "host" else (None, None)
-        self.start, self.row_nnz = indptr[:-1].to(device), indptr.diff().to(device)
+        start, nnz = indptr[:-1], indptr.diff()
+        self._host_start, self._host_nnz = (start, nnz) if self.storage == "host" else (None, None)
+        self.start, self.row_nnz = start.to(device), nnz.to(device)
         self.log_library = torch.as_tensor(np.log(library).astype(np.float32), device=device)
         self.log_factorial = torch.as_tensor(_log_factorial(csr), device=device)
         self._pin = self.storage == "host" and device.type == "cuda"
@@ -88,24 +89,18 @@ class DeviceCounts:
         (row ``i`` has ``indptr[i + 1] - indptr[i]`` of them)."""
         return torch.cat([self.row_nnz.new_zeros(1), self.row_nnz.cumsum(0)])
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the shared CSR arrays (indices, values) plus the per-row vectors."""
-        tensors = (self.indices, self.values, self.start, self.row_nnz, self.log_library, self.log_factorial)
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     def subset(self, rows) -> "DeviceCounts":
         """The counts of cells ``rows`` ((n_sub,) int, numpy or torch; repeats
         allowed), sharing this object's CSR arrays: only (n_sub,) vectors are
         new. Equal to ``DeviceCounts(csr[rows], library[rows], ...)``."""
-        rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        rows = torch.as_tensor(rows, dtype=torch.long)
         out = copy.copy(self)
         on_device = rows.to(self.device)
         out.n_cells = int(rows.shape[0])
         out.start, out.row_nnz = self.start[on_device], self.row_nnz[on_device]
         out.log_library, out.log_factorial = self.log_library[on_device], self.log_factorial[on_device]
         if self.storage == "host":
-            out._host_start, out._host_nnz = self._host_start[rows], self._host_nnz[rows]
+            out._host_start, out._host_nnz = self._host_start[rows.cpu()], self._host_nnz[rows.cpu()]
         out._planned = {}
         return out
 
@@ -114,20 +109,21 @@ class DeviceCounts:
         tensors ((B_k,) long each, on ``device``; e.g. one epoch's batches).
 
         All their non-zero totals come from one vectorised pass over the
-        concatenated indices and one device->host transfer (with host storage,
-        the indices themselves also travel to the host once). Replaces the
-        previous plan.
+        concatenated indices and one device->host transfer: of the totals,
+        or with host storage of the indices themselves (the totals are then
+        computed on the host). Replaces the previous plan.
         """
         self._planned = {}
         if not batches:
             return
         sizes = [b.shape[0] for b in batches]
         flat = torch.cat(batches)
-        ends = torch.tensor(sizes).cumsum(0).to(flat.device) - 1
-        csum = self.row_nnz[flat].cumsum(0)[ends]
+        host = flat.cpu() if self.storage == "host" else None
+        lengths = self._host_nnz[host] if host is not None else self.row_nnz[flat]
+        csum = lengths.cumsum(0)[torch.tensor(sizes).cumsum(0).to(lengths.device) - 1]
         totals = torch.diff(csum, prepend=csum.new_zeros(1)).tolist()
-        host = flat.cpu().split(sizes) if self.storage == "host" else [None] * len(batches)
-        self._planned = {id(b): (b, t, h) for b, t, h in zip(batches, totals, host)}
+        parts = host.split(sizes) if host is not None else [None] * len(batches)
+        self._planned = {id(b): (b, t, h) for b, t, h in zip(batches, totals, parts)}
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Non-zeros of rows ``idx`` ((B,) long, on ``device``):
