@@ -304,7 +304,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax_m.plot(cells, [r["full fit peak RSS GB"] for r in rows], "s--", label="full fit")
     if "loop peak GPU GB" in rows[0]:
         ax_m.plot(cells, [r["loop peak GPU GB"] for r in rows], "^:", label="GPU (loop)")
-    ax_m.set(xscale="log", yscale="log", xlabel="cells", ylabel="GB", title="peak memory")
+    ax_m.set(xscale="log", xlabel="cells", ylabel="GB", title="peak memory", ylim=(0, None))
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
