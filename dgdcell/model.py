@@ -525,13 +525,15 @@ class DGD:
                         for key, cat in data.covariates.items()}
 
         weights = self._cell_weights(data)
+        # one copy of the counts on the device; the training and validation sets are row views of it
+        all_counts = {m: DeviceCounts(c, data.library[m], self.device) for m, c in data.counts.items()}
 
         def cell_set(rows: np.ndarray) -> CellSet:
             rows_t = torch.as_tensor(rows)
             return CellSet(
                 rep=RepresentationLayer(a["latent_dim"], len(rows), z0[rows_t]).to(self.device),
                 cov_reps={k: RepresentationLayer(COVARIATE_DIM, len(rows), v[rows_t]).to(self.device) for k, v in cov_init.items()},
-                counts={m: DeviceCounts(c[rows], data.library[m][rows], self.device) for m, c in data.counts.items()},
+                counts={m: c.subset(rows) for m, c in all_counts.items()},
                 cov_codes={k: torch.as_tensor(cat.codes[rows], device=self.device) for k, cat in data.covariates.items()},
                 labels=None if labels is None else labels[rows_t].to(self.device),
                 guide=None if guide is None else guide[rows_t].to(self.device),
