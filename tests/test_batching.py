@@ -179,9 +179,9 @@ def test_count_terms_table_and_direct_paths_match_scipy():
 
     from dgdcell.nn.likelihoods import TABLE_COUNTS, _count_terms
 
-    x = torch.tensor([1.0, 2.0, 7.0, TABLE_COUNTS, TABLE_COUNTS + 1, 30.0, 1000.0, 1e6] * 6)
+    x = torch.tensor([0.0, 1.0, 2.0, 7.0, TABLE_COUNTS, TABLE_COUNTS + 1, 30.0, 1000.0, 1e6] * 6)  # 0: stored zero
     r = torch.tensor([1e-3, 0.1, 1.0, 10.0, 1e3, 1e4], dtype=torch.float64)
-    cols = torch.arange(6).repeat_interleave(8)
+    cols = torch.arange(6).repeat_interleave(9)
     xn, rn = x.double().numpy(), r.numpy()[cols.numpy()]
     for step, special, ref in ((torch.log, torch.lgamma, gammaln(xn + rn) - gammaln(rn)),
                                (torch.reciprocal, torch.digamma, digamma(xn + rn) - digamma(rn))):

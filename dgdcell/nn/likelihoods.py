@@ -67,7 +67,7 @@ def nb_log_prob_sparse(
     rows
         (nnz,) long: the row (0..n-1) of every non-zero count.
     values
-        (nnz,) float: the non-zero counts.
+        (nnz,) float: the non-zero counts (integers).
     log_factorial
         (n,) optional precomputed ``sum_j lgamma(x_ij + 1)`` per cell (a
         constant of the data); computed from ``values`` when None.
@@ -144,12 +144,14 @@ def _count_terms(values: torch.Tensor, r: torch.Tensor, cols: torch.Tensor, step
     For an integer count x both are sums over ``k < x`` of ``step(r + k)``
     (``lgamma(z + 1) = lgamma(z) + log z``, ``digamma(z + 1) = digamma(z) + 1 / z``).
     With ``table`` (default: on the CPU, where ``special`` is the costly part) a
-    (G, TABLE_COUNTS) table of those sums serves every count up to
-    ``TABLE_COUNTS``; only larger counts evaluate ``special`` (``special(x + r) -
-    special(K + r)`` on top of the table's last column). Elsewhere (GPU) all
-    non-zeros evaluate ``special`` directly, which needs no data-dependent shapes.
+    (G, TABLE_COUNTS + 1) table of those sums serves every count up to
+    ``TABLE_COUNTS`` (a stored zero gives 0); only larger counts evaluate
+    ``special`` (``special(x + r) - special(K + r)`` on top of the table's last
+    column). Elsewhere (GPU) all non-zeros evaluate ``special`` directly, which
+    needs no data-dependent shapes.
 
-    ``values`` (nnz,) counts, ``r`` (G,) float64 dispersions, ``cols`` (nnz,) long features.
+    ``values`` (nnz,) integer counts (as floats), ``r`` (G,) float64
+    dispersions, ``cols`` (nnz,) long features.
     """
     if table is None:
         table = values.device.type == "cpu"
@@ -157,9 +159,9 @@ def _count_terms(values: torch.Tensor, r: torch.Tensor, cols: torch.Tensor, step
     if not table:
         return special(x + r.take(cols)).sub_(special(r).take(cols))
     k = TABLE_COUNTS
-    sums = step(r.unsqueeze(1) + torch.arange(k, dtype=r.dtype, device=r.device)).cumsum_(1)  # (G, K)
-    clipped = values.clamp(max=k).long()
-    out = sums.view(-1).take(cols * k + clipped - 1)
+    steps = step(r.unsqueeze(1) + torch.arange(k, dtype=r.dtype, device=r.device))
+    sums = F.pad(steps.cumsum_(1), (1, 0))  # (G, K + 1); column x holds the sum for count x (0 for 0)
+    out = sums.view(-1).take(cols * (k + 1) + values.clamp(max=k).long())
     big = (values > k).nonzero().squeeze(1)
     if big.numel():
         rb = r.take(cols[big])
