@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from .checks import check_counts, check_data_object
-from .reading import DEFAULT_MODALITY, Categories, CountData, encode_categories, get_matrix, to_csr
+from .reading import DEFAULT_MODALITY, Categories, CountData, encode_categories, get_matrix, in_obs_order, to_csr
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +202,6 @@ def read_new_data(
     from .reading import is_mudata, obs_column
 
     check_data_object(data)
-    n = data.n_obs
     counts, library, names, observed, alignments = {}, {}, {}, {}, {}
     for m, (ad, lay, prefix, rows) in _new_modalities(data, features, layer, modality_key, modality).items():
         X, where = get_matrix(ad, lay)
@@ -212,10 +210,8 @@ def read_new_data(
         sub = X[:, align.columns]
         check_counts(sub, f"{where} (its {align.n_shared} features shared with the model)",
                      available_layers=list(ad.layers.keys()))
-        csr = to_csr(sub)
+        csr = in_obs_order(to_csr(sub), rows)
         present = rows > 0
-        if not (present.all() and np.array_equal(rows, np.arange(1, n + 1))):
-            csr = to_csr(sp.diags(present.astype(np.float32)) @ csr[np.where(present, rows - 1, 0)])
         lib = np.asarray(csr.sum(axis=1), dtype=np.float64).ravel()
         observed[m] = present & (lib > 0)
         counts[m], library[m], alignments[m] = csr, lib, align

@@ -159,6 +159,19 @@ def _read_modality(adata, layer: str | None, where_prefix: str) -> sp.csr_matrix
     return to_csr(X)
 
 
+def in_obs_order(csr: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """A modality's (n_mod, G) CSR counts as (n_obs, G) rows in the MuData's cell order.
+
+    ``rows`` (n_obs,) is the MuData's ``obsmap`` of the modality: the 1-based row
+    of each cell in the modality, 0 where the cell is absent (an empty row).
+    Returns ``csr`` itself when the orders already agree.
+    """
+    present = rows > 0
+    if present.all() and np.array_equal(rows, np.arange(1, rows.size + 1)):
+        return csr
+    return to_csr(sp.diags(present.astype(np.float32)) @ csr[np.where(present, rows - 1, 0)])
+
+
 def _modality_counts(
     data, layer, modality_key: str | None, modalities: list[str] | None
 ) -> tuple[dict[str, sp.csr_matrix], dict[str, list[str]], dict[str, np.ndarray]]:
@@ -174,14 +187,9 @@ def _modality_counts(
             raise ValueError("no modality selected: the MuData has none, or modalities=[] was passed.")
         for m in wanted:
             csr = _read_modality(data.mod[m], _layer_for(layer, m), f"mdata.mod[{m!r}]")
-            rows = np.asarray(data.obsmap[m]).astype(np.int64).ravel()  # 1-based row in the modality, 0: absent
+            rows = np.asarray(data.obsmap[m]).astype(np.int64).ravel()
             present[m] = rows > 0
-            if not (present[m].all() and np.array_equal(rows, np.arange(1, n + 1))):
-                take = np.where(present[m], rows - 1, 0)
-                csr = csr[take].tocsr()
-                csr = sp.diags(present[m].astype(np.float32)) @ csr
-                csr = to_csr(csr)
-            counts[m], names[m] = csr, [str(v) for v in data.mod[m].var_names]
+            counts[m], names[m] = in_obs_order(csr, rows), [str(v) for v in data.mod[m].var_names]
         return counts, names, present
     if modality_key is not None:
         if modality_key not in data.var.columns:

@@ -243,11 +243,16 @@ def bernoulli_log_prob_sparse(
     ``log mu - mu / 2`` for ``mu < 1e-4`` where ``expm1`` underflows.
     """
     dense = -torch.exp(log_mu).sum(-1)
-    lm = log_mu.reshape(-1).take(flat_index)
-    mu = torch.exp(lm)
-    small = mu < 1e-4
-    log_p1 = torch.where(small, lm - 0.5 * mu, torch.log(-torch.expm1(-mu.clamp_min(1e-4))))
-    return dense.index_add(0, rows, log_p1 + mu)
+    return dense.index_add(0, rows, bernoulli_on_term(log_mu.reshape(-1).take(flat_index)))
+
+
+def bernoulli_on_term(log_mu: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(-mu)) + mu`` element-wise for log means ``log_mu`` (any shape):
+    what a feature that is on adds to :func:`bernoulli_log_prob_sparse` beyond
+    the dense ``-mu``."""
+    mu = torch.exp(log_mu)
+    log_p1 = torch.where(mu < 1e-4, log_mu - 0.5 * mu, torch.log(-torch.expm1(-mu.clamp_min(1e-4))))
+    return log_p1 + mu
 
 
 class Bernoulli(nn.Module):

@@ -49,7 +49,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..latent import GaussianMixture, GaussianMixtureSupervised
-from ..nn import Decoder, NegativeBinomial, nb_log_prob_sparse_mu_terms
+from ..nn import Decoder
+from ..nn.likelihoods import NegativeBinomial, bernoulli_on_term, nb_log_prob_sparse_mu_terms
 from .batching import DeviceCounts
 from .objective import CellSet, prior_nll, reconstruction_nll
 
@@ -281,8 +282,7 @@ def _bernoulli_nonzero_term(counts: DeviceCounts, idx: torch.Tensor, log_frac: t
     flat, rows, _ = counts.batch(idx)
     cols = flat.remainder(counts.n_features)
     log_mu = log_frac.index_select(1, cols).T + counts.log_library[idx][rows].unsqueeze(-1)  # (nnz, C')
-    mu = torch.exp(log_mu)
-    term = torch.where(mu < 1e-4, log_mu - 0.5 * mu, torch.log(-torch.expm1(-mu.clamp_min(1e-4)))) + mu
+    term = bernoulli_on_term(log_mu)
     return torch.zeros(idx.shape[0], log_frac.shape[0], device=log_frac.device).index_add_(0, rows, term)
 
 
