@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from torch import nn
 
@@ -23,6 +24,9 @@ from .train import CellSet, DeviceCounts, TrainConfig, init_mixture, pca_scores,
 from .train.initialisation import graph_clusters, init_mixture_from_labels
 
 logger = logging.getLogger(__name__)
+
+#: cells per chunk of :meth:`DGD.cluster_probabilities`
+PROBABILITY_CHUNK = 65536
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -598,10 +602,17 @@ class DGD:
     # ------------------------------------------------------------------ outputs
     @torch.no_grad()
     def cluster_probabilities(self, z: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Mixture component probabilities of representations ``z`` (n, L): (n, K)."""
+        """Mixture component probabilities of representations ``z`` (n, L): (n, K) float32.
+
+        Computed in row chunks of :data:`PROBABILITY_CHUNK` cells, so the
+        (chunk, K, L) temporaries stay small at any n."""
         self._check_fitted()
-        z = torch.as_tensor(np.asarray(z), dtype=torch.float32, device=self.device)
-        return self.gmm.sample_probs(z).cpu().numpy()
+        z = torch.as_tensor(np.asarray(z), dtype=torch.float32)
+        out = np.empty((z.shape[0], self.gmm.n_mix_comp), dtype=np.float32)
+        for start in range(0, z.shape[0], PROBABILITY_CHUNK):
+            part = z[start : start + PROBABILITY_CHUNK].to(self.device)
+            out[start : start + part.shape[0]] = self.gmm.sample_probs(part).cpu().numpy()
+        return out
 
     def _write_outputs(
         self, adata, z: torch.Tensor, cov: dict[str, torch.Tensor], key: str, extra_uns: dict | None = None
@@ -1192,11 +1203,14 @@ def _covariate_mixture(n_classes: int) -> GaussianMixtureSupervised:
 
 
 def _binarise(data: CountData, modalities: list[str]) -> None:
-    """Counts of ``modalities`` set to 1 where > 0 (in place), library sizes
-    recounted as the number of features on (unobserved cells keep 1)."""
+    """Counts of ``modalities`` set to 1 where > 0 (a new matrix; its index
+    arrays are shared, and the input's, which may be the caller's AnnData's,
+    are never written), library sizes recounted as the number of features on
+    (unobserved cells keep 1)."""
     for m in modalities:
-        csr = data.counts[m]
-        csr.data[:] = 1.0
+        old = data.counts[m]
+        csr = sp.csr_matrix((np.ones_like(old.data), old.indices, old.indptr), shape=old.shape, copy=False)
+        data.counts[m] = csr
         library = np.diff(csr.indptr).astype(np.float64)
         data.library[m] = np.where(data.observed_mask(m), library, 1.0)
 

@@ -282,3 +282,26 @@ def test_cli_fits_and_transforms_mudata(tmp_path):
         assert rc == 0
         assert cli.main([str(a) for a in ["fit", src, "-o", tmp_path / "x.h5mu", "--model-dir", tmp_path / "m2",
                                           "--likelihood", "adt", *small]]) != 0
+
+
+def test_canonical_float32_counts_are_shared_and_never_written():
+    """Canonical float32 CSR counts are read without a copy (memory at scale), so nothing may
+    write into them: a fit that binarises a modality leaves the user's matrices as they were."""
+    from dgdcell.data import read_data
+
+    mdata = make_cite(n_per_group=(30, 20, 20))
+    for m in mdata.mod:
+        mdata.mod[m].X = sp.csr_matrix(mdata.mod[m].X, dtype=np.float32)
+        mdata.mod[m].X.sort_indices()
+    before = {m: mdata.mod[m].X.copy() for m in mdata.mod}
+    data = read_data(mdata)
+    assert all(np.shares_memory(data.counts[m].data, mdata.mod[m].X.data) for m in mdata.mod)
+    DGD(latent_dim=4, n_components=3, likelihood={"adt": "bernoulli"}, seed=0).fit(mdata, max_epochs=2, verbose=False)
+    for m in mdata.mod:
+        assert (mdata.mod[m].X != before[m]).nnz == 0
+        np.testing.assert_array_equal(mdata.mod[m].X.data, before[m].data)
+    assert before["adt"].data.max() > 1  # the binarised modality really had counts above 1
+    # a non-canonical matrix (a stored zero) is copied and cleaned instead
+    X = sp.csr_matrix(before["rna"], copy=True)
+    X.data[0] = 0.0
+    assert not np.shares_memory(read_data(ad.AnnData(X)).counts["rna"].data, X.data)

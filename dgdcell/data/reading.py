@@ -102,9 +102,17 @@ def get_matrix(adata, layer: str | None):
 
 
 def to_csr(X) -> sp.csr_matrix:
-    """Any dense/sparse numeric matrix as canonical CSR float32 (explicit zeros dropped)."""
+    """Any dense/sparse numeric matrix as canonical CSR float32 (explicit zeros dropped).
+
+    A matrix that already is one (CSR, float32, sorted indices without
+    duplicates, no stored zeros: what AnnData files usually hold) is not
+    copied: the result shares its arrays, so callers must never write into
+    them (replace arrays instead, as :func:`dgdcell.model._binarise` does).
+    """
     if hasattr(X, "to_memory"):  # backed sparse datasets
         X = X.to_memory()
+    if _is_canonical_float32_csr(X):
+        return sp.csr_matrix((X.data, X.indices, X.indptr), shape=X.shape, copy=False)
     if sp.issparse(X):
         out = sp.csr_matrix(X, dtype=np.float32, copy=True)
     else:
@@ -113,6 +121,14 @@ def to_csr(X) -> sp.csr_matrix:
     out.eliminate_zeros()
     out.sort_indices()
     return out
+
+
+def _is_canonical_float32_csr(X) -> bool:
+    """CSR float32 with sorted, duplicate-free indices and no stored zeros."""
+    return (
+        sp.issparse(X) and X.format == "csr" and X.dtype == np.float32 and bool(X.has_canonical_format)
+        and np.count_nonzero(X.data) == X.data.size
+    )
 
 
 def encode_categories(

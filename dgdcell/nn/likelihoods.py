@@ -53,13 +53,17 @@ def nb_log_prob_sparse(
     rows: torch.Tensor,
     values: torch.Tensor,
     log_factorial: torch.Tensor | None = None,
+    log_library: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-cell negative-binomial log-likelihood from sparse counts.
 
     Parameters
     ----------
     log_mu
-        (n, G) log expected counts of n cells over G features.
+        (n, G) log expected counts of n cells over G features; with
+        ``log_library``, the decoder's (n, G) logits instead, and the log
+        means are ``log_softmax(logits) + log_library`` (computed inside, in
+        fewer passes over (n, G) than doing it outside).
     log_r
         (G,) log dispersions.
     flat_index
@@ -71,6 +75,8 @@ def nb_log_prob_sparse(
     log_factorial
         (n,) optional precomputed ``sum_j lgamma(x_ij + 1)`` per cell (a
         constant of the data); computed from ``values`` when None.
+    log_library
+        (n,) optional log library sizes (see ``log_mu``).
 
     Returns
     -------
@@ -84,7 +90,7 @@ def nb_log_prob_sparse(
         log_factorial = torch.zeros(log_mu.shape[0], dtype=log_mu.dtype, device=log_mu.device).index_add_(
             0, rows, torch.lgamma(values + 1.0)
         )
-    return _NBSparse.apply(log_mu, log_r, flat_index, rows, values, log_factorial)
+    return _NBSparse.apply(log_mu, log_library, log_r, flat_index, rows, values, log_factorial)
 
 
 class _NBSparse(torch.autograd.Function):
@@ -95,41 +101,57 @@ class _NBSparse(torch.autograd.Function):
     (``-r_j sigmoid(a_ij)`` densely plus ``x_ij sigmoid(-a_ij)`` at the
     non-zeros) and ``d/d log r_j = -sum_i d/d log mu_ij - r_j sum_i g_i
     softplus(a_ij) + r_j sum_{x_ij>0} g_i (digamma(x_ij + r_j) - digamma(r_j))``.
+    With logits and library sizes as input (``log mu = log_softmax(logits) +
+    log s``), the logits' gradient is the log-softmax backward of ``d/d log mu``
+    and ``d/d log s_i = sum_j d/d log mu_ij``.
     Autograd would materialise about twice as many (n, G) intermediates (a
     zero-filled scatter target for the non-zeros among them); here the dense
     work is one softplus and one sigmoid plus a few in-place passes, and the
-    lgamma / digamma differences come from :func:`_count_terms`.
+    lgamma / digamma differences come from :func:`_count_terms`, whose table
+    positions are computed once for both passes.
     """
 
     @staticmethod
-    def forward(ctx, log_mu, log_r, flat_index, rows, values, log_factorial):
-        g = log_mu.shape[1]
+    def forward(ctx, x, log_library, log_r, flat_index, rows, values, log_factorial):
+        g = x.shape[1]
         r = torch.exp(log_r)
-        a = log_mu - log_r
+        lsm = None
+        if log_library is None:
+            a = x - log_r
+        else:
+            lsm = torch.log_softmax(x, dim=1)
+            a = torch.add(lsm, log_library.unsqueeze(1)).sub_(log_r)
         sp = F.softplus(a)
         # r log(r / (r + mu)) for every entry, summed per cell with a mat-vec
         dense = -(sp @ r)
         cols = flat_index - rows * g
         a_nz = a.reshape(-1).take(flat_index)
-        lgam = _count_terms(values, r.double(), cols, torch.log, torch.lgamma)
-        nz = lgam.to(log_mu.dtype).sub_(values * F.softplus(-a_nz))
-        ctx.save_for_backward(a, sp, r, flat_index, cols, rows, values, a_nz)
+        index = _count_index(values, cols) if _use_table(values) else None
+        lgam = _count_terms(values, r.double(), cols, torch.log, torch.lgamma, table=index is not None, index=index)
+        nz = lgam.to(x.dtype).sub_(values * F.softplus(-a_nz))
+        ctx.index = index
+        ctx.save_for_backward(a, sp, r, flat_index, cols, rows, values, a_nz, lsm)
         return dense.index_add_(0, rows, nz).sub_(log_factorial)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        a, sp, r, flat_index, cols, rows, values, a_nz = ctx.saved_tensors
+        a, sp, r, flat_index, cols, rows, values, a_nz, lsm = ctx.saved_tensors
         g_nz = grad.take(rows)
         d_mu = torch.sigmoid(a).mul_(-r).mul_(grad.unsqueeze(1))
         d_mu.view(-1).index_add_(0, flat_index, g_nz * values * torch.sigmoid(-a_nz))
         d_r = None
-        if ctx.needs_input_grad[1]:
-            dig = _count_terms(values, r.double(), cols, torch.reciprocal, torch.digamma)
+        if ctx.needs_input_grad[2]:
+            dig = _count_terms(values, r.double(), cols, torch.reciprocal, torch.digamma, table=ctx.index is not None,
+                               index=ctx.index)
             d_r = (r * (grad @ sp)).add_(d_mu.sum(0)).neg_()
             d_r.index_add_(0, cols, g_nz.mul_(dig.to(grad.dtype)).mul_(r.take(cols)))
-        log_factorial_grad = -grad if ctx.needs_input_grad[5] else None
-        return (d_mu if ctx.needs_input_grad[0] else None), d_r, None, None, None, log_factorial_grad
+        d_lib = d_mu.sum(1) if lsm is not None and ctx.needs_input_grad[1] else None
+        d_x = None
+        if ctx.needs_input_grad[0]:
+            d_x = d_mu if lsm is None else torch._log_softmax_backward_data(d_mu, lsm, 1, lsm.dtype)
+        log_factorial_grad = -grad if ctx.needs_input_grad[6] else None
+        return d_x, d_lib, d_r, None, None, None, log_factorial_grad
 
 
 #: on the CPU, counts up to this value take their lgamma / digamma differences
@@ -137,7 +159,32 @@ class _NBSparse(torch.autograd.Function):
 TABLE_COUNTS = 16
 
 
-def _count_terms(values: torch.Tensor, r: torch.Tensor, cols: torch.Tensor, step, special, table: bool | None = None):
+def _use_table(values: torch.Tensor) -> bool:
+    """Whether :func:`_count_terms` reads a table for these non-zeros: on
+    the CPU (where lgamma / digamma are the costly part)."""
+    return values.device.type == "cpu"
+
+
+def _count_index(values: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the non-zeros read the (G, TABLE_COUNTS + 1) table of
+    :func:`_count_terms`: their flat positions in it ((nnz,) long; counts
+    above ``TABLE_COUNTS`` read its last column) and the positions of those
+    larger counts ((n_big,) long)."""
+    k = TABLE_COUNTS
+    position = cols * (k + 1) + values.clamp(max=k).long()
+    big = (values > k).nonzero().squeeze(1)
+    return position, big
+
+
+def _count_terms(
+    values: torch.Tensor,
+    r: torch.Tensor,
+    cols: torch.Tensor,
+    step,
+    special,
+    table: bool | None = None,
+    index: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
     """``special(x + r_c) - special(r_c)`` at the non-zeros, (nnz,) float64,
     for ``special`` = lgamma (``step`` = log) or digamma (``step`` = reciprocal).
 
@@ -151,21 +198,22 @@ def _count_terms(values: torch.Tensor, r: torch.Tensor, cols: torch.Tensor, step
     needs no data-dependent shapes.
 
     ``values`` (nnz,) integer counts (as floats), ``r`` (G,) float64
-    dispersions, ``cols`` (nnz,) long features.
+    dispersions, ``cols`` (nnz,) long features; ``index`` optionally the
+    table positions from :func:`_count_index` (computed here when None).
     """
     if table is None:
-        table = values.device.type == "cpu"
-    x = values.double()
+        table = _use_table(values)
     if not table:
+        x = values.double()
         return special(x + r.take(cols)).sub_(special(r).take(cols))
     k = TABLE_COUNTS
+    position, big = _count_index(values, cols) if index is None else index
     steps = step(r.unsqueeze(1) + torch.arange(k, dtype=r.dtype, device=r.device))
     sums = F.pad(steps.cumsum_(1), (1, 0))  # (G, K + 1); column x holds the sum for count x (0 for 0)
-    out = sums.view(-1).take(cols * (k + 1) + values.clamp(max=k).long())
-    big = (values > k).nonzero().squeeze(1)
+    out = sums.view(-1).take(position)
     if big.numel():
         rb = r.take(cols[big])
-        out.index_add_(0, big, special(x[big] + rb).sub_(special(rb + k)))
+        out.index_add_(0, big, special(values[big].double() + rb).sub_(special(rb + k)))
     return out
 
 
@@ -223,12 +271,14 @@ class NegativeBinomial(nn.Module):
         values: torch.Tensor,
         log_factorial: torch.Tensor | None = None,
         feature_index: torch.Tensor | None = None,
+        log_library: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-cell log-likelihood (n,) for log means (n, G') of the features in
-        ``feature_index`` (all G when None; ``flat_index`` addresses that subset).
-        See :func:`nb_log_prob_sparse`."""
+        ``feature_index`` (all G when None; ``flat_index`` addresses that subset);
+        with ``log_library`` (n,), ``log_mu`` holds logits instead (see
+        :func:`nb_log_prob_sparse`)."""
         log_r = self.log_r if feature_index is None else self.log_r[feature_index]
-        return nb_log_prob_sparse(log_mu, log_r, flat_index, rows, values, log_factorial)
+        return nb_log_prob_sparse(log_mu, log_r, flat_index, rows, values, log_factorial, log_library)
 
 
 def bernoulli_log_prob_sparse(
@@ -284,9 +334,12 @@ class Bernoulli(nn.Module):
         values: torch.Tensor,
         log_factorial: torch.Tensor | None = None,
         feature_index: torch.Tensor | None = None,
+        log_library: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-cell log-likelihood (n,); arguments as :meth:`NegativeBinomial.log_prob_sparse`
         (``values``, ``log_factorial`` and ``feature_index`` are not needed)."""
+        if log_library is not None:  # log_mu holds logits
+            log_mu = torch.log_softmax(log_mu, dim=-1) + log_library.unsqueeze(-1)
         return bernoulli_log_prob_sparse(log_mu, flat_index, rows)
 
 

@@ -17,10 +17,40 @@ import torch
 from ..latent import GaussianMixture, GaussianMixtureSupervised
 
 
+#: row blocks of about this many non-zeros bound the temporaries of the start's passes over the counts
+_BLOCK_NNZ = 1 << 22
+
+
+def _row_blocks(csr: sp.csr_matrix):
+    """``(row_start, row_stop, nnz_start, nnz_stop)`` of consecutive row blocks
+    of about :data:`_BLOCK_NNZ` non-zeros (at least one row each)."""
+    n = csr.shape[0]
+    cuts = np.searchsorted(csr.indptr, np.arange(0, csr.nnz + _BLOCK_NNZ, _BLOCK_NNZ)[1:], side="left")
+    edges = np.unique(np.concatenate([[0], np.minimum(cuts, n), [n]]))
+    for a, b in zip(edges[:-1], edges[1:]):
+        yield int(a), int(b), int(csr.indptr[a]), int(csr.indptr[b])
+
+
 def log_normalise(csr: sp.csr_matrix, library: np.ndarray, target_sum: float = 1e4) -> sp.csr_matrix:
-    """``log1p(target_sum * x / library)`` as CSR float32 (zeros stay zeros)."""
-    out = (sp.diags((target_sum / library).astype(np.float32)) @ csr).tocsr().astype(np.float32)
-    np.log1p(out.data, out=out.data)
+    """``log1p(target_sum * x / library)`` as CSR float32 (zeros stay zeros).
+
+    Only the values are new: the result shares ``csr``'s index arrays
+    (neither is written), and they are computed in row blocks, so the extra
+    memory is one float32 per non-zero."""
+    data = np.empty(csr.nnz, dtype=np.float32)
+    scale = (target_sum / np.asarray(library, dtype=np.float64)).astype(np.float32)
+    for a, b, lo, hi in _row_blocks(csr):
+        np.multiply(csr.data[lo:hi], np.repeat(scale[a:b], np.diff(csr.indptr[a : b + 1])), out=data[lo:hi])
+        np.log1p(data[lo:hi], out=data[lo:hi])
+    return sp.csr_matrix((data, csr.indices, csr.indptr), shape=csr.shape, copy=False)
+
+
+def _column_sums_of_squares(csr: sp.csr_matrix) -> np.ndarray:
+    """``sum_i x_ij^2`` per column, (G,) float64, in row blocks (no copy of the matrix)."""
+    out = np.zeros(csr.shape[1], dtype=np.float64)
+    for _, _, lo, hi in _row_blocks(csr):
+        vals = csr.data[lo:hi].astype(np.float64)
+        out += np.bincount(csr.indices[lo:hi], weights=vals * vals, minlength=csr.shape[1])
     return out
 
 
@@ -60,7 +90,7 @@ def pca_scores(
         ind = indicator @ sp.diags(mask.astype(np.float32))
         size = np.maximum(np.asarray(ind.sum(1)).ravel(), 1.0)
         mean = (ind @ ln).toarray() / size[:, None]  # (n_groups, G) group means over observed cells
-        sq = np.asarray(ln.multiply(ln).sum(axis=0)).ravel()
+        sq = _column_sums_of_squares(ln)
         within = (sq - (size[:, None] * mean**2).sum(0)) / max(int(mask.sum()), 1)
         sd = np.sqrt(np.maximum(within, 0.0))
         scale = np.where(sd > 0, 1.0 / np.maximum(sd, 1e-8), 0.0) / math.sqrt(csr.shape[1])
@@ -142,21 +172,42 @@ def init_mixture(
     if gmm.covariance_type != "fixed":
         gmm.neglogvar.fill_(-torch.log(z.var(0, correction=0).mean() / k ** (2.0 / gmm.dim)).item())
     for _ in range(n_em):
-        if isinstance(gmm, GaussianMixtureSupervised):
-            resp = gmm.sample_probs(z, labels)
-        else:
-            resp = gmm.sample_probs(z)
-        nk = resp.sum(0) + 1e-6  # (K,)
-        mean = resp.T @ z / nk.unsqueeze(-1)
+        nk, sum_z, sum_z2 = _em_sums(gmm, z, labels)
+        nk = nk + 1e-6  # (K,)
+        mean = sum_z / nk.unsqueeze(-1)
         gmm.mean.copy_(mean)
         gmm.weight.copy_(torch.log(nk / nk.sum()))
         if gmm.covariance_type == "fixed":
             continue
-        var = (resp.T @ z.square()) / nk.unsqueeze(-1) - mean.square()  # (K, dim)
+        var = sum_z2 / nk.unsqueeze(-1) - mean.square()  # (K, dim)
         var = var.clamp_min(floor)
         if gmm.covariance_type == "isotropic":
             var = var.mean(-1, keepdim=True)
         gmm.neglogvar.copy_(-torch.log(var))
+
+
+#: points per chunk of the EM responsibilities (the (chunk, K, dim) temporaries stay small)
+EM_CHUNK = 65536
+
+
+def _em_sums(gmm: GaussianMixture, z: torch.Tensor, labels: torch.Tensor | None):
+    """EM's sufficient statistics of points ``z`` (n, dim) under the
+    responsibilities of ``gmm`` (labels as in :func:`init_mixture`), summed
+    over row chunks of :data:`EM_CHUNK`: ``sum_i r_ik`` (K,), ``sum_i r_ik z_i``
+    and ``sum_i r_ik z_i^2`` (K, dim)."""
+    k, d = gmm.n_mix_comp, z.shape[1]
+    nk = z.new_zeros(k)
+    sum_z, sum_z2 = z.new_zeros(k, d), z.new_zeros(k, d)
+    for s in range(0, z.shape[0], EM_CHUNK):
+        part = z[s : s + EM_CHUNK]
+        if isinstance(gmm, GaussianMixtureSupervised):
+            resp = gmm.sample_probs(part, None if labels is None else labels[s : s + EM_CHUNK])
+        else:
+            resp = gmm.sample_probs(part)
+        nk += resp.sum(0)
+        sum_z += resp.T @ part
+        sum_z2 += resp.T @ part.square()
+    return nk, sum_z, sum_z2
 
 
 def knn_graph(z: torch.Tensor, n_neighbors: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -19,6 +20,10 @@ from ..nn import Decoder
 from .objective import CellSet, batch_loss
 
 logger = logging.getLogger(__name__)
+
+#: representation-only passes (validation cells) decode up to this many values
+#: (cells x features) per minibatch: 2,048 cells at 2,000 features
+REPRESENTATION_BATCH_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -122,21 +127,47 @@ def representation_epoch(
 ) -> tuple[float, float]:
     """One pass over ``cells`` stepping only their representations (decoder and
     mixtures untouched; no step when ``step`` is False). Returns the mean
-    per-cell loss and reconstruction NLL before the step."""
+    per-cell loss and reconstruction NLL before the step.
+
+    Each cell's gradient is its own and the step comes once, after the pass,
+    so the minibatch size does not change the result: the pass uses
+    minibatches of at least ``batch_size`` cells and up to
+    :data:`REPRESENTATION_BATCH_ELEMENTS` decoded values each, and the
+    decoder's and mixtures' parameters are frozen meanwhile (no gradients
+    are computed for them)."""
     view = _sparse_view(cells)
     optimizer.zero_grad(set_to_none=False)
     params = cells.parameters()
     total = torch.zeros((), device=cells.rep.z.device)
     recon_total = torch.zeros((), device=cells.rep.z.device)
-    for idx in _batches(cells, batch_size, generator, cells.rep.z.device):
-        recon, prior = batch_loss(decoder, gmm, cov_gmms, view, idx, prior_scale=0.0, guided=guided)
-        loss = (recon + prior).sum()
-        loss.backward(inputs=params)
-        total += loss.detach()
-        recon_total += recon.detach().sum()
+    n_values = max(sum(c.n_features for c in cells.counts.values()), 1)
+    size = max(int(batch_size), REPRESENTATION_BATCH_ELEMENTS // n_values)
+    with _frozen([decoder, gmm, *cov_gmms.values()]):
+        for idx in _batches(cells, size, generator, cells.rep.z.device):
+            recon, prior = batch_loss(decoder, gmm, cov_gmms, view, idx, prior_scale=0.0, guided=guided)
+            loss = (recon + prior).sum()
+            loss.backward(inputs=params)
+            total += loss.detach()
+            recon_total += recon.detach().sum()
     if step:
         optimizer.step()
     return total.item() / cells.n, recon_total.item() / cells.n
+
+
+@contextlib.contextmanager
+def _frozen(modules: list[nn.Module]):
+    """Within the block the modules' parameters do not require gradients
+    (so autograd, custom backward passes included, skips them); their flags
+    are restored afterwards."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
 
 
 def train(

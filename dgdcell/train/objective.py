@@ -74,13 +74,14 @@ def reconstruction_nll(
 ) -> torch.Tensor:
     """Negative log-likelihood of the counts of rows ``idx`` summed over the
     modalities each cell was measured in: (B,)."""
-    log_lib = {mod: counts.log_library[idx] for mod, counts in cells.counts.items()}
-    log_mu = decoder.log_mean(x_in, log_lib, cells.feature_index or None)
+    logits = decoder.logits(x_in, cells.feature_index or None, list(cells.counts))
     nll = torch.zeros(idx.shape[0], device=x_in.device)
     for mod, counts in cells.counts.items():
         flat, rows, vals = counts.batch(idx)
         lik = decoder.likelihoods[mod]
-        ll = lik.log_prob_sparse(log_mu[mod], flat, rows, vals, counts.log_factorial[idx], cells.feature_index.get(mod))
+        # the likelihood applies the softmax and the library size itself (fused with it for the NB)
+        ll = lik.log_prob_sparse(logits[mod], flat, rows, vals, counts.log_factorial[idx],
+                                 cells.feature_index.get(mod), log_library=counts.log_library[idx])
         if mod in cells.weight:
             ll = ll * cells.weight[mod][idx]
         nll = nll - ll
