@@ -80,6 +80,24 @@ def test_batch_equals_scipy_slicing_and_prepared_batches_never_sync(storage):
     torch.testing.assert_close(counts.log_library, torch.as_tensor(np.log(lib), dtype=torch.float32))
 
 
+def test_batches_sliced_in_chunks_equal_scipy_slicing_in_any_order(monkeypatch):
+    """Device storage slices consecutive planned batches together (chunks of CHUNK_NNZ non-zeros);
+    with tiny chunks (several per epoch, a batch larger than a chunk, an empty batch) every batch is
+    still exactly scipy's, asked for in order, out of order or twice, and without synchronising."""
+    monkeypatch.setattr(batching, "CHUNK_NNZ", 40)
+    csr = _csr()
+    counts = DeviceCounts(csr, np.asarray(csr.sum(1)).ravel() + 1.0, torch.device("cpu"), storage="device")
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(3))
+    batches = list(perm[:45].split(7)) + [torch.tensor([3]), perm[45:]]  # row 3 is empty
+    counts.prepare(batches)
+    assert len(counts._chunks) > 2
+    order = list(range(len(batches))) + [4, 0, 0, len(batches) - 1, 2]
+    with forbid_sync():
+        outs = [counts.batch(batches[i]) for i in order]
+    for i, out in zip(order, outs):
+        _assert_batch(out, _reference(csr, batches[i]))
+
+
 def test_host_storage_equals_device_storage_and_shares_memory():
     csr = _csr(seed=1)
     lib = np.asarray(csr.sum(1)).ravel() + 1.0

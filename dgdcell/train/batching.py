@@ -27,6 +27,9 @@ STORAGES = ("auto", "device", "host")
 #: with ``storage='auto'`` on CUDA, counts stay on the host when their CSR
 #: arrays would take more than this share of the free device memory
 HOST_STORAGE_SHARE = 0.25
+#: with device storage, consecutive planned minibatches are sliced together
+#: in chunks of about this many non-zeros (see :meth:`DeviceCounts.batch`)
+CHUNK_NNZ = 1 << 18
 #: the log-factorial constant is summed over row blocks of about this many non-zeros (float64 temporaries)
 _CHUNK_NNZ = 1 << 22
 
@@ -81,7 +84,9 @@ class DeviceCounts:
         self.log_library = torch.as_tensor(np.log(library).astype(np.float32), device=device)
         self.log_factorial = torch.as_tensor(_log_factorial(csr), device=device)
         self._pin = self.storage == "host" and device.type == "cuda"
-        self._planned: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
+        self._planned: dict[int, tuple[torch.Tensor, int, torch.Tensor | None, int | None]] = {}
+        self._chunks: dict[int, tuple[list[torch.Tensor], list[int]]] = {}
+        self._chunk = None
 
     @property
     def indptr(self) -> torch.Tensor:
@@ -101,7 +106,7 @@ class DeviceCounts:
         out.log_library, out.log_factorial = self.log_library[on_device], self.log_factorial[on_device]
         if self.storage == "host":
             out._host_start, out._host_nnz = self._host_start[rows.cpu()], self._host_nnz[rows.cpu()]
-        out._planned = {}
+        out._planned, out._chunks, out._chunk = {}, {}, None
         return out
 
     def prepare(self, batches: list[torch.Tensor]) -> None:
@@ -114,6 +119,7 @@ class DeviceCounts:
         computed on the host). Replaces the previous plan.
         """
         self._planned = {}
+        self._chunk = None
         if not batches:
             return
         sizes = [b.shape[0] for b in batches]
@@ -123,7 +129,9 @@ class DeviceCounts:
         csum = lengths.cumsum(0)[torch.tensor(sizes).cumsum(0).to(lengths.device) - 1]
         totals = torch.diff(csum, prepend=csum.new_zeros(1)).tolist()
         parts = host.split(sizes) if host is not None else [None] * len(batches)
-        self._planned = {id(b): (b, t, h) for b, t, h in zip(batches, totals, parts)}
+        chunks = _chunk_numbers(totals) if self.storage == "device" else [None] * len(batches)
+        self._chunks = _group_chunks(batches, totals, chunks)
+        self._planned = {id(b): (b, t, h, c) for b, t, h, c in zip(batches, totals, parts, chunks)}
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Non-zeros of rows ``idx`` ((B,) long, on ``device``):
@@ -134,7 +142,9 @@ class DeviceCounts:
         Synchronisation-free when ``idx`` was passed to :meth:`prepare`."""
         plan = self._planned.get(id(idx))
         if plan is not None and plan[0] is idx:
-            total, host_idx = plan[1], plan[2]
+            total, host_idx, chunk = plan[1], plan[2], plan[3]
+            if chunk is not None:
+                return self._from_chunk(idx, chunk)
         else:  # unplanned: the total costs one synchronisation
             total, host_idx = int(self.row_nnz[idx].sum()), (idx.cpu() if self.storage == "host" else None)
         length = self.row_nnz[idx]
@@ -145,6 +155,33 @@ class DeviceCounts:
             pos = _positions(self.start[idx], length, rows, total)
             cols, values = self.indices[pos], self.values[pos]
         return rows * self.n_features + cols, rows, values
+
+    def _from_chunk(self, idx: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`batch` for a planned batch with device storage: its chunk
+        of consecutive batches (up to :data:`CHUNK_NNZ` non-zeros) is sliced
+        in one vectorised pass the first time one of them is asked for, and
+        every batch of it is then three views (fewer, larger operations than
+        slicing each batch alone; the same triplets)."""
+        if self._chunk is None or self._chunk[0] != chunk:
+            batches, totals = self._chunks[chunk]
+            ids = torch.cat(batches)
+            total = sum(totals)
+            sizes = torch.tensor([b.shape[0] for b in batches])
+            length = self.row_nnz[ids]
+            rows = torch.repeat_interleave(torch.arange(ids.shape[0], device=ids.device), length, output_size=total)
+            pos = _positions(self.start[ids], length, rows, total)
+            # each row's number within its own batch: subtract the first row of its batch
+            first = torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes).to(ids.device)
+            rows -= first[rows]
+            flat = rows * self.n_features + self.indices[pos]
+            offsets = [0]
+            for t in totals:
+                offsets.append(offsets[-1] + t)
+            where = {id(b): (o, t) for b, o, t in zip(batches, offsets, totals)}
+            self._chunk = (chunk, flat, rows, self.values[pos], where)
+        _, flat, rows, values, where = self._chunk
+        o, t = where[id(idx)]
+        return flat[o : o + t], rows[o : o + t], values[o : o + t]
 
     def _gather_host(self, idx: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Columns (long) and values of rows ``idx`` ((B,) long, on the host),
@@ -158,6 +195,29 @@ class DeviceCounts:
         torch.index_select(self.indices, 0, pos, out=cols)
         torch.index_select(self.values, 0, pos, out=values)
         return cols.to(self.device, non_blocking=True).long(), values.to(self.device, non_blocking=True)
+
+
+def _chunk_numbers(totals: list[int]) -> list[int]:
+    """Chunk number of each of consecutive batches with ``totals`` non-zeros:
+    a chunk closes once it holds :data:`CHUNK_NNZ` non-zeros."""
+    out, chunk, filled = [], 0, 0
+    for t in totals:
+        if filled and filled + t > CHUNK_NNZ:
+            chunk, filled = chunk + 1, 0
+        out.append(chunk)
+        filled += t
+    return out
+
+
+def _group_chunks(batches: list[torch.Tensor], totals: list[int], chunks: list) -> dict:
+    """chunk number -> (its batches, their non-zero totals), in order."""
+    out: dict = {}
+    for b, t, c in zip(batches, totals, chunks):
+        if c is not None:
+            out.setdefault(c, ([], []))
+            out[c][0].append(b)
+            out[c][1].append(t)
+    return out
 
 
 def _positions(start: torch.Tensor, length: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
