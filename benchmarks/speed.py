@@ -1,7 +1,7 @@
 """Speed and memory of dgdcell at 10k, 100k and 1M cells x 2,000 genes.
 
-    python benchmarks/speed.py [--sizes 10000,100000,1000000] [--genes 2000] [--epochs 2]
-                               [--batch-size 256] [--device cpu|cuda|auto] [--threads N]
+    python benchmarks/speed.py [--sizes 10000,100000,1000000] [--genes 2000] [--epochs 3]
+                               [--batch-sizes 256,1024] [--device cpu|cuda|auto] [--threads N]
                                [--out benchmarks/results]
 
 Data: simulated negative-binomial counts (see :func:`simulate_counts`): 10 cell types, log-normal
@@ -267,29 +267,36 @@ def measure_size(n_cells: int, args, device) -> dict:
            "simulate s": time.perf_counter() - t0}
     print(f"[speed] {n_cells} cells simulated in {row['simulate s']:.1f} s ({row['nnz %']:.1f}% non-zeros)", flush=True)
 
-    model, _, loop, setup = fit_measured(adata, device, args.epochs, args.batch_size, init="zero")
-    epoch_s = float(np.min(np.diff([0.0] + list(model.history["seconds"]))))
-    row.update({"s / epoch": epoch_s, "cells / s": n_cells / epoch_s, "loop peak RSS GB": loop.rss_gb})
-    if loop.gpu_gb is not None:
-        row["loop peak GPU GB"] = loop.gpu_gb
-    row["setup s (read, split, counts)"] = setup
-    print(f"[speed] loop: {epoch_s:.2f} s / epoch, {n_cells / epoch_s:,.0f} cells/s, peak RSS {loop.rss_gb:.2f} GB",
-          flush=True)
+    rows = []
+    for batch_size in args.batch_sizes:
+        model, _, loop, setup = fit_measured(adata, device, args.epochs, batch_size, init="zero")
+        epochs = np.diff([0.0] + list(model.history["seconds"]))
+        epoch_s = float(np.min(epochs))
+        line = row if not rows else {k: row[k] for k in ("cells", "genes", "nnz %", "simulate s")}
+        line.update({"batch": batch_size, "s / epoch": epoch_s, "median s / epoch": float(np.median(epochs)),
+                     "cells / s": n_cells / epoch_s, "loop peak RSS GB": loop.rss_gb})
+        if loop.gpu_gb is not None:
+            line["loop peak GPU GB"] = loop.gpu_gb
+        line["setup s (read, split, counts)"] = setup
+        print(f"[speed] loop, batch {batch_size}: {epoch_s:.2f} s / epoch (median {np.median(epochs):.2f}), "
+              f"{n_cells / epoch_s:,.0f} cells/s, peak RSS {loop.rss_gb:.2f} GB", flush=True)
+        if not rows:  # new cells are mapped onto the first batch size's model
+            new = simulate_counts(args.transform_cells, args.genes, seed=1)
+            with Phase(device) as tr:
+                model.transform(new, verbose=False)
+            line["transform s / 1k cells"] = tr.seconds / (args.transform_cells / 1000)
+            del new
+        rows.append(line)
+        del model
 
-    new = simulate_counts(args.transform_cells, args.genes, seed=1)
-    with Phase(device) as tr:
-        model.transform(new, verbose=False)
-    row["transform s / 1k cells"] = tr.seconds / (args.transform_cells / 1000)
-    del model, new
-
-    _, full, _, start = fit_measured(adata, device, 1, args.batch_size)
+    _, full, _, start = fit_measured(adata, device, 1, args.batch_sizes[0])
     row.update({"start s (setup + PCA + Leiden)": start, "full fit s (1 epoch)": full.seconds,
                 "full fit peak RSS GB": full.rss_gb})
     if full.gpu_gb is not None:
         row["full fit peak GPU GB"] = full.gpu_gb
     print(f"[speed] transform {row['transform s / 1k cells']:.2f} s / 1k cells; full fit: start {start:.1f} s, "
           f"peak RSS {full.rss_gb:.2f} GB", flush=True)
-    return row
+    return rows
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -299,15 +306,19 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = [r["cells"] for r in rows]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(9, 3.6))
-    ax_t.plot(cells, [r["s / epoch"] for r in rows], "o-", label="training epoch")
-    ax_t.plot(cells, [r["start s (setup + PCA + Leiden)"] for r in rows], "s--", label="start (setup + PCA + Leiden)")
+    for b in sorted({r["batch"] for r in rows}):
+        mine = [r for r in rows if r["batch"] == b]
+        ax_t.plot([r["cells"] for r in mine], [r["s / epoch"] for r in mine], "o-", label=f"training epoch (batch {b})")
+        ax_m.plot([r["cells"] for r in mine], [r["loop peak RSS GB"] for r in mine], "o-",
+                  label=f"training loop (batch {b})")
+    full = [r for r in rows if "full fit peak RSS GB" in r]
+    cells = [r["cells"] for r in full]
+    ax_t.plot(cells, [r["start s (setup + PCA + Leiden)"] for r in full], "s--", label="start (setup + PCA + Leiden)")
     ax_t.set(xscale="log", yscale="log", xlabel="cells", ylabel="seconds", title="time")
-    ax_m.plot(cells, [r["loop peak RSS GB"] for r in rows], "o-", label="training loop")
-    ax_m.plot(cells, [r["full fit peak RSS GB"] for r in rows], "s--", label="full fit")
+    ax_m.plot(cells, [r["full fit peak RSS GB"] for r in full], "s--", label="full fit")
     if "loop peak GPU GB" in rows[0]:
-        ax_m.plot(cells, [r["loop peak GPU GB"] for r in rows], "^:", label="GPU (loop)")
+        ax_m.plot([r["cells"] for r in rows], [r["loop peak GPU GB"] for r in rows], "^:", label="GPU (loop)")
     ax_m.set(xscale="log", xlabel="cells", ylabel="GB", title="peak memory", ylim=(0, None))
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
@@ -321,13 +332,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated cell counts")
     p.add_argument("--genes", type=int, default=2000)
-    p.add_argument("--epochs", type=int, default=2, help="epochs of the loop measurement (the fastest is reported)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=3,
+                   help="epochs of the loop measurement (the fastest and the median are reported)")
+    p.add_argument("--batch-sizes", default="256",
+                   help="comma-separated minibatch sizes of the loop measurement (transform and full fit use the first)")
     p.add_argument("--transform-cells", type=int, default=2000)
     p.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'auto' (CUDA when present)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     import torch
 
     from dgdcell.model import resolve_device
@@ -340,7 +354,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for n in [int(s) for s in args.sizes.split(",") if s.strip()]:
-        rows.append(measure_size(n, args, device))
+        rows.extend(measure_size(n, args, device))
         write(rows, out, args, device, load_before)
     plot(rows, out / "speed.png")
 
@@ -355,16 +369,17 @@ def write(rows: list[dict], out: Path, args, device, load_before) -> None:
             f"- load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; "
             f"after: {', '.join(f'{v:.2f}' for v in load_after)}",
             f"- command: `python benchmarks/speed.py --sizes {args.sizes} --genes {args.genes} --epochs {args.epochs} "
-            f"--batch-size {args.batch_size} --device {args.device}`",
+            f"--batch-sizes {','.join(map(str, args.batch_sizes))} --device {args.device}`",
             "- data: simulated NB counts, 10 cell types, log-normal library sizes (median ~800), "
             "dispersions ~2 (see `simulate_counts`); model: default architecture (latent 20, trunk 2 x 100, "
             "head 2 x 100), 10 components",
-            "- `s / epoch`: fastest of the epochs of `DGD(init='zero').fit(max_epochs=E)` (training + validation "
-            "cells); `cells / s` = cells / (s / epoch); `loop peak RSS`: peak resident memory during its training "
+            "- `s / epoch`: fastest of the epochs of `DGD(init='zero').fit(max_epochs=E, batch_size=batch)` "
+            "(training + validation cells), `median s / epoch` their median; `cells / s` = cells / (s / epoch); `loop peak RSS`: peak resident memory during its training "
             "loop (the AnnData, the fit's copies of the counts and the model included); `setup s`: that fit's time "
             "before the loop (reading, checks, split, counts to the device)",
-            f"- `transform s / 1k cells`: `transform` of {args.transform_cells} new cells against that model",
-            "- `full fit`: the default `DGD().fit(max_epochs=1)`; `start s`: its time before the loop (setup, PCA, "
+            f"- `transform s / 1k cells`: `transform` of {args.transform_cells} new cells against that model "
+            "(the first batch size's); it and the `full fit` columns are given once per size",
+            "- `full fit`: the default `DGD().fit(max_epochs=1)` (first batch size); `start s`: its time before the loop (setup, PCA, "
             "Leiden); `full fit peak RSS`: peak resident memory of the whole call",
         ],
         footer_lines=NOTES,
