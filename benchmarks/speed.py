@@ -48,29 +48,42 @@ import common  # noqa: E402
 NOTES = [
     "## Where the time goes (development notes)",
     "",
-    "Measured on the 2-core AMD EPYC (Zen 4) above with torch 2.13, simulated data as here, minibatch 256, one "
-    "thread (CPU time, per cell and epoch): the decoder's output layer (forward and the two backward GEMMs) "
-    "~22 us; the softmax of `Decoder.log_mean` (logsumexp, then subtraction) ~7 us -- `torch.log_softmax` "
-    "would take ~2 us; the sparse NB likelihood ~8 us (was ~20 us before the hand-written backward); "
-    "minibatch slicing ~2 us; mixture prior ~2 us; plus ~2.4 ms per minibatch of fixed cost (Python, "
-    "dispatch, optimiser steps, the per-feature lgamma table), i.e. ~9 us per cell at 256 cells per batch. "
-    "Larger minibatches amortise that: on 2 idle threads 100k cells run at ~29k cells/s with 256 and "
-    "~41k cells/s with 1,024 cells per batch (quality: `schedules.md`).",
+    "Measured on the 2-core AMD EPYC (Zen 4) above with torch 2.13, simulated data as here, minibatch 256. "
+    "Per minibatch of 256 cells x 2,000 genes, by timers inside the loop (ms): decoder forward 1.1 (the "
+    "output layer's GEMM most of it), slicing the counts 0.7, the NB likelihood 1.8 forward and 1.5 backward "
+    "(of which the lgamma / digamma tables 0.65 each), mixture prior 0.6, the rest of the backward pass "
+    "(output-layer GEMMs, trunk) 3.2, Adam 0.5 -- about 10 ms in all, so ~25k cells/s. At 50 genes "
+    "(dense work negligible) a minibatch still costs ~4.4 ms: per-operation overhead (~300 small tensor "
+    "operations forward and backward), which is why 1,024-cell minibatches run 1.3-1.6x more cells per "
+    "second.",
+    "",
+    "Issue #5, second round (this table): validation passes in minibatches of up to 2^22 decoded values "
+    "with the decoder and mixtures frozen (the same result: each validation cell's gradient is its own, "
+    "one step per epoch), the log-softmax fused into the NB likelihood (one (B, G) pass and allocation "
+    "fewer), the count table's positions computed once for forward and backward, one Adam for decoder and "
+    "mixtures, the counts of consecutive minibatches sliced together. Paired runs (old and new code at "
+    "the same time, one core each, 30k cells): at 50 genes 36-48k -> 60-68k cells/s, at 2,000 genes "
+    "+0-10%, inside the noise. Losses are unchanged to 4 decimals.",
+    "",
+    "This machine's speed drifts: the same fixed GEMM + sigmoid loop ran 2.6x slower in the first "
+    "second of an 8 s run than in its last, and the unchanged code's 100k-cell epoch took 3.4 s on one day "
+    "and 4.5 s on the next. Compare rows of one run only.",
     "",
     "Before issue #5's changes, one thread: 1M cells took 226 CPU s per epoch with a 9.1 GB peak (a dense "
-    "(cells x 20) representation gradient per minibatch, int64 and float64 copies of the counts); after: "
-    "58 s and 5.3 GB; 100k cells 12k -> 16k cells per CPU second.",
+    "(cells x 20) representation gradient per minibatch, int64 and float64 copies of the counts); after the "
+    "first round: 58 s and 5.3 GB.",
     "",
     "Tried and not kept: `torch.compile` of decoder + likelihood (46 s to compile, ~10% faster steps) and of "
     "the whole minibatch loss (graph breaks, recompilations: slower); "
     "lgamma / digamma of `x + r` by recurrence + asymptotic series in torch ops (2-4x slower than "
-    "`torch.lgamma` / `torch.digamma`: many small passes); one Adam with two parameter groups instead of two "
-    "optimisers (no measurable gain).",
+    "`torch.lgamma` / `torch.digamma`: many small passes); glibc malloc thresholds (no page faults in the "
+    "loop to save); freezing the garbage collector (2 full collections in 4 epochs).",
     "",
-    "Memory at 1M cells (~1.4 GB of CSR counts): the AnnData's matrix and the copy `read_data` makes are "
-    "~1.4 GB each; the training and validation counts are row views (`DeviceCounts.subset`) of one copy "
-    "(before: a copy each, loop peak 5.3 GB); after the loop, `cluster_probabilities` on all cells at once "
-    "adds ~1.5 GB transiently, and the PCA start ~1.7-3 GB (full copies of the log-normalised matrix).",
+    "Memory at 1M cells (~1.4 GB of CSR counts): canonical float32 CSR counts are read without a copy "
+    "(the fit shares the AnnData's arrays and never writes them), the training and validation counts are "
+    "row views of them, the PCA start's log-normalised matrix shares their index arrays and is built in "
+    "row blocks, cluster probabilities and the EM start run in row chunks: loop peak 3.9 -> 2.8 GB, whole "
+    "fit 5.7 -> 3.1-3.2 GB; the start (reading, PCA, Leiden) 33 -> 24-27 s.",
 ]
 #: cells simulated per chunk (dense float32 work of chunk x genes)
 CHUNK = 8192
