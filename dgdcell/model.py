@@ -286,6 +286,10 @@ class DGD:
         (``patience`` epochs without a relative improvement of ``min_delta``).
         The best state is kept.
 
+        Counts stay sparse throughout; canonical float32 CSR counts (what
+        AnnData files usually hold) are used in place, without a copy, and
+        are never modified.
+
         Writes (and nothing else; for a MuData into ``mdata.obsm`` /
         ``mdata.obs`` / ``mdata.uns``), with ``key = key_added``:
 

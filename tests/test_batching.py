@@ -238,3 +238,42 @@ def test_count_terms_table_and_direct_paths_match_scipy():
         for table in (True, False):  # True: the CPU path, False: the GPU path
             got = _count_terms(x, r, cols, step, special, table=table).numpy()
             np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-8)
+
+
+def test_frozen_parameters_are_restored_also_after_an_error():
+    """Validation passes freeze the decoder and mixtures; every flag comes back as it was
+    (a 'fixed' covariance stays frozen), also when the pass raises."""
+    from torch import nn
+
+    from dgdcell.latent import GaussianMixture
+    from dgdcell.train.loop import _frozen
+
+    dec = nn.Linear(3, 2)
+    gmm = GaussianMixture(4, 3, covariance_type="fixed")
+    before = [p.requires_grad for m in (dec, gmm) for p in m.parameters()]
+    assert before.count(False) == 1  # the fixed covariance
+    with _frozen([dec, gmm]):
+        assert not any(p.requires_grad for m in (dec, gmm) for p in m.parameters())
+    assert [p.requires_grad for m in (dec, gmm) for p in m.parameters()] == before
+    with pytest.raises(RuntimeError), _frozen([dec, gmm]):
+        raise RuntimeError("boom")
+    assert [p.requires_grad for m in (dec, gmm) for p in m.parameters()] == before
+
+
+def test_validation_batch_size_does_not_change_the_fit(monkeypatch):
+    """Validation representations step once per epoch on their own gradients, so fitting them in
+    larger minibatches (the default) gives the fit of minibatches of batch_size."""
+    import dgdcell.train.loop as loop
+    from dgdcell import DGD
+
+    from .conftest import make_counts
+
+    adata = make_counts(n_per_group=(40, 30, 30), seed=2)
+    fits = []
+    for elements in (1, 1 << 22):  # 16-cell validation minibatches (4 of them), then all 50 cells at once
+        monkeypatch.setattr(loop, "REPRESENTATION_BATCH_ELEMENTS", elements)
+        model = DGD(latent_dim=4, n_components=3, seed=0).fit(adata, max_epochs=6, batch_size=16, train_size=0.5,
+                                                                early_stopping=False, verbose=False)
+        fits.append((model.history["val_loss"], adata.obsm["X_dgd"].copy()))
+    np.testing.assert_allclose(fits[0][0], fits[1][0], rtol=1e-5)
+    np.testing.assert_allclose(fits[0][1], fits[1][1], atol=1e-4)
