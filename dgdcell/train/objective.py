@@ -105,8 +105,7 @@ def prior_nll(
     towards one component."""
     if guided and cells.guide is not None:
         n = max(int(z.shape[0]), 1)
-        comp = cells.guide[idx].unsqueeze(-1)
-        nll = -gmm.component_log_prob(z).gather(1, comp).squeeze(-1) - prior_scale * gmm.prior_log_prob() / n
+        nll = -gmm.component_log_prob_of(z, cells.guide[idx]) - prior_scale * gmm.prior_log_prob() / n
     elif isinstance(gmm, GaussianMixtureSupervised):
         labels = None if cells.labels is None else cells.labels[idx]
         nll = gmm(z, labels, prior_scale=prior_scale)
