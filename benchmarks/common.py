@@ -391,6 +391,14 @@ def write_table(
     return text
 
 
+def load_average_line(before: tuple[float, ...]) -> str:
+    """``- load average (1, 5, 15 min) before: ...; after: ...`` (after = now), for result headers."""
+    def fmt(values):
+        return ", ".join(f"{v:.2f}" for v in values)
+
+    return f"- load average (1, 5, 15 min) before: {fmt(before)}; after: {fmt(os.getloadavg())}"
+
+
 def machine_description() -> str:
     """One line: CPU model, logical cores, Python/torch versions, CUDA device if any."""
     cpu = platform.processor() or platform.machine()

@@ -155,8 +155,7 @@ def main() -> None:
                 rows, out / "schedules.md", out / "schedules.csv", "Time to quality: minibatch schedules",
                 header_lines=[
                     f"- machine: {common.machine_description()}",
-                    f"- load average before (1, 5, 15 min): {', '.join(f'{v:.2f}' for v in load_before)}; "
-                    f"after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}",
+                    common.load_average_line(load_before),
                     f"- command: `python benchmarks/schedules.py --datasets {args.datasets} "
                     f"--schedules {args.schedules} --threads {args.threads}`",
                     "- schedule `B`: `DGD(n_components=K, seed=0).fit(adata, batch_size=B)`, everything else default "

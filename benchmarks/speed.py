@@ -376,13 +376,11 @@ def main() -> None:
 
 def write(rows: list[dict], out: Path, args, device, load_before) -> None:
     """``speed.md`` and ``speed.csv`` for the rows so far."""
-    load_after = os.getloadavg()
     common.write_table(
         rows, out / "speed.md", out / "speed.csv", "dgdcell speed and memory (simulated counts)",
         header_lines=[
             f"- machine: {common.machine_description()}; device {device}",
-            f"- load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; "
-            f"after: {', '.join(f'{v:.2f}' for v in load_after)}",
+            common.load_average_line(load_before),
             f"- command: `python benchmarks/speed.py --sizes {args.sizes} --genes {args.genes} --epochs {args.epochs} "
             f"--batch-sizes {','.join(map(str, args.batch_sizes))} --device {args.device}`",
             "- data: simulated NB counts, 10 cell types, log-normal library sizes (median ~800), "

@@ -246,16 +246,16 @@ def test_frozen_parameters_are_restored_also_after_an_error():
     from torch import nn
 
     from dgdcell.latent import GaussianMixture
-    from dgdcell.train.loop import _frozen
+    from dgdcell.train import frozen
 
     dec = nn.Linear(3, 2)
     gmm = GaussianMixture(4, 3, covariance_type="fixed")
     before = [p.requires_grad for m in (dec, gmm) for p in m.parameters()]
     assert before.count(False) == 1  # the fixed covariance
-    with _frozen([dec, gmm]):
+    with frozen(dec, gmm):
         assert not any(p.requires_grad for m in (dec, gmm) for p in m.parameters())
     assert [p.requires_grad for m in (dec, gmm) for p in m.parameters()] == before
-    with pytest.raises(RuntimeError), _frozen([dec, gmm]):
+    with pytest.raises(RuntimeError), frozen(dec, gmm):
         raise RuntimeError("boom")
     assert [p.requires_grad for m in (dec, gmm) for p in m.parameters()] == before
 

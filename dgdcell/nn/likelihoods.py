@@ -127,7 +127,7 @@ class _NBSparse(torch.autograd.Function):
         cols = flat_index - rows * g
         a_nz = a.reshape(-1).take(flat_index)
         index = _count_index(values, cols) if _use_table(values) else None
-        lgam = _count_terms(values, r.double(), cols, torch.log, torch.lgamma, table=index is not None, index=index)
+        lgam = _count_terms(values, r.double(), cols, torch.log, torch.lgamma, index=index)
         nz = lgam.to(x.dtype).sub_(values * F.softplus(-a_nz))
         ctx.index = index
         ctx.save_for_backward(a, sp, r, flat_index, cols, rows, values, a_nz, lsm)
@@ -142,8 +142,7 @@ class _NBSparse(torch.autograd.Function):
         d_mu.view(-1).index_add_(0, flat_index, g_nz * values * torch.sigmoid(-a_nz))
         d_r = None
         if ctx.needs_input_grad[2]:
-            dig = _count_terms(values, r.double(), cols, torch.reciprocal, torch.digamma, table=ctx.index is not None,
-                               index=ctx.index)
+            dig = _count_terms(values, r.double(), cols, torch.reciprocal, torch.digamma, index=ctx.index)
             d_r = (r * (grad @ sp)).add_(d_mu.sum(0)).neg_()
             d_r.index_add_(0, cols, g_nz.mul_(dig.to(grad.dtype)).mul_(r.take(cols)))
         d_lib = d_mu.sum(1) if lsm is not None and ctx.needs_input_grad[1] else None
@@ -199,10 +198,11 @@ def _count_terms(
 
     ``values`` (nnz,) integer counts (as floats), ``r`` (G,) float64
     dispersions, ``cols`` (nnz,) long features; ``index`` optionally the
-    table positions from :func:`_count_index` (computed here when None).
+    table positions from :func:`_count_index` (computed here when None; a
+    given ``index`` selects the table).
     """
     if table is None:
-        table = _use_table(values)
+        table = index is not None or _use_table(values)
     if not table:
         x = values.double()
         return special(x + r.take(cols)).sub_(special(r).take(cols))

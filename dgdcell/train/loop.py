@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..latent import GaussianMixture, GaussianMixtureSupervised
 from ..nn import Decoder
+from .new_cells import frozen
 from .objective import CellSet, batch_loss
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def representation_epoch(
     recon_total = torch.zeros((), device=cells.rep.z.device)
     n_values = max(sum(c.n_features for c in cells.counts.values()), 1)
     size = max(int(batch_size), REPRESENTATION_BATCH_ELEMENTS // n_values)
-    with _frozen([decoder, gmm, *cov_gmms.values()]):
+    with frozen(decoder, gmm, *cov_gmms.values()):
         for idx in _batches(cells, size, generator, cells.rep.z.device):
             recon, prior = batch_loss(decoder, gmm, cov_gmms, view, idx, prior_scale=0.0, guided=guided)
             loss = (recon + prior).sum()
@@ -154,22 +154,6 @@ def representation_epoch(
     if step:
         optimizer.step()
     return total.item() / cells.n, recon_total.item() / cells.n
-
-
-@contextlib.contextmanager
-def _frozen(modules: list[nn.Module]):
-    """Within the block the modules' parameters do not require gradients
-    (so autograd, custom backward passes included, skips them); their flags
-    are restored afterwards."""
-    params = [p for m in modules for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
 
 
 def train(
