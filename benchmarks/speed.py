@@ -55,7 +55,8 @@ NOTES = [
     "(output-layer GEMMs, trunk) 3.2, Adam 0.5 -- about 10 ms in all, so ~25k cells/s. At 50 genes "
     "(dense work negligible) a minibatch still costs ~4.4 ms: per-operation overhead (~300 small tensor "
     "operations forward and backward), which is why 1,024-cell minibatches run 1.3-1.6x more cells per "
-    "second.",
+    "second. (Measured before the third round below, which brings a 256-cell minibatch to about 8.7 ms, "
+    "29k cells/s, in this table's 100k row.)",
     "",
     "Issue #5, second round (this table): validation passes in minibatches of up to 2^22 decoded values "
     "with the decoder and mixtures frozen (the same result: each validation cell's gradient is its own, "
@@ -66,6 +67,21 @@ NOTES = [
     "+0-10%, inside the noise. Losses are unchanged to 4 decimals. After this table was measured: the "
     "mixture log density as one operation with a hand-written backward (forward + backward of a 256-cell "
     "minibatch 390-440 -> 210-280 us in isolation).",
+    "",
+    "Issue #5, third round (this table): float32 matrix products on the CPU through oneDNN instead of MKL "
+    "where a start-up check finds oneDNN exact (`dgdcell.train.matmul`; MKL takes slow paths on this AMD "
+    "processor: the output layer's three products for a 256-cell minibatch 550-650 -> 250-320 us each "
+    "in isolation, equal to float32 rounding), gathers with `index_select` instead of `take` / advanced "
+    "indexing (2.5-3x faster for a minibatch's ~46k non-zeros), the counts' chunked slicing in fewer "
+    "passes, and the mixtures' parameter priors as one operation with a hand-written backward. Paired "
+    "runs (old and new code at the same time, one core each, 20k cells): 17k -> 20-26k cells/s; two "
+    "threads, one after the other: 22-25k -> 26-29k cells/s.",
+    "",
+    "The dense work is bound by memory traffic, not arithmetic: a pass over a (256, 2,000) float32 array "
+    "that has left the cache costs 140-250 us against 15-30 us while cached (an addition 29 -> 197 us, a "
+    "mat-vec 30 -> 249 us after touching 64 MB), and a minibatch makes about 20 such passes. Forming "
+    "the NB gradients already in the forward pass, while the arrays are cached (two saved arrays "
+    "instead of three, a two-pass backward), measured equal in paired runs and was not kept.",
     "",
     "This machine's speed drifts: the same fixed GEMM + sigmoid loop ran 2.6x slower in the first "
     "second of an 8 s run than in its last, and the unchanged code's 100k-cell epoch took 3.4 s on one day "
@@ -79,7 +95,8 @@ NOTES = [
     "the whole minibatch loss (graph breaks, recompilations: slower); "
     "lgamma / digamma of `x + r` by recurrence + asymptotic series in torch ops (2-4x slower than "
     "`torch.lgamma` / `torch.digamma`: many small passes); glibc malloc thresholds (no page faults in the "
-    "loop to save); freezing the garbage collector (2 full collections in 4 epochs).",
+    "loop to save); freezing the garbage collector (2 full collections in 4 epochs); calling `torch._fused_adam_` directly "
+    "instead of `torch.optim.Adam(fused=True)` (80 us per minibatch, through a private API).",
     "",
     "Memory at 1M cells (~1.4 GB of CSR counts): canonical float32 CSR counts are read without a copy "
     "(the fit shares the AnnData's arrays and never writes them), the training and validation counts are "

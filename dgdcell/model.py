@@ -21,6 +21,7 @@ from .data import CountData, read_data
 from .latent import COVARIANCE_TYPES, GaussianMixture, GaussianMixtureSupervised, RepresentationLayer
 from .nn import LIKELIHOODS, Decoder
 from .train import CellSet, DeviceCounts, TrainConfig, init_mixture, pca_scores, train
+from .train.matmul import onednn_float32_matmul
 from .train.initialisation import graph_clusters, init_mixture_from_labels
 
 logger = logging.getLogger(__name__)
@@ -288,7 +289,9 @@ class DGD:
 
         Counts stay sparse throughout; canonical float32 CSR counts (what
         AnnData files usually hold) are used in place, without a copy, and
-        are never modified.
+        are never modified. On the CPU, float32 matrix products go through
+        oneDNN during the call when that is exact here (see
+        :mod:`dgdcell.train.matmul`; faster than MKL on AMD processors).
 
         Writes (and nothing else; for a MuData into ``mdata.obsm`` /
         ``mdata.obs`` / ``mdata.uns``), with ``key = key_added``:
@@ -451,7 +454,7 @@ class DGD:
         a = self.init_args
         generator = torch.Generator().manual_seed(a["seed"])
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), onednn_float32_matmul(self.device):
             torch.manual_seed(a["seed"])
             if order is None:
                 self._build(
@@ -789,8 +792,9 @@ class DGD:
         )
         seed = self.init_args["seed"] if seed is None else int(seed)
         cells = self._new_cell_set(new)
-        history = fit_new_cells(self.decoder, self.gmm, dict(self.cov_gmms), cells, config,
-                                torch.Generator().manual_seed(seed))
+        with onednn_float32_matmul(self.device):
+            history = fit_new_cells(self.decoder, self.gmm, dict(self.cov_gmms), cells, config,
+                                    torch.Generator().manual_seed(seed))
         z = cells.rep.z.detach().cpu()
         cov = {k: r.z.detach().cpu() for k, r in cells.cov_reps.items()}
         record = self._transform_record(new, config, layer, seed, history, time.perf_counter() - t0)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .priors import DirichletPrior, GaussianPrior, Softball
+from .priors import DirichletPrior, GaussianPrior, Softball, parameter_log_prob
 
 COVARIANCE_TYPES = ("fixed", "isotropic", "diagonal")
 
@@ -162,10 +162,8 @@ class GaussianMixture(nn.Module):
 
     def prior_log_prob(self) -> torch.Tensor:
         """Log density of the parameters under their priors (scalar)."""
-        lp = self.mean_prior.log_prob(self.mean).sum() + self.weight_prior.log_prob(self.weight)
-        if self.covariance_type != "fixed":
-            lp = lp + self.neglogvar_prior.log_prob(self.neglogvar).sum()
-        return lp
+        nlv = self.neglogvar if self.covariance_type != "fixed" else None
+        return parameter_log_prob(self.mean, self.weight, nlv, self.mean_prior, self.weight_prior, self.neglogvar_prior)
 
     def forward(self, x: torch.Tensor, prior_scale: float = 1.0) -> torch.Tensor:
         """Negative log density per sample incl. parameter priors: (n,).

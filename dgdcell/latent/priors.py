@@ -125,3 +125,61 @@ class DirichletPrior:
         """``n`` weight vectors, shape (n, K) (each row sums to 1); ``generator`` is accepted for API symmetry (unused)."""
         g = torch._standard_gamma(torch.full((n, self.n_components), self.alpha))
         return g / g.sum(-1, keepdim=True)
+
+
+def parameter_log_prob(
+    mean: torch.Tensor,
+    weight: torch.Tensor,
+    neglogvar: torch.Tensor | None,
+    mean_prior: Softball,
+    weight_prior: DirichletPrior,
+    neglogvar_prior: GaussianPrior,
+) -> torch.Tensor:
+    """Log density of a mixture's parameters under their priors (scalar):
+    ``mean_prior.log_prob(mean).sum() + weight_prior.log_prob(weight) +
+    neglogvar_prior.log_prob(neglogvar).sum()`` (the last term left out when
+    ``neglogvar`` is None), as one operation with a hand-written backward
+    (one tensor operation instead of about twenty on the training path).
+
+    ``mean`` (K, d), ``weight`` (K,) logits, ``neglogvar`` (K, 1|d).
+    """
+    return _ParameterLogProb.apply(mean, weight, neglogvar, mean_prior, weight_prior, neglogvar_prior)
+
+
+class _ParameterLogProb(torch.autograd.Function):
+    """:func:`parameter_log_prob`. With ``u_k = s (|m_k| / R - 1)`` (softball of
+    radius R and sharpness s), ``p = softmax(weight)`` and ``zs = (nlv - mu) / sd``,
+    the gradients are ``-sigmoid(u_k) s / R * m_k / |m_k|`` (0 at ``m_k = 0``),
+    ``(alpha - 1) (1 - K p)`` and ``-zs / sd``."""
+
+    @staticmethod
+    def forward(ctx, mean, weight, neglogvar, mean_prior, weight_prior, neglogvar_prior):
+        k = weight.shape[-1]
+        radius = torch.linalg.vector_norm(mean, dim=-1)
+        u = radius.div(mean_prior.radius).sub_(1.0).mul_(mean_prior.sharpness)
+        lp = mean.shape[0] * mean_prior._log_norm - F.softplus(u).sum()
+        lsm = torch.log_softmax(weight, dim=-1)
+        lp = lp + (weight_prior._log_norm + (weight_prior.alpha - 1.0) * lsm.sum())
+        zs = None
+        if neglogvar is not None:
+            zs = (neglogvar - neglogvar_prior.mean) / neglogvar_prior.stddev
+            lp = lp + (neglogvar.numel() * neglogvar_prior._log_norm - 0.5 * zs.square().sum())
+        ctx.k = k
+        ctx.constants = (mean_prior.sharpness / mean_prior.radius, weight_prior.alpha - 1.0, neglogvar_prior.stddev)
+        ctx.save_for_backward(mean, radius, u, lsm, zs)
+        return lp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        mean, radius, u, lsm, zs = ctx.saved_tensors
+        slope, alpha_m1, sd = ctx.constants
+        d_mean = d_weight = d_nlv = None
+        if ctx.needs_input_grad[0]:
+            scale = torch.sigmoid(u).mul_(-slope).div_(radius.clamp_min(torch.finfo(radius.dtype).tiny))
+            d_mean = mean * (scale * grad).unsqueeze(-1)
+        if ctx.needs_input_grad[1]:
+            d_weight = torch.exp(lsm).mul_(-ctx.k).add_(1.0).mul_(alpha_m1 * grad)
+        if zs is not None and ctx.needs_input_grad[2]:
+            d_nlv = zs * (-grad / sd)
+        return d_mean, d_weight, d_nlv, None, None, None

@@ -125,7 +125,7 @@ class _NBSparse(torch.autograd.Function):
         # r log(r / (r + mu)) for every entry, summed per cell with a mat-vec
         dense = -(sp @ r)
         cols = flat_index - rows * g
-        a_nz = a.reshape(-1).take(flat_index)
+        a_nz = a.reshape(-1).index_select(0, flat_index)
         index = _count_index(values, cols) if _use_table(values) else None
         lgam = _count_terms(values, r.double(), cols, torch.log, torch.lgamma, index=index)
         nz = lgam.to(x.dtype).sub_(values * F.softplus(-a_nz))
@@ -137,14 +137,14 @@ class _NBSparse(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         a, sp, r, flat_index, cols, rows, values, a_nz, lsm = ctx.saved_tensors
-        g_nz = grad.take(rows)
+        g_nz = grad.index_select(0, rows)
         d_mu = torch.sigmoid(a).mul_(-r).mul_(grad.unsqueeze(1))
         d_mu.view(-1).index_add_(0, flat_index, g_nz * values * torch.sigmoid(-a_nz))
         d_r = None
         if ctx.needs_input_grad[2]:
             dig = _count_terms(values, r.double(), cols, torch.reciprocal, torch.digamma, index=ctx.index)
             d_r = (r * (grad @ sp)).add_(d_mu.sum(0)).neg_()
-            d_r.index_add_(0, cols, g_nz.mul_(dig.to(grad.dtype)).mul_(r.take(cols)))
+            d_r.index_add_(0, cols, g_nz.mul_(dig.to(grad.dtype)).mul_(r.index_select(0, cols)))
         d_lib = d_mu.sum(1) if lsm is not None and ctx.needs_input_grad[1] else None
         d_x = None
         if ctx.needs_input_grad[0]:
@@ -205,15 +205,15 @@ def _count_terms(
         table = index is not None or _use_table(values)
     if not table:
         x = values.double()
-        return special(x + r.take(cols)).sub_(special(r).take(cols))
+        return special(x + r.index_select(0, cols)).sub_(special(r).index_select(0, cols))
     k = TABLE_COUNTS
     position, big = _count_index(values, cols) if index is None else index
     steps = step(r.unsqueeze(1) + torch.arange(k, dtype=r.dtype, device=r.device))
     sums = F.pad(steps.cumsum_(1), (1, 0))  # (G, K + 1); column x holds the sum for count x (0 for 0)
-    out = sums.view(-1).take(position)
+    out = sums.view(-1).index_select(0, position)
     if big.numel():
-        rb = r.take(cols[big])
-        out.index_add_(0, big, special(values[big].double() + rb).sub_(special(rb + k)))
+        rb = r.index_select(0, cols.index_select(0, big))
+        out.index_add_(0, big, special(values.index_select(0, big).double() + rb).sub_(special(rb + k)))
     return out
 
 
@@ -234,8 +234,8 @@ def nb_log_prob_sparse_mu_terms(
     """
     g = log_mu.shape[1]
     dense = -(F.softplus(log_mu - log_r) @ torch.exp(log_r))
-    lm = log_mu.reshape(-1).take(flat_index)
-    lr = log_r.take(flat_index.remainder(g))
+    lm = log_mu.reshape(-1).index_select(0, flat_index)
+    lr = log_r.index_select(0, flat_index.remainder(g))
     return dense.index_add(0, rows, -values * F.softplus(lr - lm))
 
 
@@ -293,7 +293,7 @@ def bernoulli_log_prob_sparse(
     ``log mu - mu / 2`` for ``mu < 1e-4`` where ``expm1`` underflows.
     """
     dense = -torch.exp(log_mu).sum(-1)
-    return dense.index_add(0, rows, bernoulli_on_term(log_mu.reshape(-1).take(flat_index)))
+    return dense.index_add(0, rows, bernoulli_on_term(log_mu.reshape(-1).index_select(0, flat_index)))
 
 
 def bernoulli_on_term(log_mu: torch.Tensor) -> torch.Tensor:

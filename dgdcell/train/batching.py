@@ -152,8 +152,8 @@ class DeviceCounts:
         if self.storage == "host":
             cols, values = self._gather_host(host_idx, total)
         else:
-            pos = _positions(self.start[idx], length, rows, total)
-            cols, values = self.indices[pos], self.values[pos]
+            pos = _positions(self.start[idx], length, total)
+            cols, values = self.indices.index_select(0, pos), self.values.index_select(0, pos)
         return rows * self.n_features + cols, rows, values
 
     def _from_chunk(self, idx: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -166,19 +166,17 @@ class DeviceCounts:
             batches, totals = self._chunks[chunk]
             ids = torch.cat(batches)
             total = sum(totals)
-            sizes = torch.tensor([b.shape[0] for b in batches])
             length = self.row_nnz[ids]
-            rows = torch.repeat_interleave(torch.arange(ids.shape[0], device=ids.device), length, output_size=total)
-            pos = _positions(self.start[ids], length, rows, total)
-            # each row's number within its own batch: subtract the first row of its batch
-            first = torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes).to(ids.device)
-            rows -= first[rows]
-            flat = rows * self.n_features + self.indices[pos]
+            # each row's number within its own batch, repeated for its non-zeros
+            local = torch.cat([torch.arange(b.shape[0], device=ids.device) for b in batches])
+            rows = torch.repeat_interleave(local, length, output_size=total)
+            pos = _positions(self.start[ids], length, total)
+            flat = torch.mul(rows, self.n_features).add_(self.indices.index_select(0, pos))
             offsets = [0]
             for t in totals:
                 offsets.append(offsets[-1] + t)
             where = {id(b): (o, t) for b, o, t in zip(batches, offsets, totals)}
-            self._chunk = (chunk, flat, rows, self.values[pos], where)
+            self._chunk = (chunk, flat, rows, self.values.index_select(0, pos), where)
         _, flat, rows, values, where = self._chunk
         o, t = where[id(idx)]
         return flat[o : o + t], rows[o : o + t], values[o : o + t]
@@ -187,9 +185,7 @@ class DeviceCounts:
         """Columns (long) and values of rows ``idx`` ((B,) long, on the host),
         gathered on the host (into pinned buffers on CUDA) and sent to the
         device without blocking: (total,) each."""
-        length = self._host_nnz[idx]
-        rows = torch.repeat_interleave(torch.arange(idx.shape[0]), length, output_size=total)
-        pos = _positions(self._host_start[idx], length, rows, total)
+        pos = _positions(self._host_start[idx], self._host_nnz[idx], total)
         cols = torch.empty(total, dtype=self.indices.dtype, pin_memory=self._pin)
         values = torch.empty(total, dtype=self.values.dtype, pin_memory=self._pin)
         torch.index_select(self.indices, 0, pos, out=cols)
@@ -220,12 +216,12 @@ def _group_chunks(batches: list[torch.Tensor], totals: list[int], chunks: list) 
     return out
 
 
-def _positions(start: torch.Tensor, length: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
+def _positions(start: torch.Tensor, length: torch.Tensor, total: int) -> torch.Tensor:
     """Positions in the CSR arrays of the non-zeros of B rows with first
-    positions ``start`` and counts ``length`` ((B,) long), given each
-    non-zero's row ``rows`` ((total,) long): (total,) long."""
+    positions ``start`` and counts ``length`` ((B,) long), row after row:
+    (total,) long, ``total = length.sum()``."""
     shift = start - (torch.cumsum(length, 0) - length)
-    return torch.arange(total, device=start.device) + shift[rows]
+    return torch.repeat_interleave(shift, length, output_size=total).add_(torch.arange(total, device=start.device))
 
 
 def _choose_storage(storage: str, csr: sp.csr_matrix, device: torch.device) -> str:

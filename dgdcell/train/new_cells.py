@@ -258,7 +258,7 @@ def _log_prob_constant(counts: DeviceCounts, log_r: torch.Tensor, max_elements: 
     for start, stop in _row_chunks(counts.indptr.diff(), max_elements):
         idx = torch.arange(start, stop, device=log_r.device)
         flat, rows, vals = counts.batch(idx)
-        rc = r64.take(flat.remainder(counts.n_features))
+        rc = r64.index_select(0, flat.remainder(counts.n_features))
         v = (torch.lgamma(vals.double() + rc) - torch.lgamma(rc)).to(out.dtype)
         out[start:stop] = torch.zeros(idx.shape[0], device=log_r.device).index_add_(0, rows, v)
     return out - counts.log_factorial

@@ -80,10 +80,10 @@ def reconstruction_nll(
         flat, rows, vals = counts.batch(idx)
         lik = decoder.likelihoods[mod]
         # the likelihood applies the softmax and the library size itself (fused with it for the NB)
-        ll = lik.log_prob_sparse(logits[mod], flat, rows, vals, counts.log_factorial[idx],
-                                 cells.feature_index.get(mod), log_library=counts.log_library[idx])
+        ll = lik.log_prob_sparse(logits[mod], flat, rows, vals, counts.log_factorial.index_select(0, idx),
+                                 cells.feature_index.get(mod), log_library=counts.log_library.index_select(0, idx))
         if mod in cells.weight:
-            ll = ll * cells.weight[mod][idx]
+            ll = ll * cells.weight[mod].index_select(0, idx)
         nll = nll - ll
     return nll
 
@@ -105,14 +105,14 @@ def prior_nll(
     towards one component."""
     if guided and cells.guide is not None:
         n = max(int(z.shape[0]), 1)
-        nll = -gmm.component_log_prob_of(z, cells.guide[idx]) - prior_scale * gmm.prior_log_prob() / n
+        nll = -gmm.component_log_prob_of(z, cells.guide.index_select(0, idx)) - prior_scale * gmm.prior_log_prob() / n
     elif isinstance(gmm, GaussianMixtureSupervised):
-        labels = None if cells.labels is None else cells.labels[idx]
+        labels = None if cells.labels is None else cells.labels.index_select(0, idx)
         nll = gmm(z, labels, prior_scale=prior_scale)
     else:
         nll = gmm(z, prior_scale=prior_scale)
     for (key, cg), c in zip(cov_gmms.items(), cs):
-        nll = nll + cg(c, cells.cov_codes[key][idx], prior_scale=prior_scale)
+        nll = nll + cg(c, cells.cov_codes[key].index_select(0, idx), prior_scale=prior_scale)
     return nll
 
 
