@@ -58,13 +58,13 @@ NOTES = [
     "second. (Measured before the third round below, which brings a 256-cell minibatch to about 8.7 ms, "
     "29k cells/s, in this table's 100k row.)",
     "",
-    "Issue #5, second round (this table): validation passes in minibatches of up to 2^22 decoded values "
+    "Issue #5, second round: validation passes in minibatches of up to 2^22 decoded values "
     "with the decoder and mixtures frozen (the same result: each validation cell's gradient is its own, "
     "one step per epoch), the log-softmax fused into the NB likelihood (one (B, G) pass and allocation "
     "fewer), the count table's positions computed once for forward and backward, one Adam for decoder and "
     "mixtures, the counts of consecutive minibatches sliced together. Paired runs (old and new code at "
     "the same time, one core each, 30k cells): at 50 genes 36-48k -> 60-68k cells/s, at 2,000 genes "
-    "+0-10%, inside the noise. Losses are unchanged to 4 decimals. After this table was measured: the "
+    "+0-10%, inside the noise. Losses are unchanged to 4 decimals. After that round's table was measured: the "
     "mixture log density as one operation with a hand-written backward (forward + backward of a 256-cell "
     "minibatch 390-440 -> 210-280 us in isolation).",
     "",
