@@ -123,6 +123,17 @@ def to_csr(X) -> sp.csr_matrix:
     return out
 
 
+def row_blocks(csr: sp.csr_matrix, block_nnz: int):
+    """``(row_start, row_stop, nnz_start, nnz_stop)`` of consecutive row blocks
+    of ``csr`` holding about ``block_nnz`` non-zeros each (at least one row),
+    for passes over large count matrices whose temporaries must stay small."""
+    n = csr.shape[0]
+    cuts = np.searchsorted(csr.indptr, np.arange(0, csr.nnz + block_nnz, block_nnz)[1:], side="left")
+    edges = np.unique(np.concatenate([[0], np.minimum(cuts, n), [n]]))
+    for a, b in zip(edges[:-1], edges[1:]):
+        yield int(a), int(b), int(csr.indptr[a]), int(csr.indptr[b])
+
+
 def _is_canonical_float32_csr(X) -> bool:
     """CSR float32 with sorted, duplicate-free indices and no stored zeros."""
     return (

@@ -21,6 +21,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ..data.reading import row_blocks
+
 logger = logging.getLogger(__name__)
 
 STORAGES = ("auto", "device", "host")
@@ -255,12 +257,8 @@ def _log_factorial(csr: sp.csr_matrix) -> np.ndarray:
     temporaries stay small (each row's sum is the same as in one pass)."""
     from scipy.special import gammaln
 
-    n = csr.shape[0]
-    cuts = np.searchsorted(csr.indptr, np.arange(_CHUNK_NNZ, csr.nnz, _CHUNK_NNZ))
-    edges = np.unique(np.concatenate([[0], cuts, [n]]))
-    out = np.empty(n, dtype=np.float32)
-    for r0, r1 in zip(edges[:-1], edges[1:]):
-        block = csr[r0:r1]
-        lg = sp.csr_matrix((gammaln(block.data.astype(np.float64) + 1.0), block.indices, block.indptr), shape=block.shape)
-        out[r0:r1] = np.asarray(lg.sum(axis=1), dtype=np.float32).ravel()
+    out = np.empty(csr.shape[0], dtype=np.float32)
+    for a, b, lo, hi in row_blocks(csr, _CHUNK_NNZ):
+        row = np.repeat(np.arange(b - a), np.diff(csr.indptr[a : b + 1]))
+        out[a:b] = np.bincount(row, weights=gammaln(csr.data[lo:hi].astype(np.float64) + 1.0), minlength=b - a)
     return out

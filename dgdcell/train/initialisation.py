@@ -14,21 +14,12 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ..data.reading import row_blocks
 from ..latent import GaussianMixture, GaussianMixtureSupervised
 
 
 #: row blocks of about this many non-zeros bound the temporaries of the start's passes over the counts
 _BLOCK_NNZ = 1 << 22
-
-
-def _row_blocks(csr: sp.csr_matrix):
-    """``(row_start, row_stop, nnz_start, nnz_stop)`` of consecutive row blocks
-    of about :data:`_BLOCK_NNZ` non-zeros (at least one row each)."""
-    n = csr.shape[0]
-    cuts = np.searchsorted(csr.indptr, np.arange(0, csr.nnz + _BLOCK_NNZ, _BLOCK_NNZ)[1:], side="left")
-    edges = np.unique(np.concatenate([[0], np.minimum(cuts, n), [n]]))
-    for a, b in zip(edges[:-1], edges[1:]):
-        yield int(a), int(b), int(csr.indptr[a]), int(csr.indptr[b])
 
 
 def log_normalise(csr: sp.csr_matrix, library: np.ndarray, target_sum: float = 1e4) -> sp.csr_matrix:
@@ -39,7 +30,7 @@ def log_normalise(csr: sp.csr_matrix, library: np.ndarray, target_sum: float = 1
     memory is one float32 per non-zero."""
     data = np.empty(csr.nnz, dtype=np.float32)
     scale = (target_sum / np.asarray(library, dtype=np.float64)).astype(np.float32)
-    for a, b, lo, hi in _row_blocks(csr):
+    for a, b, lo, hi in row_blocks(csr, _BLOCK_NNZ):
         np.multiply(csr.data[lo:hi], np.repeat(scale[a:b], np.diff(csr.indptr[a : b + 1])), out=data[lo:hi])
         np.log1p(data[lo:hi], out=data[lo:hi])
     return sp.csr_matrix((data, csr.indices, csr.indptr), shape=csr.shape, copy=False)
@@ -48,7 +39,7 @@ def log_normalise(csr: sp.csr_matrix, library: np.ndarray, target_sum: float = 1
 def _column_sums_of_squares(csr: sp.csr_matrix) -> np.ndarray:
     """``sum_i x_ij^2`` per column, (G,) float64, in row blocks (no copy of the matrix)."""
     out = np.zeros(csr.shape[1], dtype=np.float64)
-    for _, _, lo, hi in _row_blocks(csr):
+    for _, _, lo, hi in row_blocks(csr, _BLOCK_NNZ):
         vals = csr.data[lo:hi].astype(np.float64)
         out += np.bincount(csr.indices[lo:hi], weights=vals * vals, minlength=csr.shape[1])
     return out
