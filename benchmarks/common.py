@@ -419,6 +419,9 @@ def machine_description() -> str:
 
         route = "oneDNN (checked exact)" if ONEDNN_ON_CPU and onednn_is_exact() else "PyTorch default"
         parts.append(f"CPU float32 matrix products: {route}")
+        from dgdcell.nn.native import native_status
+
+        parts.append(f"native NB kernels: {native_status()}")
         if torch.cuda.is_available():
             parts.append(f"CUDA device: {torch.cuda.get_device_name(0)}")
         else:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
+
 
 def nb_log_prob(x: torch.Tensor, log_mu: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
     """Element-wise negative-binomial log pmf (dense reference form).
@@ -90,7 +92,57 @@ def nb_log_prob_sparse(
         log_factorial = torch.zeros(log_mu.shape[0], dtype=log_mu.dtype, device=log_mu.device).index_add_(
             0, rows, torch.lgamma(values + 1.0)
         )
+    if _native_applies(log_mu, log_library, log_r, flat_index, rows, values, log_factorial):
+        return _NBSparseNative.apply(log_mu, log_library, log_r, flat_index, rows, values, log_factorial)
     return _NBSparse.apply(log_mu, log_library, log_r, flat_index, rows, values, log_factorial)
+
+
+def _native_applies(logits, log_library, log_r, flat_index, rows, values, log_factorial) -> bool:
+    """Whether :class:`_NBSparseNative` takes these arguments: logits with
+    library sizes, all float32 on the CPU, and the native kernels loaded."""
+    if log_library is None or logits.device.type != "cpu" or logits.dim() != 2:
+        return False
+    floats = (logits, log_library, log_r, values, log_factorial)
+    if any(t.dtype != torch.float32 for t in floats) or flat_index.dtype != torch.long or rows.dtype != torch.long:
+        return False
+    return native.native_kernels() is not None
+
+
+class _NBSparseNative(torch.autograd.Function):
+    """:class:`_NBSparse` with logits and library sizes, through the native
+    CPU kernels of :mod:`dgdcell.nn.native` (the same values and gradients
+    to float32 rounding). Saves only the logits and their (n,) row
+    log-sum-exps; the backward recomputes what it needs row by row. Non-zeros
+    that are not grouped by row (never the case for minibatches) take
+    :class:`_NBSparse`'s path."""
+
+    @staticmethod
+    def forward(ctx, x, log_library, log_r, flat_index, rows, values, log_factorial):
+        lib = native.native_kernels()
+        x, log_library, log_r = x.contiguous(), log_library.contiguous(), log_r.contiguous()
+        flat_index, rows, values = flat_index.contiguous(), rows.contiguous(), values.contiguous()
+        done = None if lib is None else native.nb_forward(
+            lib, x, log_library, log_r, rows, flat_index, values, log_factorial.contiguous()
+        )
+        ctx.fallback = done is None
+        if ctx.fallback:
+            return _NBSparse.forward(ctx, x, log_library, log_r, flat_index, rows, values, log_factorial)
+        out, lse = done
+        ctx.save_for_backward(x, log_library, lse, log_r, flat_index, rows, values)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        if ctx.fallback:
+            return _NBSparse.backward(ctx, grad)
+        x, log_library, lse, log_r, flat_index, rows, values = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        d_x, d_lib, d_r = native.nb_backward(
+            native.native_kernels(), x, log_library, lse, log_r, rows, flat_index, values, grad.contiguous(),
+            need[0], need[1], need[2],
+        )
+        return d_x, d_lib, d_r, None, None, None, (-grad if need[6] else None)
 
 
 class _NBSparse(torch.autograd.Function):
