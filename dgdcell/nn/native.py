@@ -102,16 +102,21 @@ def _writable_cache() -> Path:
 
 
 def _build(cc: str) -> Path:
-    """Compile the kernels (or find them in the cache); returns the library's path."""
+    """Compile the kernels (or find them in the cache); returns the library's path.
+    A cached build of any flag set is taken before compiling, so a machine where
+    the first sets fail does not retry them in every process."""
     source = SOURCE.read_bytes()
     folder = _writable_cache()
-    errors = []
+    suffix = ".dll" if sys.platform == "win32" else ".so"
+    targets = []
     for flags in FLAG_SETS:
         key = hashlib.sha256(source + " ".join([cc] + flags).encode() + _processor().encode()).hexdigest()[:16]
-        suffix = ".dll" if sys.platform == "win32" else ".so"
-        target = folder / f"nb_kernels-{key}{suffix}"
-        if target.exists():
-            return target
+        targets.append((flags, folder / f"nb_kernels-{key}{suffix}"))
+    cached = [target for _, target in targets if target.exists()]
+    if cached:
+        return cached[0]
+    errors = []
+    for flags, target in targets:
         fd, tmp = tempfile.mkstemp(suffix=suffix, dir=folder)
         os.close(fd)
         cmd = [cc, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)]

@@ -311,26 +311,19 @@ int dgd_nb_backward(int64_t B, int64_t G, const float *logits, const float *log_
             float l = lse[i];
             float lib = fminf(expf(log_lib[i]), MAX_LIBRARY);
             float row = 0.0f;
-            if (want_r) {
-                #pragma omp simd reduction(+ : row)
+            #pragma omp simd reduction(+ : row)
+            for (int64_t j = 0; j < G; j++) {
+                p[j] = exp_f(x[j] - l);
+                float mu = p[j] * lib;
+                float d = -g * r[j] * mu / (mu + r[j]); /* -g r sigmoid(a) */
+                dx[j] = d;
+                row += d;
+            }
+            if (want_r) { /* column sums of that part and of g softplus(a), softplus(a) = log(1 + mu / r) */
+                #pragma omp simd
                 for (int64_t j = 0; j < G; j++) {
-                    p[j] = exp_f(x[j] - l);
-                    float mu = p[j] * lib;
-                    float d = -g * r[j] * mu / (mu + r[j]); /* -g r sigmoid(a) */
-                    dx[j] = d;
-                    row += d;
-                    col_mu[j] += d;
-                    float u = mu * r_inv[j];
-                    col_sp[j] += g * log1p_pos(u);
-                }
-            } else {
-                #pragma omp simd reduction(+ : row)
-                for (int64_t j = 0; j < G; j++) {
-                    p[j] = exp_f(x[j] - l);
-                    float mu = p[j] * lib;
-                    float d = -g * r[j] * mu / (mu + r[j]);
-                    dx[j] = d;
-                    row += d;
+                    col_mu[j] += dx[j];
+                    col_sp[j] += g * log1p_pos(p[j] * lib * r_inv[j]);
                 }
             }
             float c = log_lib[i] - l;
