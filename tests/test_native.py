@@ -132,7 +132,7 @@ def test_native_stays_finite_at_extremes():
 
 
 def test_no_compiler_falls_back_to_pytorch(monkeypatch):
-    monkeypatch.setattr(native, "_state", {"lib": None, "tried": False, "reason": "not loaded yet"})
+    monkeypatch.setattr(native, "_state", {"lib": None, "tried": False, "reason": "not loaded yet", "checks": {}})
     monkeypatch.setattr(native, "_compiler", lambda: None)
     assert native.native_kernels() is None
     assert native.native_status().startswith("off (no C compiler")
@@ -142,15 +142,16 @@ def test_no_compiler_falls_back_to_pytorch(monkeypatch):
 
 
 def test_failed_build_falls_back_with_the_reason(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(native, "_state", {"lib": None, "tried": False, "reason": "not loaded yet"})
+    monkeypatch.setattr(native, "_state", {"lib": None, "tried": False, "reason": "not loaded yet", "checks": {}})
     monkeypatch.setenv("DGDCELL_CACHE_DIR", str(tmp_path))
     bad = tmp_path / "broken.c"
     bad.write_text("this is not C\n")
-    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setattr(native, "SOURCES", (bad,))
     with caplog.at_level("WARNING", logger="dgdcell.nn.native"):
         assert native.native_kernels() is None
+        assert native.checked_kernels("mixture") is None
     assert "RuntimeError" in native.native_status()
-    assert "native NB kernels are off" in caplog.text
+    assert "native kernels are off" in caplog.text
     assert not list(tmp_path.glob("nb_kernels-*"))  # nothing half-built is left for later runs
 
 
@@ -170,11 +171,123 @@ def test_kernels_build_and_pass_their_check_where_a_compiler_exists():
 @pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
 def test_a_build_without_openmp_threads_is_right_too(monkeypatch, tmp_path):
     """Compilers without OpenMP (Apple's clang) get a one-thread build: the same results."""
-    monkeypatch.setattr(native, "_state", {"lib": None, "tried": False, "reason": "not loaded yet"})
+    monkeypatch.setattr(native, "_state", {"lib": None, "tried": False, "reason": "not loaded yet", "checks": {}})
     monkeypatch.setenv("DGDCELL_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(native, "FLAG_SETS", (["-O3", "-fno-math-errno", "-fopenmp-simd"],))
     assert native.native_kernels() is not None, native.native_status()
+    assert native.native_status() == "on (compiled and checked)"  # the mixture kernels too
     logits, log_lib, log_r, flat, rows, values, _ = _problem(seed=3)
     weight = torch.rand(logits.shape[0], generator=torch.Generator().manual_seed(3)) + 0.5
     _close(_both(lk._NBSparseNative, logits, log_lib, log_r, flat, rows, values, weight),
            _both(lk._NBSparse, logits, log_lib, log_r, flat, rows, values, weight))
+
+
+def _csr_minibatch(counts, batch):
+    """The whole matrix ``counts`` (n, G) as CSR arrays and the row spans of
+    cells ``batch`` in it: (start, length, int32 indices, float32 values, log factorials)."""
+    rows, cols = counts.nonzero(as_tuple=True)
+    length_all = torch.bincount(rows, minlength=counts.shape[0])
+    start_all = length_all.cumsum(0) - length_all
+    values = counts[rows, cols]
+    log_fact = torch.zeros(counts.shape[0]).index_add_(0, rows, torch.lgamma(values + 1))
+    return start_all[batch], length_all[batch], cols.to(torch.int32), values, log_fact[batch]
+
+
+def _csr_both(logits, log_lib, log_r, start, length, indices, values, log_fact, weight):
+    x, ll, lr = (t.clone().requires_grad_() for t in (logits, log_lib, log_r))
+    out = lk.nb_log_prob_csr(x, lr, start, length, indices, values, log_fact, ll)
+    return (out.detach(), *torch.autograd.grad((out * weight).sum(), (x, ll, lr)))
+
+
+@needs_kernels
+@pytest.mark.parametrize("seed", [0, 1])
+def test_csr_rows_read_in_place_match_the_sliced_pytorch_path(seed, monkeypatch):
+    """A minibatch of shuffled, repeated rows of a bigger CSR matrix, read in
+    place by the kernels, gives the values and gradients of the PyTorch
+    implementation on the same rows sliced out as COO triplets."""
+    logits, log_lib, log_r, *_, counts = _problem(n=60, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    batch = torch.cat([torch.randperm(60, generator=gen)[:25], torch.tensor([0, 1, 0])])  # big counts, an empty row, repeats
+    start, length, indices, values, log_fact = _csr_minibatch(counts, batch)
+    weight = torch.rand(batch.shape[0], generator=gen) + 0.5
+    x, ll = logits[batch], log_lib[batch]
+    assert lk.csr_native_applies(x, ll, indices)
+    native_calls = []
+    monkeypatch.setattr(lk._NBCSRNative, "apply", lambda *a, _f=lk._NBCSRNative.apply: native_calls.append(1) or _f(*a))
+    ours = _csr_both(x, ll, log_r, start, length, indices, values, log_fact, weight)
+    assert native_calls
+    sub = counts[batch]
+    rows, cols = sub.nonzero(as_tuple=True)
+    theirs = _both(lk._NBSparse, x, ll, log_r, rows * sub.shape[1] + cols, rows, sub[rows, cols], weight)
+    _close(ours, theirs)
+
+
+def test_csr_rows_without_the_kernels_give_the_same_result(monkeypatch):
+    """With the kernels off (or int64 indices) nb_log_prob_csr gathers the rows
+    itself and goes through the PyTorch path: the same numbers."""
+    logits, log_lib, log_r, *_, counts = _problem(n=30, seed=3)
+    batch = torch.tensor([5, 2, 2, 29, 1, 0])
+    start, length, indices, values, log_fact = _csr_minibatch(counts, batch)
+    weight = torch.linspace(0.5, 1.5, batch.shape[0])
+    args = (logits[batch], log_lib[batch], log_r, start, length)
+    reference = _csr_both(*args, indices, values, log_fact, weight)
+    assert not lk.csr_native_applies(logits, log_lib, indices.long())
+    _close(_csr_both(*args, indices.long(), values, log_fact, weight), reference)
+    monkeypatch.setattr(native, "NATIVE_ON_CPU", False)
+    _close(_csr_both(*args, indices, values, log_fact, weight), reference)
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_csr_rows_out_of_range_are_refused(native_on, monkeypatch):
+    monkeypatch.setattr(native, "NATIVE_ON_CPU", native_on)
+    logits, log_lib, log_r, *_, counts = _problem(n=10, g=40, seed=4, big=False)
+    start, length, indices, values, log_fact = _csr_minibatch(counts, torch.arange(10))
+    bad_start = start.clone()
+    bad_start[-1] = indices.shape[0] - length[-1] + 1  # runs past the end
+    bad_cols = indices.clone()
+    bad_cols[3] = 40  # a column outside [0, G)
+    for s, ind in ((bad_start, indices), (start, bad_cols)):
+        with pytest.raises(ValueError, match="outside"):
+            lk.nb_log_prob_csr(logits, log_r, s, length, ind, values, log_fact, log_lib)
+
+
+@needs_kernels
+def test_training_reads_minibatch_counts_in_place(monkeypatch):
+    """The training objective takes the in-place path on the CPU (the counts
+    are never sliced) and gives the sliced path's loss and gradients."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    import dgdcell
+    from dgdcell.train import batching, objective
+
+    *_, counts = _problem(n=80, g=120, seed=5, big=False)
+    counts[1] = 3.0  # every cell has counts
+    adata = ad.AnnData(sp.csr_matrix(counts.numpy()))
+    results = {}
+    for in_place in (True, False):
+        if not in_place:
+            monkeypatch.setattr(objective, "_reads_rows_in_place", lambda *a: False)
+        else:
+            monkeypatch.setattr(batching.DeviceCounts, "batch", lambda *a: pytest.fail("counts were sliced"))
+        model = dgdcell.DGD(n_components=2, init="zero", seed=0)
+        model.fit(adata, max_epochs=2, early_stopping=False, verbose=False, batch_size=32)
+        results[in_place] = np.array(model.history["train_loss"] + model.history["val_loss"])
+        monkeypatch.undo()
+    np.testing.assert_allclose(results[True], results[False], rtol=1e-5)
+
+
+@needs_kernels
+def test_a_family_that_fails_its_check_is_off_alone(monkeypatch, caplog):
+    """When one family's check fails, that family uses PyTorch and the other stays on."""
+    from dgdcell.latent import GaussianMixture
+
+    monkeypatch.setitem(native._state, "checks", {})
+    monkeypatch.setitem(native._CHECKS, "mixture", lambda lib: "broken on purpose")
+    with caplog.at_level("WARNING", logger="dgdcell.nn.native"):
+        assert native.native_status() == "on for NB (mixture off: broken on purpose)"
+    assert "native mixture kernels are off (broken on purpose)" in caplog.text
+    assert native.native_kernels() is not None
+    gmm = GaussianMixture(3, 2)
+    out = gmm(torch.randn(4, 2, requires_grad=True))
+    assert type(out.grad_fn).__name__ != "_MixtureNLLNativeBackward"

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from ..nn import native
 from .priors import DirichletPrior, GaussianPrior, Softball, parameter_log_prob
 
 COVARIANCE_TYPES = ("fixed", "isotropic", "diagonal")
@@ -63,6 +64,157 @@ class _MixtureLogDensity(torch.autograd.Function):
                 d_nlv = 0.5 * nk.unsqueeze(-1) - 0.5 * (t * diff).sum(0)
         d_w = (w if ctx.per_row else w.sum(0)) if need[3] else None
         return d_x, d_mean, d_nlv, d_w, None
+
+
+def _native_lib(*tensors: torch.Tensor):
+    """The native kernels when they take these tensors (float32 on the CPU) and pass their check, else None."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return None
+    return native.checked_kernels("mixture")
+
+
+class _MixtureLogDensityNative(torch.autograd.Function):
+    """:class:`_MixtureLogDensity` through the native kernels
+    (``dgdcell/latent/mixture_kernels.c``): one call forward, one backward.
+    ``mode`` says whether ``log_w`` is (K,) or (n, K)."""
+
+    @staticmethod
+    def forward(ctx, x, mean, neglogvar, log_w, pi_term, mode):
+        lib = native.checked_kernels("mixture")
+        x, mean, neglogvar, log_w = x.contiguous(), mean.contiguous(), neglogvar.contiguous(), log_w.contiguous()
+        out, resp = native.mixture_forward(lib, x, mean, neglogvar, log_w, mode, pi_term)
+        ctx.mode = mode
+        ctx.save_for_backward(x, mean, neglogvar, log_w, resp)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, mean, neglogvar, log_w, resp = ctx.saved_tensors
+        grads = native.mixture_backward(native.checked_kernels("mixture"), x, mean, neglogvar, log_w, ctx.mode, resp,
+                                        grad.contiguous(), 1.0, ctx.needs_input_grad[:4])
+        return (*grads, None, None)
+
+
+def _prior_constants(gmm: "GaussianMixture") -> tuple[float, ...]:
+    """The parameter priors' constants in the order of :func:`dgdcell.nn.native.parameter_prior`."""
+    ball, dirichlet, gauss = gmm.mean_prior, gmm.weight_prior, gmm.neglogvar_prior
+    return (ball.radius, ball.sharpness, ball._log_norm, dirichlet.alpha, dirichlet._log_norm,
+            gauss.mean, gauss.stddev, gauss._log_norm)
+
+
+class _ParameterLogProbNative(torch.autograd.Function):
+    """:func:`~dgdcell.latent.priors.parameter_log_prob` through the native
+    kernels: value and gradients in one call forward, the backward scales them."""
+
+    @staticmethod
+    def forward(ctx, mean, weight, neglogvar, constants):
+        lib = native.checked_kernels("mixture")
+        nlv = None if neglogvar is None else neglogvar.contiguous()
+        value, grads = native.parameter_prior(lib, mean.contiguous(), weight.contiguous(), nlv, constants,
+                                              ctx.needs_input_grad[:3])
+        ctx.grads = grads
+        return torch.tensor(value, dtype=mean.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return (*(None if g is None else g * grad for g in ctx.grads), None)
+
+
+class _MixtureNLLNative(torch.autograd.Function):
+    """:meth:`GaussianMixture.forward` in one native call forward and one
+    backward: ``-logsumexp_k(log_softmax(weight)_k + log N(x_i | k)) -
+    prior_scale * log p(parameters) / n`` per row (n,)."""
+
+    @staticmethod
+    def forward(ctx, x, mean, neglogvar, weight, prior_scale, gmm):
+        lib = native.checked_kernels("mixture")
+        x, mean, neglogvar, weight = x.contiguous(), mean.contiguous(), neglogvar.contiguous(), weight.contiguous()
+        n = max(int(x.shape[0]), 1)
+        add, prior_grads = 0.0, (None, None, None)
+        if prior_scale != 0.0:
+            nlv = neglogvar if gmm.covariance_type != "fixed" else None
+            need = ctx.needs_input_grad
+            value, prior_grads = native.parameter_prior(lib, mean, weight, nlv, _prior_constants(gmm),
+                                                        (need[1], need[3], need[2]))
+            add = -prior_scale * value / n
+        out, resp = native.mixture_forward(lib, x, mean, neglogvar, weight, native.WEIGHT_LOGITS, gmm._pi_term,
+                                           sign=-1.0, add=add)
+        ctx.prior_coef, ctx.prior_grads = -prior_scale / n, prior_grads
+        ctx.save_for_backward(x, mean, neglogvar, weight, resp)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, mean, neglogvar, weight, resp = ctx.saved_tensors
+        grads = native.mixture_backward(
+            native.checked_kernels("mixture"), x, mean, neglogvar, weight, native.WEIGHT_LOGITS, resp,
+            grad.contiguous(), -1.0, ctx.needs_input_grad[:4], ctx.prior_coef, ctx.prior_grads,
+        )
+        return (*grads, None, None)
+
+
+def _check_native(lib) -> str | None:
+    """Compare the native mixture kernels with the PyTorch implementation
+    (values and gradients of every log-weight mode, diagonal and shared
+    variances, the parameter priors and the fused forward); returns what
+    disagrees, or None."""
+    gen = torch.Generator().manual_seed(0)
+    failures = []
+
+    def compare(name, ours, theirs):
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            if (a is None) != (b is None):
+                failures.append(f"{name} output {i} missing")
+                continue
+            if a is None:
+                continue
+            scale = b.abs().max().clamp_min(1.0)
+            err = float((a - b).abs().max() / scale)
+            if not err <= native.CHECK_TOLERANCE:
+                failures.append(f"{name} output {i} differs by {err:.2e} relative")
+
+    def run(fn, inputs, weight):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        return (out.detach(), *torch.autograd.grad((out * weight).sum(), leaves))
+
+    for cov in ("diagonal", "isotropic"):
+        gmm = GaussianMixture(5, 3, covariance_type=cov)
+        with torch.no_grad():
+            gmm.mean.copy_(torch.randn(5, 3, generator=gen) * 2)
+            gmm.neglogvar.copy_(torch.randn(gmm.neglogvar.shape, generator=gen))
+            gmm.weight.copy_(torch.randn(5, generator=gen))
+        x = torch.randn(9, 3, generator=gen) * 2
+        g = torch.rand(9, generator=gen) + 0.5
+        mask = torch.zeros(9, 5).masked_fill_(torch.rand(9, 5, generator=gen) < 0.4, float("-inf"))
+        mask[:, 0] = 0.0
+        row_w = torch.randn(9, 5, generator=gen) + mask
+        params = (x, gmm.mean, gmm.neglogvar)
+        pi = gmm._pi_term
+        compare(f"{cov} shared log weights",
+                run(lambda *t: _MixtureLogDensityNative.apply(*t, pi, native.SHARED_LOG_WEIGHTS), (*params, gmm.weight), g),
+                run(lambda *t: _MixtureLogDensity.apply(*t, pi), (*params, gmm.weight), g))
+        compare(f"{cov} log weights per row",
+                run(lambda *t: _MixtureLogDensityNative.apply(*t, pi, native.ROW_LOG_WEIGHTS), (*params, row_w), g),
+                run(lambda *t: _MixtureLogDensity.apply(*t, pi), (*params, row_w), g))
+        consts = _prior_constants(gmm)
+        compare(f"{cov} parameter priors",
+                run(lambda m, w, v: _ParameterLogProbNative.apply(m, w, v, consts), (gmm.mean, gmm.weight, gmm.neglogvar), 1.0),
+                run(lambda m, w, v: parameter_log_prob(m, w, v, gmm.mean_prior, gmm.weight_prior, gmm.neglogvar_prior),
+                    (gmm.mean, gmm.weight, gmm.neglogvar), 1.0))
+
+        def reference(x, m, v, w):
+            lp = _MixtureLogDensity.apply(x, m, v, torch.log_softmax(w, 0), pi)
+            return -lp - 0.3 * parameter_log_prob(m, w, v, gmm.mean_prior, gmm.weight_prior, gmm.neglogvar_prior) / 9
+        compare(f"{cov} fused", run(lambda *t: _MixtureNLLNative.apply(*t, 0.3, gmm), (*params, gmm.weight), g),
+                run(reference, (*params, gmm.weight), g))
+    return "; ".join(failures) or None
+
+
+native.register_check("mixture", _check_native)
 
 
 class GaussianMixture(nn.Module):
@@ -151,6 +303,9 @@ class GaussianMixture(nn.Module):
         """``logsumexp_k(log_w_k + component_log_prob(x)_k)``: (n,), for log
         weights (K,) or per row (n, K) (``-inf`` excludes a component); one
         fused operation with a hand-written backward."""
+        if _native_lib(x, self.mean, self.neglogvar, log_w) is not None:
+            mode = native.ROW_LOG_WEIGHTS if log_w.dim() == 2 else native.SHARED_LOG_WEIGHTS
+            return _MixtureLogDensityNative.apply(x, self.mean, self.neglogvar, log_w, self._pi_term, mode)
         return _MixtureLogDensity.apply(x, self.mean, self.neglogvar, log_w, self._pi_term)
 
     def component_log_prob_of(self, x: torch.Tensor, component: torch.Tensor) -> torch.Tensor:
@@ -163,6 +318,8 @@ class GaussianMixture(nn.Module):
     def prior_log_prob(self) -> torch.Tensor:
         """Log density of the parameters under their priors (scalar)."""
         nlv = self.neglogvar if self.covariance_type != "fixed" else None
+        if _native_lib(self.mean, self.weight, self.neglogvar) is not None:
+            return _ParameterLogProbNative.apply(self.mean, self.weight, nlv, _prior_constants(self))
         return parameter_log_prob(self.mean, self.weight, nlv, self.mean_prior, self.weight_prior, self.neglogvar_prior)
 
     def forward(self, x: torch.Tensor, prior_scale: float = 1.0) -> torch.Tensor:
@@ -173,6 +330,8 @@ class GaussianMixture(nn.Module):
         ``prior_scale`` times. Training passes ``prior_scale = n_batch / n_total``
         so that the priors count once per pass over the data.
         """
+        if _native_lib(x, self.mean, self.neglogvar, self.weight) is not None:
+            return _MixtureNLLNative.apply(x, self.mean, self.neglogvar, self.weight, float(prior_scale), self)
         n = max(int(x.shape[0]), 1)
         return -self.log_prob(x) - prior_scale * self.prior_log_prob() / n
 

@@ -97,6 +97,98 @@ def nb_log_prob_sparse(
     return _NBSparse.apply(log_mu, log_library, log_r, flat_index, rows, values, log_factorial)
 
 
+def nb_log_prob_csr(
+    log_mu: torch.Tensor,
+    log_r: torch.Tensor,
+    start: torch.Tensor,
+    length: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    log_factorial: torch.Tensor,
+    log_library: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`nb_log_prob_sparse` with the counts given as rows of a CSR matrix.
+
+    Row ``i`` of ``log_mu`` (n, G) is scored against the non-zeros at
+    positions ``start[i] .. start[i] + length[i] - 1`` ((n,) long each) of
+    the matrix's column ``indices`` (nnz_all,) int and ``values``
+    (nnz_all,) float, which may hold any number of other rows: a minibatch
+    of cells is read in place, without slicing its non-zeros out first.
+    ``log_factorial`` (n,) is required (a constant of the data);
+    ``log_library`` as in :func:`nb_log_prob_sparse`.
+
+    With the native CPU kernels (:mod:`dgdcell.nn.native`; float32 logits
+    with library sizes, int32 indices) the kernels read the rows in place;
+    otherwise the non-zeros are gathered into COO triplets and passed to
+    :func:`nb_log_prob_sparse`. Both give the same values and gradients to
+    float32 rounding. Raises ValueError when a span or a column is out of range.
+    """
+    if _csr_native_applies(log_mu, log_library, log_r, start, length, indices, values, log_factorial):
+        return _NBCSRNative.apply(log_mu, log_library, log_r, start, length, indices, values, log_factorial)
+    n, g = log_mu.shape
+    total = int(length.sum())
+    rows = torch.repeat_interleave(torch.arange(n, device=length.device), length, output_size=total)
+    shift = start - (torch.cumsum(length, 0) - length)
+    pos = torch.repeat_interleave(shift, length, output_size=total).add_(torch.arange(total, device=start.device))
+    if total and (int(pos.min()) < 0 or int(pos.max()) >= indices.shape[0]):
+        raise ValueError("nb_log_prob_csr: a row's span of non-zeros lies outside the CSR arrays.")
+    cols = indices.index_select(0, pos).long()
+    if total and (int(cols.min()) < 0 or int(cols.max()) >= g):
+        raise ValueError(f"nb_log_prob_csr: a column index lies outside [0, {g}).")
+    return nb_log_prob_sparse(log_mu, log_r, rows * g + cols, rows, values.index_select(0, pos), log_factorial,
+                              log_library)
+
+
+def csr_native_applies(log_mu: torch.Tensor, log_library: torch.Tensor | None, indices: torch.Tensor) -> bool:
+    """Whether :func:`nb_log_prob_csr` reads the rows in place with the native
+    kernels for logits ``log_mu``, ``log_library`` and CSR ``indices`` of
+    these types and devices (float32 on the CPU, int32 indices)."""
+    if log_library is None or log_mu.device.type != "cpu" or log_mu.dim() != 2:
+        return False
+    if log_mu.dtype != torch.float32 or log_library.dtype != torch.float32 or indices.dtype != torch.int32:
+        return False
+    return native.native_kernels() is not None
+
+
+def _csr_native_applies(log_mu, log_library, log_r, start, length, indices, values, log_factorial) -> bool:
+    if not csr_native_applies(log_mu, log_library, indices):
+        return False
+    return (log_r.dtype == values.dtype == log_factorial.dtype == torch.float32
+            and start.dtype == length.dtype == torch.long and values.device.type == "cpu"
+            and indices.device.type == "cpu")
+
+
+class _NBCSRNative(torch.autograd.Function):
+    """:func:`nb_log_prob_csr` through the native kernels (see
+    :class:`_NBSparseNative`; the counts are read in place)."""
+
+    @staticmethod
+    def forward(ctx, x, log_library, log_r, start, length, indices, values, log_factorial):
+        lib = native.native_kernels()
+        x, log_library, log_r = x.contiguous(), log_library.contiguous(), log_r.contiguous()
+        start, length, indices, values = start.contiguous(), length.contiguous(), indices.contiguous(), values.contiguous()
+        done = native.nb_forward_csr(lib, x, log_library, log_r, start, length, indices, values,
+                                     log_factorial.contiguous())
+        if done is None:
+            raise ValueError(
+                f"nb_log_prob_csr: a row's span of non-zeros lies outside the CSR arrays, or a column outside [0, {x.shape[1]})."
+            )
+        out, lse = done
+        ctx.save_for_backward(x, log_library, lse, log_r, start, length, indices, values)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, log_library, lse, log_r, start, length, indices, values = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        d_x, d_lib, d_r = native.nb_backward_csr(
+            native.native_kernels(), x, log_library, lse, log_r, start, length, indices, values, grad.contiguous(),
+            need[0], need[1], need[2],
+        )
+        return d_x, d_lib, d_r, None, None, None, None, (-grad if need[7] else None)
+
+
 def _native_applies(logits, log_library, log_r, flat_index, rows, values, log_factorial) -> bool:
     """Whether :class:`_NBSparseNative` takes these arguments: logits with
     library sizes, all float32 on the CPU, and the native kernels loaded."""
@@ -331,6 +423,22 @@ class NegativeBinomial(nn.Module):
         :func:`nb_log_prob_sparse`)."""
         log_r = self.log_r if feature_index is None else self.log_r[feature_index]
         return nb_log_prob_sparse(log_mu, log_r, flat_index, rows, values, log_factorial, log_library)
+
+    def log_prob_csr(
+        self,
+        log_mu: torch.Tensor,
+        start: torch.Tensor,
+        length: torch.Tensor,
+        indices: torch.Tensor,
+        values: torch.Tensor,
+        log_factorial: torch.Tensor,
+        feature_index: torch.Tensor | None = None,
+        log_library: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`log_prob_sparse` with the counts as rows of a CSR matrix
+        (see :func:`nb_log_prob_csr`)."""
+        log_r = self.log_r if feature_index is None else self.log_r[feature_index]
+        return nb_log_prob_csr(log_mu, log_r, start, length, indices, values, log_factorial, log_library)
 
 
 def bernoulli_log_prob_sparse(

@@ -21,10 +21,16 @@
  * vectorises; the count terms use per-feature tables for counts up to
  * TABLE_K and Stirling series in float64 above.
  *
- * Arrays are C-contiguous; rows[] must be non-decreasing (the non-zeros of
- * a cell are consecutive) and flat[k] = rows[k] * G + column. The functions
- * return 0, or -1 when the non-zeros are not in that order (the caller then
- * uses its PyTorch implementation), or -2 when memory runs out.
+ * The non-zeros come in one of two layouts. COO (dgd_nb_forward /
+ * dgd_nb_backward): rows[] non-decreasing (the non-zeros of a cell are
+ * consecutive) and flat[k] = rows[k] * G + column. CSR rows
+ * (dgd_nb_forward_csr / dgd_nb_backward_csr): cell i's non-zeros are
+ * positions start[i] .. start[i] + length[i] - 1 of a CSR matrix's int32
+ * column indices and float32 values, so a minibatch of any rows of the
+ * whole matrix is read in place, without slicing it first. Arrays are
+ * C-contiguous. The functions return 0, or -1 when the non-zeros are out of
+ * order or out of range (the caller then uses its PyTorch implementation),
+ * or -2 when memory runs out.
  */
 #include <math.h>
 #include <stdint.h>
@@ -195,14 +201,13 @@ static void dispersions(int64_t G, const float *log_r, float *r, float *r_inv) {
 
 /*
  * Forward: out[i] = log NB_i (nats), lse_out[i] = logsumexp_j logits_ij.
- * logits (B, G); log_lib (B,) log library sizes; log_r (G,); the nnz
- * non-zeros as rows (nnz,), flat (nnz,) and values (nnz,) (integer counts);
- * log_fact (B,) = sum_j lgamma(x_ij + 1).
+ * logits (B, G); log_lib (B,) log library sizes; log_r (G,); cell i's
+ * non-zeros at positions begin[i] .. end[i] - 1 of cols (int32 columns) and
+ * values (integer counts); log_fact (B,) = sum_j lgamma(x_ij + 1).
  */
-int dgd_nb_forward(int64_t B, int64_t G, const float *logits, const float *log_lib, const float *log_r,
-                   int64_t nnz, const int64_t *rows, const int64_t *flat, const float *values,
-                   const float *log_fact, float *out, float *lse_out, int nthreads) {
-    if (check_order(B, G, nnz, rows, flat)) return -1;
+static int nb_forward_rows(int64_t B, int64_t G, const float *logits, const float *log_lib, const float *log_r,
+                           const int64_t *begin, const int64_t *end, const int32_t *cols, const float *values,
+                           const float *log_fact, float *out, float *lse_out, int nthreads) {
     int nt = threads(nthreads);
     float *r = malloc(sizeof(float) * (2 * G + 1));
     float *table = malloc(sizeof(float) * G * (TABLE_K + 1) + 1);
@@ -240,11 +245,11 @@ int dgd_nb_forward(int64_t B, int64_t G, const float *logits, const float *log_l
                 dense += r[j] * log1p_pos(u);
             }
             /* the non-zeros of the row: softplus(-a) and table entries, vectorised ... */
-            int64_t k0 = lower_bound(rows, nnz, i), k1 = lower_bound(rows, nnz, i + 1);
+            int64_t k0 = begin[i], k1 = end[i];
             float terms = 0.0f;
             #pragma omp simd reduction(+ : terms)
             for (int64_t k = k0; k < k1; k++) {
-                int64_t j = flat[k] - i * G;
+                int64_t j = cols[k];
                 float v = values[k];
                 float a = x[j] + c - log_r[j];
                 int xi = (int)(v < (float)TABLE_K ? v : (float)TABLE_K);
@@ -254,7 +259,7 @@ int dgd_nb_forward(int64_t B, int64_t G, const float *logits, const float *log_l
             double big = 0.0;
             for (int64_t k = k0; k < k1; k++) {
                 if (values[k] > (float)TABLE_K) {
-                    double rj = (double)r[flat[k] - i * G];
+                    double rj = (double)r[cols[k]];
                     big += lgamma_big((double)values[k] + rj) - lgamma_big((double)TABLE_K + rj);
                 }
             }
@@ -269,7 +274,7 @@ int dgd_nb_forward(int64_t B, int64_t G, const float *logits, const float *log_l
 }
 
 /*
- * Backward of dgd_nb_forward for the upstream gradient grad (B,):
+ * Backward of nb_forward_rows for the upstream gradient grad (B,):
  * d_logits (B, G), d_lib (B,) (gradient for log library sizes) and d_log_r
  * (G,); each may be NULL when not wanted. lse (B,) from the forward pass.
  *
@@ -278,11 +283,10 @@ int dgd_nb_forward(int64_t B, int64_t G, const float *logits, const float *log_l
  * d/d log r_j = -sum_i d/d log mu_ij - r_j sum_i g_i softplus(a_ij)
  *               + r_j sum_{x_ij > 0} g_i (digamma(x_ij + r_j) - digamma(r_j)).
  */
-int dgd_nb_backward(int64_t B, int64_t G, const float *logits, const float *log_lib, const float *lse,
-                    const float *log_r, int64_t nnz, const int64_t *rows, const int64_t *flat,
-                    const float *values, const float *grad, float *d_logits, float *d_lib, float *d_log_r,
-                    int nthreads) {
-    if (check_order(B, G, nnz, rows, flat)) return -1;
+static int nb_backward_rows(int64_t B, int64_t G, const float *logits, const float *log_lib, const float *lse,
+                            const float *log_r, const int64_t *begin, const int64_t *end, const int32_t *cols,
+                            const float *values, const float *grad, float *d_logits, float *d_lib, float *d_log_r,
+                            int nthreads) {
     int nt = threads(nthreads);
     int want_r = d_log_r != NULL;
     float *r = malloc(sizeof(float) * (2 * G + 1));
@@ -327,11 +331,11 @@ int dgd_nb_backward(int64_t B, int64_t G, const float *logits, const float *log_
                 }
             }
             float c = log_lib[i] - l;
-            int64_t k0 = lower_bound(rows, nnz, i), k1 = lower_bound(rows, nnz, i + 1);
+            int64_t k0 = begin[i], k1 = end[i];
             /* the non-zeros' part, g x sigmoid(-a); a row's columns are distinct */
             #pragma omp simd reduction(+ : row)
             for (int64_t k = k0; k < k1; k++) {
-                int64_t j = flat[k] - i * G;
+                int64_t j = cols[k];
                 float a = x[j] + c - log_r[j];
                 float u = exp_f(-fabsf(a));
                 float inv = 1.0f / (1.0f + u);
@@ -343,14 +347,14 @@ int dgd_nb_backward(int64_t B, int64_t G, const float *logits, const float *log_
             if (want_r) {
                 #pragma omp simd
                 for (int64_t k = k0; k < k1; k++) {
-                    int64_t j = flat[k] - i * G;
+                    int64_t j = cols[k];
                     float v = values[k];
                     int xi = (int)(v < (float)TABLE_K ? v : (float)TABLE_K);
                     col_dig[j] += g * table[j * (TABLE_K + 1) + xi];
                 }
                 for (int64_t k = k0; k < k1; k++) {
                     if (values[k] > (float)TABLE_K) {
-                        int64_t j = flat[k] - i * G;
+                        int64_t j = cols[k];
                         double rj = (double)r[j];
                         col_dig[j] += g * (float)(digamma_big((double)values[k] + rj) - digamma_big((double)TABLE_K + rj));
                     }
@@ -379,4 +383,100 @@ int dgd_nb_backward(int64_t B, int64_t G, const float *logits, const float *log_
     free(table);
     free(scratch);
     return 0;
+}
+
+/* COO non-zeros -> row spans (begin (B,), end (B,)) and int32 columns, in one
+ * allocation; NULL (and *code -1 or -2) when out of order or out of memory. */
+static int64_t *coo_spans(int64_t B, int64_t G, int64_t nnz, const int64_t *rows, const int64_t *flat,
+                          int32_t **cols_out, int *code) {
+    *code = check_order(B, G, nnz, rows, flat);
+    if (*code) return NULL;
+    int64_t *span = malloc(sizeof(int64_t) * (size_t)(2 * B + 1) + sizeof(int32_t) * (size_t)(nnz + 1));
+    if (!span) { *code = -2; return NULL; }
+    int32_t *cols = (int32_t *)(span + 2 * B + 1);
+    for (int64_t i = 0; i < B; i++) span[i] = lower_bound(rows, nnz, i);
+    for (int64_t i = 0; i < B; i++) span[B + i] = i + 1 < B ? span[i + 1] : nnz;
+    for (int64_t k = 0; k < nnz; k++) cols[k] = (int32_t)(flat[k] - rows[k] * G);
+    *cols_out = cols;
+    return span;
+}
+
+/* CSR row spans -> their ends (B,); NULL (and *code -1 or -2) when a span
+ * leaves the n_total entries or a column lies outside [0, G). */
+static int64_t *csr_ends(int64_t B, int64_t G, const int64_t *start, const int64_t *length, int64_t n_total,
+                         const int32_t *indices, int *code, int nthreads) {
+    int64_t *end = malloc(sizeof(int64_t) * (size_t)(B + 1));
+    if (!end) { *code = -2; return NULL; }
+    int bad = 0;
+    int nt = threads(nthreads);
+    #pragma omp parallel for schedule(static) reduction(| : bad) num_threads(nt)
+    for (int64_t i = 0; i < B; i++) {
+        int64_t a = start[i], n = length[i];
+        end[i] = a + n;
+        if (a < 0 || n < 0 || a > n_total - n) { bad = 1; continue; }
+        int row_bad = 0;
+        #pragma omp simd reduction(| : row_bad)
+        for (int64_t k = a; k < a + n; k++) row_bad |= (indices[k] < 0) | (indices[k] >= G);
+        bad |= row_bad;
+    }
+    if (bad) { free(end); *code = -1; return NULL; }
+    *code = 0;
+    return end;
+}
+
+/* Forward with COO non-zeros (see the top of the file). */
+int dgd_nb_forward(int64_t B, int64_t G, const float *logits, const float *log_lib, const float *log_r,
+                   int64_t nnz, const int64_t *rows, const int64_t *flat, const float *values,
+                   const float *log_fact, float *out, float *lse_out, int nthreads) {
+    int32_t *cols;
+    int code;
+    int64_t *span = coo_spans(B, G, nnz, rows, flat, &cols, &code);
+    if (!span) return code;
+    code = nb_forward_rows(B, G, logits, log_lib, log_r, span, span + B, cols, values, log_fact, out, lse_out,
+                           nthreads);
+    free(span);
+    return code;
+}
+
+/* Backward with COO non-zeros. */
+int dgd_nb_backward(int64_t B, int64_t G, const float *logits, const float *log_lib, const float *lse,
+                    const float *log_r, int64_t nnz, const int64_t *rows, const int64_t *flat,
+                    const float *values, const float *grad, float *d_logits, float *d_lib, float *d_log_r,
+                    int nthreads) {
+    int32_t *cols;
+    int code;
+    int64_t *span = coo_spans(B, G, nnz, rows, flat, &cols, &code);
+    if (!span) return code;
+    code = nb_backward_rows(B, G, logits, log_lib, lse, log_r, span, span + B, cols, values, grad, d_logits,
+                            d_lib, d_log_r, nthreads);
+    free(span);
+    return code;
+}
+
+/* Forward with CSR rows: cell i's non-zeros at positions start[i] ..
+ * start[i] + length[i] - 1 of indices / values (n_total entries each). */
+int dgd_nb_forward_csr(int64_t B, int64_t G, const float *logits, const float *log_lib, const float *log_r,
+                       const int64_t *start, const int64_t *length, int64_t n_total, const int32_t *indices,
+                       const float *values, const float *log_fact, float *out, float *lse_out, int nthreads) {
+    int code;
+    int64_t *end = csr_ends(B, G, start, length, n_total, indices, &code, nthreads);
+    if (!end) return code;
+    code = nb_forward_rows(B, G, logits, log_lib, log_r, start, end, indices, values, log_fact, out, lse_out,
+                           nthreads);
+    free(end);
+    return code;
+}
+
+/* Backward with CSR rows. */
+int dgd_nb_backward_csr(int64_t B, int64_t G, const float *logits, const float *log_lib, const float *lse,
+                        const float *log_r, const int64_t *start, const int64_t *length, int64_t n_total,
+                        const int32_t *indices, const float *values, const float *grad, float *d_logits,
+                        float *d_lib, float *d_log_r, int nthreads) {
+    int code;
+    int64_t *end = csr_ends(B, G, start, length, n_total, indices, &code, nthreads);
+    if (!end) return code;
+    code = nb_backward_rows(B, G, logits, log_lib, lse, log_r, start, end, indices, values, grad, d_logits, d_lib,
+                            d_log_r, nthreads);
+    free(end);
+    return code;
 }

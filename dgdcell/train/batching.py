@@ -111,6 +111,17 @@ class DeviceCounts:
         out._planned, out._chunks, out._chunk = {}, {}, None
         return out
 
+    def row_spans(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the non-zeros of rows ``idx`` ((B,) long, on ``device``) lie in
+        :attr:`indices` / :attr:`values`: ``(start, length)``, (B,) long each
+        (for reading the rows in place, see :func:`~dgdcell.nn.likelihoods.nb_log_prob_csr`)."""
+        return self.start.index_select(0, idx), self.row_nnz.index_select(0, idx)
+
+    @property
+    def in_place_rows(self) -> bool:
+        """Whether the CSR arrays live on ``device`` (rows can be read in place there)."""
+        return self.storage == "device" or self.device.type == "cpu"
+
     def prepare(self, batches: list[torch.Tensor]) -> None:
         """Make :meth:`batch` synchronisation-free for exactly these index
         tensors ((B_k,) long each, on ``device``; e.g. one epoch's batches).

@@ -476,6 +476,21 @@ class RowView:
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.base.batch(self.rows[idx])
 
+    def row_spans(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base.row_spans(self.rows[idx])
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.base.indices
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.base.values
+
+    @property
+    def in_place_rows(self) -> bool:
+        return self.base.in_place_rows
+
 
 def _row_cell_set(cells: CellSet, rows: torch.Tensor) -> CellSet:
     """A CellSet whose row ``i`` is cell ``rows[i]`` of ``cells`` (representations not carried)."""

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..latent import GaussianMixture, GaussianMixtureSupervised, RepresentationLayer
-from ..nn import Decoder
+from ..nn import Decoder, NegativeBinomial
+from ..nn.likelihoods import csr_native_applies
 from .batching import DeviceCounts
 
 
@@ -77,15 +78,29 @@ def reconstruction_nll(
     logits = decoder.logits(x_in, cells.feature_index or None, list(cells.counts))
     nll = torch.zeros(idx.shape[0], device=x_in.device)
     for mod, counts in cells.counts.items():
-        flat, rows, vals = counts.batch(idx)
         lik = decoder.likelihoods[mod]
+        log_factorial = counts.log_factorial.index_select(0, idx)
+        log_library = counts.log_library.index_select(0, idx)
         # the likelihood applies the softmax and the library size itself (fused with it for the NB)
-        ll = lik.log_prob_sparse(logits[mod], flat, rows, vals, counts.log_factorial.index_select(0, idx),
-                                 cells.feature_index.get(mod), log_library=counts.log_library.index_select(0, idx))
+        if _reads_rows_in_place(lik, logits[mod], log_library, counts):
+            start, length = counts.row_spans(idx)
+            ll = lik.log_prob_csr(logits[mod], start, length, counts.indices, counts.values, log_factorial,
+                                  cells.feature_index.get(mod), log_library=log_library)
+        else:
+            flat, rows, vals = counts.batch(idx)
+            ll = lik.log_prob_sparse(logits[mod], flat, rows, vals, log_factorial, cells.feature_index.get(mod),
+                                     log_library=log_library)
         if mod in cells.weight:
             ll = ll * cells.weight[mod].index_select(0, idx)
         nll = nll - ll
     return nll
+
+
+def _reads_rows_in_place(lik, logits: torch.Tensor, log_library: torch.Tensor, counts) -> bool:
+    """Whether the likelihood reads a minibatch's counts in place from the CSR
+    arrays (the NB with the native CPU kernels) instead of slicing them."""
+    return (isinstance(lik, NegativeBinomial) and getattr(counts, "in_place_rows", False)
+            and csr_native_applies(logits, log_library, counts.indices))
 
 
 def prior_nll(
