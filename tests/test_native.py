@@ -285,9 +285,10 @@ def test_a_family_that_fails_its_check_is_off_alone(monkeypatch, caplog):
     monkeypatch.setitem(native._state, "checks", {})
     monkeypatch.setitem(native._CHECKS, "mixture", lambda lib: "broken on purpose")
     with caplog.at_level("WARNING", logger="dgdcell.nn.native"):
-        assert native.native_status() == "on for NB (mixture off: broken on purpose)"
+        status = native.native_status()
+    assert status.startswith("on for NB") and status.endswith("(mixture off: broken on purpose)"), status
     assert "native mixture kernels are off (broken on purpose)" in caplog.text
-    assert native.native_kernels() is not None
+    assert native.native_kernels() is not None and native.checked_kernels("Adam") is not None
     gmm = GaussianMixture(3, 2)
     out = gmm(torch.randn(4, 2, requires_grad=True))
     assert type(out.grad_fn).__name__ != "_MixtureNLLNativeBackward"

@@ -8,9 +8,10 @@ does the same work reading each cell's row once forward and once backward
 while it is in the cache, vectorised and over PyTorch's threads. The mixture
 prior of :mod:`dgdcell.latent.gmm` is tiny work spread over some forty small
 PyTorch operations; ``dgdcell/latent/mixture_kernels.c`` does it in one call
-forward and one backward.
+forward and one backward. ``dgdcell/train/adam_kernels.c`` steps Adam over all
+of a model's tensors in one call (:mod:`dgdcell.train.adam`).
 
-Both are plain C with no Python or PyTorch headers: the first call compiles them
+They are plain C with no Python or PyTorch headers: the first call compiles them
 with the system's C compiler (``$CC``, else ``cc``; about 0.5 s, with
 ``-O3 -march=native`` and OpenMP where available) into a cache folder
 (``$DGDCELL_CACHE_DIR``, else ``$XDG_CACHE_HOME/dgdcell`` or
@@ -48,7 +49,8 @@ logger = logging.getLogger(__name__)
 NATIVE_ON_CPU = os.environ.get("DGDCELL_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 #: the C sources, compiled into one library
-SOURCES = (Path(__file__).with_name("nb_kernels.c"), Path(__file__).parent.parent / "latent" / "mixture_kernels.c")
+SOURCES = tuple(Path(__file__).parent.parent / name for name in
+                ("nn/nb_kernels.c", "latent/mixture_kernels.c", "train/adam_kernels.c"))
 #: compiler flag sets tried in order (the first that builds is used)
 #: (without OpenMP's threads, ``-fopenmp-simd`` still vectorises the loops on one thread)
 FLAG_SETS = (
@@ -157,7 +159,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.dgd_nb_forward_csr.restype = ctypes.c_int
     lib.dgd_nb_forward_csr.argtypes = [_I, _I, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, ctypes.c_int]
     lib.dgd_nb_backward_csr.restype = ctypes.c_int
-    lib.dgd_nb_backward_csr.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.dgd_nb_backward_csr.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int,
+                                        ctypes.c_int]
     _F, _D, _C = ctypes.c_float, ctypes.c_double, ctypes.c_int
     lib.dgd_mixture_forward.restype = _C
     lib.dgd_mixture_forward.argtypes = [_I, _I, _I, _P, _P, _P, _I, _P, _C, _F, _F, _F, _P, _P, _C]
@@ -166,6 +169,8 @@ def _load(path: Path) -> ctypes.CDLL:
                                          _F, _P, _P, _P, _C]
     lib.dgd_parameter_prior.restype = _D
     lib.dgd_parameter_prior.argtypes = [_I, _I, _P, _P, _P, _I] + [_D] * 8 + [_P, _P, _P]
+    lib.dgd_adam_step.restype = None
+    lib.dgd_adam_step.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, _D, _D, _D, _C]
     return lib
 
 
@@ -226,8 +231,9 @@ def nb_forward_csr(lib, logits, log_library, log_r, start, length, indices, valu
 
 
 def nb_backward_csr(lib, logits, log_library, lse, log_r, start, length, indices, values, grad,
-                    want_logits, want_library, want_r):
-    """:func:`nb_backward` with the non-zeros as in :func:`nb_forward_csr`."""
+                    want_logits, want_library, want_r, check_columns=True):
+    """:func:`nb_backward` with the non-zeros as in :func:`nb_forward_csr`
+    (``check_columns=False``: the forward pass has checked these arrays' columns)."""
     b, g = logits.shape
     d_logits = torch.empty(b, g, dtype=torch.float32) if want_logits else None
     d_lib = torch.empty(b, dtype=torch.float32) if want_library else None
@@ -235,7 +241,7 @@ def nb_backward_csr(lib, logits, log_library, lse, log_r, start, length, indices
     code = lib.dgd_nb_backward_csr(
         b, g, _ptr(logits), _ptr(log_library), _ptr(lse), _ptr(log_r), _ptr(start), _ptr(length),
         indices.shape[0], _ptr(indices), _ptr(values), _ptr(grad), _ptr(d_logits), _ptr(d_lib), _ptr(d_r),
-        torch.get_num_threads(),
+        int(check_columns), torch.get_num_threads(),
     )
     if code == -2:
         raise MemoryError("dgdcell's native NB kernel could not allocate its work space")

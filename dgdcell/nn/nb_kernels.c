@@ -402,9 +402,9 @@ static int64_t *coo_spans(int64_t B, int64_t G, int64_t nnz, const int64_t *rows
 }
 
 /* CSR row spans -> their ends (B,); NULL (and *code -1 or -2) when a span
- * leaves the n_total entries or a column lies outside [0, G). */
+ * leaves the n_total entries or (with check_columns) a column lies outside [0, G). */
 static int64_t *csr_ends(int64_t B, int64_t G, const int64_t *start, const int64_t *length, int64_t n_total,
-                         const int32_t *indices, int *code, int nthreads) {
+                         const int32_t *indices, int check_columns, int *code, int nthreads) {
     int64_t *end = malloc(sizeof(int64_t) * (size_t)(B + 1));
     if (!end) { *code = -2; return NULL; }
     int bad = 0;
@@ -414,6 +414,7 @@ static int64_t *csr_ends(int64_t B, int64_t G, const int64_t *start, const int64
         int64_t a = start[i], n = length[i];
         end[i] = a + n;
         if (a < 0 || n < 0 || a > n_total - n) { bad = 1; continue; }
+        if (!check_columns) continue;
         int row_bad = 0;
         #pragma omp simd reduction(| : row_bad)
         for (int64_t k = a; k < a + n; k++) row_bad |= (indices[k] < 0) | (indices[k] >= G);
@@ -459,7 +460,7 @@ int dgd_nb_forward_csr(int64_t B, int64_t G, const float *logits, const float *l
                        const int64_t *start, const int64_t *length, int64_t n_total, const int32_t *indices,
                        const float *values, const float *log_fact, float *out, float *lse_out, int nthreads) {
     int code;
-    int64_t *end = csr_ends(B, G, start, length, n_total, indices, &code, nthreads);
+    int64_t *end = csr_ends(B, G, start, length, n_total, indices, 1, &code, nthreads);
     if (!end) return code;
     code = nb_forward_rows(B, G, logits, log_lib, log_r, start, end, indices, values, log_fact, out, lse_out,
                            nthreads);
@@ -467,13 +468,14 @@ int dgd_nb_forward_csr(int64_t B, int64_t G, const float *logits, const float *l
     return code;
 }
 
-/* Backward with CSR rows. */
+/* Backward with CSR rows; check_columns 0 skips the column check (the
+ * forward pass of the same arrays has done it). */
 int dgd_nb_backward_csr(int64_t B, int64_t G, const float *logits, const float *log_lib, const float *lse,
                         const float *log_r, const int64_t *start, const int64_t *length, int64_t n_total,
                         const int32_t *indices, const float *values, const float *grad, float *d_logits,
-                        float *d_lib, float *d_log_r, int nthreads) {
+                        float *d_lib, float *d_log_r, int check_columns, int nthreads) {
     int code;
-    int64_t *end = csr_ends(B, G, start, length, n_total, indices, &code, nthreads);
+    int64_t *end = csr_ends(B, G, start, length, n_total, indices, check_columns, &code, nthreads);
     if (!end) return code;
     code = nb_backward_rows(B, G, logits, log_lib, lse, log_r, start, end, indices, values, grad, d_logits, d_lib,
                             d_log_r, nthreads);
