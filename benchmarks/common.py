@@ -421,7 +421,7 @@ def machine_description() -> str:
         parts.append(f"CPU float32 matrix products: {route}")
         from dgdcell.nn.native import native_status
 
-        parts.append(f"native NB kernels: {native_status()}")
+        parts.append(f"native kernels (NB, mixture, Adam): {native_status()}")
         if torch.cuda.is_available():
             parts.append(f"CUDA device: {torch.cuda.get_device_name(0)}")
         else:

@@ -77,7 +77,25 @@ NOTES = [
     "runs (old and new code at the same time, one core each, 20k cells): 17k -> 20-26k cells/s; two "
     "threads, one after the other: 22-25k -> 26-29k cells/s.",
     "",
-    "Issue #5, fourth round (this table): native CPU kernels for the NB likelihood (`dgdcell/nn/nb_kernels.c`, "
+    "Issue #5, fifth round (this table): the remaining per-minibatch overheads. The NB likelihood reads a "
+    "minibatch's counts in place from the CSR arrays (`nb_log_prob_csr`: the kernels take each cell's start "
+    "and length in the whole matrix; slicing the counts 0.51-0.53 -> 0.02-0.05 ms per minibatch); the mixture "
+    "prior with its log-softmax weights and parameter priors as one native call forward and one backward "
+    "(`dgdcell/latent/mixture_kernels.c`; forward + backward 0.67-0.74 -> 0.27 ms in isolation, forward 0.7 -> "
+    "0.18 ms in a step); the decoder's and mixtures' Adam step as one native call with the arithmetic of "
+    "PyTorch's fused CPU Adam (`dgdcell/train/adam.py`; 0.55-0.78 -> 0.25 ms in a step, and no "
+    "`torch._dynamo` import, 1.2-1.5 s once per process, which `torch.optim.Adam`'s constructor triggers). "
+    "In a training step (timers, 6k cells): 7.0-7.6 -> 5.0-5.3 ms -- input 0.1-0.15, decoder forward 0.74-0.99, "
+    "slicing 0.02-0.03, NB forward 0.69-0.74, mixture prior 0.18, backward 2.7-3.0, Adam 0.25. Paired in "
+    "one process (epochs alternating with the fourth round's slicing and PyTorch prior, Adam unchanged; 20k "
+    "cells, batch 256): median 34.5k -> 39.6k cells/s. This benchmark at 100k cells, batch 256, alternating with "
+    "the fourth round's code (old, new, old, new): 37.2k, 61.8k, 36.7k, 46.7k cells/s; the same code's 100k row "
+    "earlier the same day: 39.5k and 40.0k. A perf profile of the 100k loop: oneDNN's matrix "
+    "products 25% of both cores' time, the native kernels 23%, PyTorch's own CPU code 11%, Python 5%, and "
+    "OpenMP's waiting threads 28% -- the second core idles while the first runs the serial part of a step "
+    "(Python, operator dispatch, small tensors), about half of the wall time.",
+    "",
+    "Issue #5, fourth round: native CPU kernels for the NB likelihood (`dgdcell/nn/nb_kernels.c`, "
     "compiled on first use by `dgdcell.nn.native`). PyTorch's version makes about ten passes over the (256, "
     "2,000) arrays forward and backward, and its exp and log come from MKL's vector math library, which is "
     "slow on this AMD processor (a (256, 2,000) exp 263 us and log 334 us on 2 threads, against 98 us for a "
