@@ -42,13 +42,14 @@ import dgdcell.model  # noqa: E402
 
 #: static reading of the development run (2-core AMD EPYC, 2 threads), written under the table
 NOTES = [
-    "Reading (development run): every schedule reaches its final ARI 1-3 epochs after the start -- the PCA + "
-    "Leiden start and the guided phase fix the clusters, and the epochs after that lower the validation loss "
-    "until early stopping while the ARI moves by at most ~0.03. At the default learning rates 1,024 cells per "
-    "batch need 1.5-2.2x the epochs of 256; with the learning rates doubled (`1024x2`) 1.1-1.3x, fit wall "
-    "times 0.8-1.4x those of 256 here, and a worse best validation loss on 2 of 3 sets. An epoch with 1,024 "
-    "cells per batch is ~1.4x faster than with 256 on 2 idle threads (`speed.md` notes), but no schedule is "
-    "better in both time and quality than the default (256). Epochs, losses and ARIs are deterministic (the "
+    "Reading (development run, fifth speed round): every schedule reaches its final ARI 1-3 epochs after the "
+    "start -- the PCA + Leiden start and the guided phase fix the clusters, and the epochs after that lower the "
+    "validation loss until early stopping while the ARI moves by at most ~0.02. At the default learning rates "
+    "1,024 cells per batch need 1.5-2.4x the epochs of 256 (fit wall 1.0-1.7x, a better best validation loss "
+    "on 2 of 3 sets); with the learning rates doubled (`1024x2`) 0.95-2.4x the epochs, fit wall times "
+    "0.7-1.4x those of 256, a worse best validation loss on CITE-seq (331 against 319 nats per cell). An epoch "
+    "with 1,024 cells per batch takes 1.3-1.5x less CPU time than with 256, but no schedule is better in both "
+    "time and quality than the default (256) on every set. Epochs, losses and ARIs are deterministic (the "
     "same in repeated runs); the seconds vary with other load on the machine.",
 ]
 #: the ARI counts as reached within this distance of its final value
