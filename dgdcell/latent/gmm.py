@@ -73,29 +73,6 @@ def _native_lib(*tensors: torch.Tensor):
     return native.checked_kernels("mixture")
 
 
-class _MixtureLogDensityNative(torch.autograd.Function):
-    """:class:`_MixtureLogDensity` through the native kernels
-    (``dgdcell/latent/mixture_kernels.c``): one call forward, one backward.
-    ``mode`` says whether ``log_w`` is (K,) or (n, K)."""
-
-    @staticmethod
-    def forward(ctx, x, mean, neglogvar, log_w, pi_term, mode):
-        lib = native.checked_kernels("mixture")
-        x, mean, neglogvar, log_w = x.contiguous(), mean.contiguous(), neglogvar.contiguous(), log_w.contiguous()
-        out, resp = native.mixture_forward(lib, x, mean, neglogvar, log_w, mode, pi_term)
-        ctx.mode = mode
-        ctx.save_for_backward(x, mean, neglogvar, log_w, resp)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, mean, neglogvar, log_w, resp = ctx.saved_tensors
-        grads = native.mixture_backward(native.checked_kernels("mixture"), x, mean, neglogvar, log_w, ctx.mode, resp,
-                                        grad.contiguous(), 1.0, ctx.needs_input_grad[:4])
-        return (*grads, None, None)
-
-
 def _prior_constants(gmm: "GaussianMixture") -> tuple[float, ...]:
     """The parameter priors' constants in the order of :func:`dgdcell.nn.native.parameter_prior`."""
     ball, dirichlet, gauss = gmm.mean_prior, gmm.weight_prior, gmm.neglogvar_prior
@@ -122,38 +99,40 @@ class _ParameterLogProbNative(torch.autograd.Function):
         return (*(None if g is None else g * grad for g in ctx.grads), None)
 
 
-class _MixtureNLLNative(torch.autograd.Function):
-    """:meth:`GaussianMixture.forward` in one native call forward and one
-    backward: ``-logsumexp_k(log_softmax(weight)_k + log N(x_i | k)) -
-    prior_scale * log p(parameters) / n`` per row (n,)."""
+class _MixtureNative(torch.autograd.Function):
+    """``sign * logsumexp_k(log_w_k + log N(x_i | k)) - prior_scale * log p(parameters) / n``
+    per row (n,) in one native call forward and one backward
+    (``dgdcell/latent/mixture_kernels.c``). ``mode`` says what ``log_w`` is:
+    (K,) log weights, (n, K) log weights per row, or (K,) weight logits. With
+    ``prior_scale`` not 0 (weight logits only) the mixture ``gmm``'s parameter
+    priors are fused in: :meth:`GaussianMixture.forward` is ``sign = -1``."""
 
     @staticmethod
-    def forward(ctx, x, mean, neglogvar, weight, prior_scale, gmm):
+    def forward(ctx, x, mean, neglogvar, log_w, mode, pi_term, sign, prior_scale, gmm):
         lib = native.checked_kernels("mixture")
-        x, mean, neglogvar, weight = x.contiguous(), mean.contiguous(), neglogvar.contiguous(), weight.contiguous()
+        x, mean, neglogvar, log_w = x.contiguous(), mean.contiguous(), neglogvar.contiguous(), log_w.contiguous()
         n = max(int(x.shape[0]), 1)
         add, prior_grads = 0.0, (None, None, None)
         if prior_scale != 0.0:
             nlv = neglogvar if gmm.covariance_type != "fixed" else None
             need = ctx.needs_input_grad
-            value, prior_grads = native.parameter_prior(lib, mean, weight, nlv, _prior_constants(gmm),
+            value, prior_grads = native.parameter_prior(lib, mean, log_w, nlv, _prior_constants(gmm),
                                                         (need[1], need[3], need[2]))
             add = -prior_scale * value / n
-        out, resp = native.mixture_forward(lib, x, mean, neglogvar, weight, native.WEIGHT_LOGITS, gmm._pi_term,
-                                           sign=-1.0, add=add)
-        ctx.prior_coef, ctx.prior_grads = -prior_scale / n, prior_grads
-        ctx.save_for_backward(x, mean, neglogvar, weight, resp)
+        out, resp = native.mixture_forward(lib, x, mean, neglogvar, log_w, mode, pi_term, sign=sign, add=add)
+        ctx.mode, ctx.sign, ctx.prior_coef, ctx.prior_grads = mode, sign, -prior_scale / n, prior_grads
+        ctx.save_for_backward(x, mean, neglogvar, log_w, resp)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, mean, neglogvar, weight, resp = ctx.saved_tensors
+        x, mean, neglogvar, log_w, resp = ctx.saved_tensors
         grads = native.mixture_backward(
-            native.checked_kernels("mixture"), x, mean, neglogvar, weight, native.WEIGHT_LOGITS, resp,
-            grad.contiguous(), -1.0, ctx.needs_input_grad[:4], ctx.prior_coef, ctx.prior_grads,
+            native.checked_kernels("mixture"), x, mean, neglogvar, log_w, ctx.mode, resp, grad.contiguous(),
+            ctx.sign, ctx.needs_input_grad[:4], ctx.prior_coef, ctx.prior_grads,
         )
-        return (*grads, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _check_native(lib) -> str | None:
@@ -195,10 +174,11 @@ def _check_native(lib) -> str | None:
         params = (x, gmm.mean, gmm.neglogvar)
         pi = gmm._pi_term
         compare(f"{cov} shared log weights",
-                run(lambda *t: _MixtureLogDensityNative.apply(*t, pi, native.SHARED_LOG_WEIGHTS), (*params, gmm.weight), g),
+                run(lambda *t: _MixtureNative.apply(*t, native.SHARED_LOG_WEIGHTS, pi, 1.0, 0.0, None),
+                    (*params, gmm.weight), g),
                 run(lambda *t: _MixtureLogDensity.apply(*t, pi), (*params, gmm.weight), g))
         compare(f"{cov} log weights per row",
-                run(lambda *t: _MixtureLogDensityNative.apply(*t, pi, native.ROW_LOG_WEIGHTS), (*params, row_w), g),
+                run(lambda *t: _MixtureNative.apply(*t, native.ROW_LOG_WEIGHTS, pi, 1.0, 0.0, None), (*params, row_w), g),
                 run(lambda *t: _MixtureLogDensity.apply(*t, pi), (*params, row_w), g))
         consts = _prior_constants(gmm)
         compare(f"{cov} parameter priors",
@@ -209,7 +189,8 @@ def _check_native(lib) -> str | None:
         def reference(x, m, v, w):
             lp = _MixtureLogDensity.apply(x, m, v, torch.log_softmax(w, 0), pi)
             return -lp - 0.3 * parameter_log_prob(m, w, v, gmm.mean_prior, gmm.weight_prior, gmm.neglogvar_prior) / 9
-        compare(f"{cov} fused", run(lambda *t: _MixtureNLLNative.apply(*t, 0.3, gmm), (*params, gmm.weight), g),
+        compare(f"{cov} fused", run(lambda *t: _MixtureNative.apply(*t, native.WEIGHT_LOGITS, pi, -1.0, 0.3, gmm),
+                                    (*params, gmm.weight), g),
                 run(reference, (*params, gmm.weight), g))
     return "; ".join(failures) or None
 
@@ -305,7 +286,7 @@ class GaussianMixture(nn.Module):
         fused operation with a hand-written backward."""
         if _native_lib(x, self.mean, self.neglogvar, log_w) is not None:
             mode = native.ROW_LOG_WEIGHTS if log_w.dim() == 2 else native.SHARED_LOG_WEIGHTS
-            return _MixtureLogDensityNative.apply(x, self.mean, self.neglogvar, log_w, self._pi_term, mode)
+            return _MixtureNative.apply(x, self.mean, self.neglogvar, log_w, mode, self._pi_term, 1.0, 0.0, None)
         return _MixtureLogDensity.apply(x, self.mean, self.neglogvar, log_w, self._pi_term)
 
     def component_log_prob_of(self, x: torch.Tensor, component: torch.Tensor) -> torch.Tensor:
@@ -331,7 +312,8 @@ class GaussianMixture(nn.Module):
         so that the priors count once per pass over the data.
         """
         if _native_lib(x, self.mean, self.neglogvar, self.weight) is not None:
-            return _MixtureNLLNative.apply(x, self.mean, self.neglogvar, self.weight, float(prior_scale), self)
+            return _MixtureNative.apply(x, self.mean, self.neglogvar, self.weight, native.WEIGHT_LOGITS, self._pi_term,
+                                        -1.0, float(prior_scale), self)
         n = max(int(x.shape[0]), 1)
         return -self.log_prob(x) - prior_scale * self.prior_log_prob() / n
 

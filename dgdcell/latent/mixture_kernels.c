@@ -151,7 +151,7 @@ int dgd_mixture_backward(int64_t B, int64_t K, int64_t D, const float *x, const 
     double *acc = calloc((size_t)nt * per + 1, sizeof(double));
     if (!prec || !acc) { free(prec); free(acc); return -2; }
     float *base = prec + K * D;
-    component_terms(K, D, nlv, nlv_dim, log_w, mode == 1 ? 0 : mode, 0.0f, prec, base);
+    component_terms(K, D, nlv, nlv_dim, log_w, mode, 0.0f, prec, base); /* only the precisions are used */
     int want_mean = d_mean != NULL, want_nlv = d_nlv != NULL;
     #pragma omp parallel num_threads(nt)
     {

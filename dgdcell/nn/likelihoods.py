@@ -128,8 +128,7 @@ def nb_log_prob_csr(
     n, g = log_mu.shape
     total = int(length.sum())
     rows = torch.repeat_interleave(torch.arange(n, device=length.device), length, output_size=total)
-    shift = start - (torch.cumsum(length, 0) - length)
-    pos = torch.repeat_interleave(shift, length, output_size=total).add_(torch.arange(total, device=start.device))
+    pos = row_positions(start, length, total)
     if total and (int(pos.min()) < 0 or int(pos.max()) >= indices.shape[0]):
         raise ValueError("nb_log_prob_csr: a row's span of non-zeros lies outside the CSR arrays.")
     cols = indices.index_select(0, pos).long()
@@ -137,6 +136,14 @@ def nb_log_prob_csr(
         raise ValueError(f"nb_log_prob_csr: a column index lies outside [0, {g}).")
     return nb_log_prob_sparse(log_mu, log_r, rows * g + cols, rows, values.index_select(0, pos), log_factorial,
                               log_library)
+
+
+def row_positions(start: torch.Tensor, length: torch.Tensor, total: int) -> torch.Tensor:
+    """Positions in a CSR matrix's arrays of the non-zeros of B rows with first
+    positions ``start`` and counts ``length`` ((B,) long), row after row:
+    (total,) long, ``total = length.sum()``."""
+    shift = start - (torch.cumsum(length, 0) - length)
+    return torch.repeat_interleave(shift, length, output_size=total).add_(torch.arange(total, device=start.device))
 
 
 def csr_native_applies(log_mu: torch.Tensor, log_library: torch.Tensor | None, indices: torch.Tensor) -> bool:

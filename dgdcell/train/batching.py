@@ -22,6 +22,7 @@ import scipy.sparse as sp
 import torch
 
 from ..data.reading import row_blocks
+from ..nn.likelihoods import row_positions
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class DeviceCounts:
         if self.storage == "host":
             cols, values = self._gather_host(host_idx, total)
         else:
-            pos = _positions(self.start[idx], length, total)
+            pos = row_positions(self.start[idx], length, total)
             cols, values = self.indices.index_select(0, pos), self.values.index_select(0, pos)
         return rows * self.n_features + cols, rows, values
 
@@ -183,7 +184,7 @@ class DeviceCounts:
             # each row's number within its own batch, repeated for its non-zeros
             local = torch.cat([torch.arange(b.shape[0], device=ids.device) for b in batches])
             rows = torch.repeat_interleave(local, length, output_size=total)
-            pos = _positions(self.start[ids], length, total)
+            pos = row_positions(self.start[ids], length, total)
             flat = torch.mul(rows, self.n_features).add_(self.indices.index_select(0, pos))
             offsets = [0]
             for t in totals:
@@ -198,7 +199,7 @@ class DeviceCounts:
         """Columns (long) and values of rows ``idx`` ((B,) long, on the host),
         gathered on the host (into pinned buffers on CUDA) and sent to the
         device without blocking: (total,) each."""
-        pos = _positions(self._host_start[idx], self._host_nnz[idx], total)
+        pos = row_positions(self._host_start[idx], self._host_nnz[idx], total)
         cols = torch.empty(total, dtype=self.indices.dtype, pin_memory=self._pin)
         values = torch.empty(total, dtype=self.values.dtype, pin_memory=self._pin)
         torch.index_select(self.indices, 0, pos, out=cols)
@@ -227,14 +228,6 @@ def _group_chunks(batches: list[torch.Tensor], totals: list[int], chunks: list) 
             out[c][0].append(b)
             out[c][1].append(t)
     return out
-
-
-def _positions(start: torch.Tensor, length: torch.Tensor, total: int) -> torch.Tensor:
-    """Positions in the CSR arrays of the non-zeros of B rows with first
-    positions ``start`` and counts ``length`` ((B,) long), row after row:
-    (total,) long, ``total = length.sum()``."""
-    shift = start - (torch.cumsum(length, 0) - length)
-    return torch.repeat_interleave(shift, length, output_size=total).add_(torch.arange(total, device=start.device))
 
 
 def _choose_storage(storage: str, csr: sp.csr_matrix, device: torch.device) -> str:

@@ -99,7 +99,7 @@ def reconstruction_nll(
 def _reads_rows_in_place(lik, logits: torch.Tensor, log_library: torch.Tensor, counts) -> bool:
     """Whether the likelihood reads a minibatch's counts in place from the CSR
     arrays (the NB with the native CPU kernels) instead of slicing them."""
-    return (isinstance(lik, NegativeBinomial) and getattr(counts, "in_place_rows", False)
+    return (isinstance(lik, NegativeBinomial) and counts.in_place_rows
             and csr_native_applies(logits, log_library, counts.indices))
 
 
