@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import copy
-import json
+from dataclasses import dataclass, field, replace
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from torch import nn
 
+from ._expression import ExpressionMixin
+from ._persistence import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, PersistenceMixin  # noqa: F401 (re-exported)
+from . import _query
 from ._version import __version__
-from .data import CountData, read_data
-from .latent import COVARIANCE_TYPES, GaussianMixture, GaussianMixtureSupervised, RepresentationLayer
+from .data import CountData, binarise, read_data
+from .latent import COVARIANCE_TYPES, GaussianMixture, RepresentationLayer
+from .module import COVARIATE_DIM, DGDModule
 from .nn import LIKELIHOODS, Decoder
 from .train import CellSet, DeviceCounts, TrainConfig, init_mixture, pca_scores, train
-from .train.matmul import onednn_float32_matmul
 from .train.initialisation import graph_clusters, init_mixture_from_labels
 
 logger = logging.getLogger(__name__)
@@ -29,11 +30,6 @@ logger = logging.getLogger(__name__)
 #: cells per chunk of :meth:`DGD.cluster_probabilities`
 PROBABILITY_CHUNK = 65536
 
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.pt"
-WEIGHTS_FILE_ALT = "weights.1.pt"  # every other write of a checkpoint directory (see DGD._write_model)
-COVARIATE_DIM = 2
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -48,7 +44,7 @@ def default_max_epochs(n_cells: int) -> int:
     return int(min(300, max(30, round(300 * (20000 / max(n_cells, 1)) ** 0.5))))
 
 
-class DGD:
+class DGD(ExpressionMixin, PersistenceMixin):
     """Deep generative decoder with a Gaussian-mixture prior (no encoder).
 
     Parameters
@@ -173,9 +169,7 @@ class DGD:
             modality_weights={str(k): float(v) for k, v in (modality_weights or {}).items()},
         )
         self.device = resolve_device(device)
-        self.decoder: Decoder | None = None
-        self.gmm: GaussianMixture | None = None
-        self.cov_gmms = nn.ModuleDict()
+        self.module: DGDModule | None = None
         self.representation: torch.Tensor | None = None  # (n_obs, L) for the training cells, in their order
         self.cov_representation: dict[str, torch.Tensor] = {}
         self.features: dict[str, list[str]] = {}
@@ -219,29 +213,31 @@ class DGD:
             raise ValueError(f"likelihood names modalities {unknown} that the data lack (modalities: {modalities}).")
         return {m: spec.get(m, "nb") for m in modalities}
 
+    @property
+    def decoder(self) -> Decoder | None:
+        """The module's decoder (None before fitting)."""
+        return None if self.module is None else self.module.decoder
+
+    @property
+    def gmm(self) -> GaussianMixture | None:
+        """The module's mixture prior on the representations (None before fitting)."""
+        return None if self.module is None else self.module.gmm
+
+    @property
+    def cov_gmms(self) -> nn.ModuleDict:
+        """covariate key -> the module's supervised covariate mixture."""
+        return nn.ModuleDict() if self.module is None else self.module.cov_gmms
+
     def _build(self, n_features: dict[str, int], cov_classes: dict[str, int], n_classes: int | None) -> None:
+        """A new :class:`~dgdcell.module.DGDModule` for data of these sizes, initialised from the seed."""
         a = self.init_args
-        k, per_class = self._n_components(n_classes)
-        self.decoder = Decoder(
-            a["latent_dim"] + COVARIATE_DIM * len(cov_classes),
-            n_features,
-            a["n_hidden"],
-            a["n_hidden_head"],
-            likelihood=self._likelihoods(list(n_features)),
-            dispersion_init=a["dispersion_init"],
+        k, _ = self._n_components(n_classes)
+        self.module = DGDModule(
+            a["latent_dim"], n_features, self._likelihoods(list(n_features)), cov_classes, k, n_classes,
+            n_hidden=a["n_hidden"], n_hidden_head=a["n_hidden_head"], dispersion_init=a["dispersion_init"],
+            covariance_type=a["covariance_type"], mean_init=tuple(a["mean_init"]), sd_init=tuple(a["sd_init"]),
+            weight_alpha=a["weight_alpha"], generator=torch.Generator().manual_seed(a["seed"]),
         ).to(self.device)
-        gmm_kw = dict(covariance_type=a["covariance_type"], mean_init=tuple(a["mean_init"]), sd_init=tuple(a["sd_init"]))
-        if n_classes is None:
-            self.gmm = GaussianMixture(k, a["latent_dim"], weight_alpha=a["weight_alpha"], **gmm_kw)
-        else:
-            self.gmm = GaussianMixtureSupervised(n_classes, per_class, a["latent_dim"], alpha=a["weight_alpha"], **gmm_kw)
-        self.gmm.to(self.device)
-        self.cov_gmms = nn.ModuleDict(
-            {
-                key: _covariate_mixture(n).to(self.device)
-                for key, n in cov_classes.items()
-            }
-        )
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -289,9 +285,7 @@ class DGD:
 
         Counts stay sparse throughout; canonical float32 CSR counts (what
         AnnData files usually hold) are used in place, without a copy, and
-        are never modified. On the CPU, float32 matrix products go through
-        oneDNN during the call when that is exact here (see
-        :mod:`dgdcell.train.matmul`; faster than MKL on AMD processors).
+        are never modified.
 
         Writes (and nothing else; for a MuData into ``mdata.obsm`` /
         ``mdata.obs`` / ``mdata.uns``), with ``key = key_added``:
@@ -357,19 +351,21 @@ class DGD:
         ``self``.
         """
         a = self.init_args
-        if not 0.0 < train_size <= 1.0:
-            raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        if max_epochs is not None and int(max_epochs) < 1:
-            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
-        if int(checkpoint_every) < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
+        config = TrainConfig(
+            max_epochs=1 if max_epochs is None else max_epochs, batch_size=batch_size, lr_decoder=lr_decoder,
+            lr_representation=lr_representation, lr_mixture=lr_mixture, betas=betas, early_stopping=early_stopping,
+            patience=patience, min_delta=min_delta, warmup_epochs=warmup_epochs, guide_epochs=guide_epochs,
+            verbose=verbose,
+        ).checked()
+        train_size = _check_train_size(train_size)
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 (an integer), got {checkpoint_every!r}.")
         if warm_start and not self.is_fitted:
             raise ValueError("warm_start=True continues a fitted model; fit first or load one with DGD.load(dir).")
+        if checkpoint_dir is not None:
+            _check_checkpoint_dir(Path(checkpoint_dir), warm_start)
         data = read_data(adata, layer, a["covariate_keys"], a["label_key"], a.get("modality_key"), modalities)
-        likelihoods = self._likelihoods(data.modalities)
-        _binarise(data, [m for m, kind in likelihoods.items() if LIKELIHOODS[kind].binary])
+        binarise(data, [m for m, kind in self._likelihoods(data.modalities).items() if LIKELIHOODS[kind].binary])
         n = data.n_obs
         n_classes = data.labels.n_classes if data.labels is not None else None
         if data.labels is not None and n_classes == 0:
@@ -377,64 +373,40 @@ class DGD:
         k, _ = self._n_components(n_classes)
         if k > n:
             raise ValueError(f"n_components={k} exceeds the number of cells ({n}); choose fewer components.")
-        order = self._warm_start_order(data) if warm_start else None
-        if data.mosaic:
-            for m in data.modalities:
-                missing = int((~data.observed_mask(m)).sum())
-                if missing:
-                    logger.info("%d of %d cells lack modality %r: fitted on their other modalities", missing, n, m)
-        max_epochs = default_max_epochs(n) if max_epochs is None else int(max_epochs)
-        config = TrainConfig(
-            max_epochs=max_epochs,
-            batch_size=int(batch_size),
-            lr_decoder=lr_decoder,
-            lr_representation=lr_representation,
-            lr_mixture=lr_mixture,
-            betas=tuple(betas),
-            early_stopping=early_stopping,
-            patience=int(patience),
-            min_delta=float(min_delta),
-            warmup_epochs=int(warmup_epochs),
-            guide_epochs=0 if warm_start else int(guide_epochs),
-            verbose=verbose,
-        )
-        settings = dict(
-            max_epochs=max_epochs,
-            batch_size=int(batch_size),
-            layer=layer,
-            modalities=list(data.modalities),
-            train_size=float(train_size),
-            early_stopping=bool(early_stopping),
-            patience=int(patience),
-            min_delta=float(min_delta),
-            warmup_epochs=int(warmup_epochs),
-            guide_epochs=int(guide_epochs),
-            lr_decoder=float(lr_decoder),
-            lr_representation=float(lr_representation),
-            lr_mixture=float(lr_mixture),
-            betas=[float(b) for b in betas],
-            warm_start=bool(warm_start),
-        )
-        previous = {k: list(v) for k, v in self.history.items()} if warm_start else {}
+        for m in data.modalities if data.mosaic else []:
+            missing = int((~data.observed_mask(m)).sum())
+            if missing:
+                logger.info("%d of %d cells lack modality %r: fitted on their other modalities", missing, n, m)
+        config.max_epochs = default_max_epochs(n) if max_epochs is None else config.max_epochs
+        settings = {**config.settings(), "layer": layer, "modalities": list(data.modalities),
+                    "train_size": train_size, "warm_start": bool(warm_start)}
+        run = _FitRun(data, replace(config, guide_epochs=0) if warm_start else config, train_size, n_classes,
+                      order=self._warm_start_order(data) if warm_start else None,
+                      previous={k: list(v) for k, v in self.history.items()} if warm_start else {},
+                      settings=settings, checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+                      checkpoint_every=int(checkpoint_every))
         backup = self._state(copy_modules=warm_start)
         try:
-            history, z_all, cov_all = self._fit_fresh_or_warm(
-                data, config, train_size, settings, previous, n_classes, order, checkpoint_dir, int(checkpoint_every)
-            )
-            self.representation = z_all
-            self.cov_representation = cov_all
-            self.history = _continue_history(previous, history)
-            self.fit_settings = {**settings, "n_epochs": len(self.history["epoch"])}
-            if checkpoint_dir is not None:
-                self._write_model(Path(checkpoint_dir), z_all, cov_all, self.history, self.fit_settings)
+            history, z_all, cov_all = self._fit_run(run)
+            stop = {key: history.pop(key)[0] for key in ("stopped", "best_epoch")}
+            self.representation, self.cov_representation = z_all, cov_all
+            self.history = _continue_history(run.previous, history)
+            self.fit_settings = {**settings, "n_epochs": len(self.history["epoch"]), **stop}
+            if run.checkpoint_dir is not None:
+                self._write_model(run.checkpoint_dir, z_all, cov_all, self.history, self.fit_settings)
             self._write_outputs(adata, z_all, cov_all, key_added)
-        except Exception:
-            self._restore_state(backup)  # a failed fit leaves an already fitted model as it was
+        except BaseException:  # also KeyboardInterrupt: a failed or interrupted fit leaves the model as it was
+            self._restore_state(backup)
             raise
+        if verbose:
+            print(self._fit_summary(adata, key_added))
         return self
 
+    # defined in ._query with its helpers
+    transform = _query.transform
+
     #: attributes that make up a fitted model
-    _STATE_ATTRS = ("decoder", "gmm", "cov_gmms", "representation", "cov_representation", "features",
+    _STATE_ATTRS = ("module", "representation", "cov_representation", "features",
                     "covariate_categories", "label_categories", "obs_names", "history", "fit_settings")
 
     def _state(self, copy_modules: bool) -> dict[str, Any]:
@@ -447,31 +419,41 @@ class DGD:
         for name, value in state.items():
             setattr(self, name, value)
 
-    def _fit_fresh_or_warm(self, data, config, train_size, settings, previous, n_classes, order, checkpoint_dir,
-                           checkpoint_every):
+    def _fit_run(self, run: "_FitRun"):
         """Build (unless warm-starting), set the data's features and classes, train; returns
         ``_fit_data``'s (history, representations, covariate representations)."""
-        a = self.init_args
-        generator = torch.Generator().manual_seed(a["seed"])
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), onednn_float32_matmul(self.device):
-            torch.manual_seed(a["seed"])
-            if order is None:
-                self._build(
-                    {m: c.shape[1] for m, c in data.counts.items()},
-                    {key: cat.n_classes for key, cat in data.covariates.items()},
-                    n_classes,
-                )
-            self.features = data.feature_names
-            self.covariate_categories = {key: cat.categories for key, cat in data.covariates.items()}
-            self.label_categories = data.labels.categories if data.labels is not None else None
-            self.obs_names = data.obs_names
-            checkpoint = None
-            if checkpoint_dir is not None:
-                def checkpoint(z, cov, history):
-                    merged = _continue_history(previous, history)
-                    self._write_model(Path(checkpoint_dir), z, cov, merged, {**settings, "n_epochs": len(merged["epoch"])})
-            return self._fit_data(data, config, train_size, generator, order, checkpoint, checkpoint_every)
+        data = run.data
+        if run.order is None:
+            self._build({m: c.shape[1] for m, c in data.counts.items()},
+                        {key: cat.n_classes for key, cat in data.covariates.items()}, run.n_classes)
+        self.features = data.feature_names
+        self.covariate_categories = {key: cat.categories for key, cat in data.covariates.items()}
+        self.label_categories = data.labels.categories if data.labels is not None else None
+        self.obs_names = data.obs_names
+        checkpoint = None
+        if run.checkpoint_dir is not None:
+            def checkpoint(z, cov, history):
+                merged = _continue_history(run.previous, history)
+                self._write_model(run.checkpoint_dir, z, cov, merged,
+                                  {**run.settings, "n_epochs": len(merged["epoch"])})
+        return self._fit_data(run, torch.Generator().manual_seed(self.init_args["seed"]), checkpoint)
+
+    def _fit_summary(self, adata, key: str) -> str:
+        """What a fit prints at its end: epochs, why it stopped, the best validation loss, cluster sizes."""
+        f, h = self.fit_settings, self.history
+        why = {"early_stopping": f"early stopping (no improvement for {f.get('patience')} epochs)",
+               "max_epochs": f"the epoch cap ({f.get('max_epochs')})",
+               "interrupted": "interrupted (the best state so far is kept)"}.get(f.get("stopped"), "")
+        best = int(f.get("best_epoch") or 0)
+        sizes = np.bincount(np.asarray(adata.obs[f"{key}_cluster"].cat.codes), minlength=self.gmm.n_mix_comp)
+        lines = [f"dgdcell: fitted {len(self.obs_names)} cells in {h['epoch'][-1] if h['epoch'] else 0} epochs "
+                 f"({h['seconds'][-1] if h['seconds'] else 0:.1f} s), stopped by {why}"]
+        if best:
+            lines.append(f"  best validation loss {h['val_loss'][best - 1]:.2f} nats per cell at epoch {best} "
+                         f"(reconstruction {h['val_reconstruction'][best - 1]:.2f}; the prior's log density can be "
+                         "positive, so the total can be lower)")
+        lines.append(f"  {self.gmm.n_mix_comp} components, cells per cluster: {', '.join(map(str, sizes))}")
+        return "\n".join(lines)
 
     def _warm_start_order(self, data: CountData) -> np.ndarray:
         """Rows of the model's stored representations for the cells of ``data``
@@ -497,20 +479,13 @@ class DGD:
             )
         return order
 
-    def _fit_data(
-        self,
-        data: CountData,
-        config: TrainConfig,
-        train_size: float,
-        generator: torch.Generator,
-        order: np.ndarray | None = None,
-        checkpoint=None,
-        checkpoint_every: int = 10,
-    ):
+    def _fit_data(self, run: "_FitRun", generator: torch.Generator, checkpoint=None):
         """Split, start and train; returns (history, (n, L) representations,
-        covariate key -> (n, 2)). ``order`` (warm start): rows of the stored
+        covariate key -> (n, 2)). ``run.order`` (warm start): rows of the stored
         representations to start from. ``checkpoint(z, cov, history)`` is
-        called every ``checkpoint_every`` epochs."""
+        called every ``run.checkpoint_every`` epochs."""
+        data, config, train_size, order, checkpoint_every = (run.data, run.config, run.train_size, run.order,
+                                                             run.checkpoint_every)
         a = self.init_args
         n = data.n_obs
         perm = torch.randperm(n, generator=generator).numpy()
@@ -569,7 +544,7 @@ class DGD:
             if epoch % checkpoint_every == 0:
                 checkpoint(*gather(), {**history, "n_train": [len(train_idx)], "n_val": [int(n_val)]})
 
-        history = train(self.decoder, self.gmm, dict(self.cov_gmms), train_cells, val_cells, config, generator,
+        history = train(self.module, train_cells, val_cells, config, generator,
                         on_epoch_end=None if checkpoint is None else on_epoch_end)
         history["n_train"] = [len(train_idx)]
         history["n_val"] = [int(n_val)]
@@ -650,545 +625,9 @@ class DGD:
         self._check_fitted()
         return self.representation.numpy().copy()
 
-    # ------------------------------------------------------------------ new cells
-    def transform(
-        self,
-        adata_new,
-        init: str = "mean",
-        n_samples: int = 10,
-        n_starts: int = 2,
-        max_epochs: int = 100,
-        layer: str | None = None,
-        batch_size: int = 1024,
-        key_added: str = "dgd",
-        seed: int | None = None,
-        verbose: bool = True,
-        lr: float = 0.3,
-        patience: int = 5,
-        min_delta: float = 1e-4,
-        min_overlap: float = 0.5,
-        max_elements: int = 20_000_000,
-        modality: str | None = None,
-    ) -> "DGD":
-        """Embed new cells: fit fresh representations against the frozen decoder and mixtures.
-
-        ``adata_new`` is an AnnData or a MuData carrying any of the model's
-        modalities: a MuData's modalities are matched by name, an AnnData's by
-        ``.var[modality_key]`` or, for a plain AnnData, ``modality`` (default:
-        the model's modality sharing most of its feature names, e.g. the RNA
-        of an RNA-only query). Cells are fitted on the modalities they have;
-        :meth:`predict_modality` then decodes the others.
-
-        The trained model is never changed (decoder, mixtures and the training
-        representations stay as they are).
-
-        Features are matched by name to the training features. Training
-        features missing from ``adata_new`` are left out of the likelihood (the
-        decoded fractions are renormalised over the features present, and
-        library sizes are the cells' totals over those); extra features are
-        ignored. Fewer than ``min_overlap`` (default 50%) of the training
-        features present is an error, as is a cell without counts in them.
-
-        Steps:
-
-        1. Every cell is scored by the full objective (negative-binomial NLL +
-           mixture prior + covariate prior) at every candidate start: each
-           mixture component's mean (``init='mean'``, the default) or
-           ``n_samples`` draws from each component (``init='sample'``, drawn
-           with ``seed``), combined with every component mean of each covariate
-           mixture. One vectorised pass; its intermediates stay within about
-           ``max_elements`` floats.
-        2. Each cell is optimised from its ``n_starts`` best-scored candidates
-           (only the new representations move; Adam with betas as in fit). Steps
-           are in units of the start component's standard deviation (``lr`` =
-           0.3 of it, decaying by 0.9 per step), so cells of tight and broad
-           components converge alike. After 5 epochs only each cell's better
-           start continues. A cell stops when its loss has not improved by more
-           than ``min_delta`` (relative) for ``patience`` epochs; all stop by
-           ``max_epochs``. Each cell keeps its lowest-loss state.
-
-        Defaults measured on six labelled sets (``benchmarks/transform.py``):
-        a second start lowers the loss of a cell whose best-scored component
-        mean is not its best basin; per-cell stopping needs about half the
-        steps of a plateau on the total loss; means with ``lr=0.3`` gave
-        clusters and neighbours closer to those of fit than samples or larger
-        steps. The training representations written by :meth:`fit` are not
-        refitted against the final decoder, so they can differ from what
-        ``transform`` gives for the same cells (compare by transforming a copy
-        of the training data).
-
-        Covariates (``covariate_keys`` of the model) are read from
-        ``adata_new.obs``. A cell of a known class starts at, and is scored
-        with, its class's component. A cell of a class unseen in training (a
-        new batch), with a missing value, or with the column absent altogether
-        is treated as unknown (label -1): its prior is the full covariate
-        mixture and the candidate search picks the best-fitting known class to
-        start from. No change to the model is needed. Labels (``label_key``)
-        are not read: new cells are unlabelled.
-
-        Writes the same keys as :meth:`fit` (and only after success: a failed
-        transform leaves ``adata_new`` unchanged), with ``key = key_added``:
-        ``obsm[f"X_{key}"]``, ``obsm[f"X_{key}_{covariate}"]``,
-        ``obs[f"{key}_cluster"]``, ``obsm[f"X_{key}_cluster_probs"]`` and
-        ``uns[key]`` (the model's record, plus ``uns[key]["transform"]``:
-        settings, feature overlap, unseen classes and the loss history).
-
-        ``seed`` (default: the model's seed) drives ``init='sample'``; the same
-        seed gives identical results on CPU.
-
-        Parameters
-        ----------
-        adata_new
-            AnnData or MuData with raw counts of the new cells.
-        init, n_samples, n_starts
-            Candidate starts (see step 1 and 2).
-        max_epochs, lr, patience, min_delta
-            Optimisation of each cell (see step 2).
-        layer
-            Layer with the raw counts (None: ``.X``; a dict modality -> layer for a MuData).
-        batch_size
-            Cells decoded at a time during optimisation.
-        key_added
-            Prefix of the keys written.
-        seed
-            Seed of ``init='sample'`` (default: the model's).
-        verbose
-            tqdm progress bar over epochs.
-        min_overlap
-            Smallest share of a modality's training features the new data must carry.
-        max_elements
-            Memory bound of the candidate scoring, in floats.
-        modality
-            For a plain AnnData of a multi-modal model: which modality it holds.
-
-        Returns
-        -------
-        ``self`` (read the new representations from ``adata_new.obsm[f"X_{key}"]``).
-        """
-        import time
-
-        from .data import read_new_data
-        from .train.new_cells import INIT_TYPES, NewCellConfig, fit_new_cells
-
-        self._check_fitted()
-        if init not in INIT_TYPES:
-            raise ValueError(f"init must be one of {INIT_TYPES}, got {init!r}.")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}.")
-        for name, value in (("n_samples", n_samples), ("n_starts", n_starts), ("max_epochs", max_epochs),
-                            ("batch_size", batch_size), ("patience", patience), ("max_elements", max_elements)):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}.")
-        t0 = time.perf_counter()
-        new = read_new_data(adata_new, self.features, layer, self.covariate_categories, min_overlap,
-                            modality_key=self.init_args.get("modality_key"), modality=modality)
-        kinds = {m: self.decoder.likelihoods[m] for m in new.data.modalities}
-        _binarise(new.data, [m for m, lik in kinds.items() if lik.binary])
-        config = NewCellConfig(
-            init=init, n_samples=int(n_samples), n_starts=int(n_starts), max_epochs=int(max_epochs),
-            batch_size=int(batch_size),
-            lr=float(lr), betas=tuple(self.fit_settings.get("betas", (0.5, 0.7))),
-            patience=int(patience), min_delta=float(min_delta), max_elements=int(max_elements), verbose=verbose,
-        )
-        seed = self.init_args["seed"] if seed is None else int(seed)
-        cells = self._new_cell_set(new)
-        with onednn_float32_matmul(self.device):
-            history = fit_new_cells(self.decoder, self.gmm, dict(self.cov_gmms), cells, config,
-                                    torch.Generator().manual_seed(seed))
-        z = cells.rep.z.detach().cpu()
-        cov = {k: r.z.detach().cpu() for k, r in cells.cov_reps.items()}
-        record = self._transform_record(new, config, layer, seed, history, time.perf_counter() - t0)
-        self._write_outputs(adata_new, z, cov, key_added, extra_uns={"transform": record})
-        return self
-
-    def _new_cell_set(self, new):
-        """A CellSet (representations at zero) for new cells read by ``read_new_data``."""
-        from .train.objective import CellSet
-
-        d = new.data
-        return CellSet(
-            rep=RepresentationLayer(self.latent_dim, d.n_obs).to(self.device),
-            cov_reps={k: RepresentationLayer(COVARIATE_DIM, d.n_obs).to(self.device) for k in self.cov_gmms},
-            counts={m: DeviceCounts(c, d.library[m], self.device) for m, c in d.counts.items()},
-            cov_codes={k: torch.as_tensor(cat.codes, device=self.device) for k, cat in d.covariates.items()},
-            labels=None,
-            feature_index={
-                m: None if a.complete else torch.as_tensor(a.feature_index, device=self.device)
-                for m, a in new.alignments.items()
-            },
-            weight=self._cell_weights(d),
-        )
-
-    @staticmethod
-    def _transform_record(new, config, layer, seed: int, history: dict, seconds: float) -> dict:
-        """``uns[key]["transform"]``: settings, overlap, classes, history (h5ad-writable)."""
-        return {
-            "n_obs": new.data.n_obs,
-            "init": config.init,
-            "n_samples": config.n_samples,
-            "n_starts": config.n_starts,
-            "max_epochs": config.max_epochs,
-            "batch_size": config.batch_size,
-            "lr": config.lr,
-            "betas": list(config.betas),
-            "patience": config.patience,
-            "min_delta": config.min_delta,
-            "layer": "" if layer is None else layer,
-            "seed": seed,
-            "n_epochs": len(history["epoch"]),
-            "cell_epochs": float(np.sum(history["n_active"]) / max(new.data.n_obs, 1)),
-            "n_candidates": int(history["n_candidates"][0]),
-            "features": {
-                m: {"n_shared": a.n_shared, "n_missing": a.n_missing, "n_extra": a.n_extra}
-                for m, a in new.alignments.items()
-            },
-            "unseen_classes": {k: list(v) for k, v in new.unseen_classes.items()},
-            "missing_covariates": list(new.missing_covariates),
-            "history": {
-                "loss": np.asarray(history["loss"], dtype=np.float64),
-                "reconstruction": np.asarray(history["reconstruction"], dtype=np.float64),
-                "start_loss": float(history["start_loss"][0]),
-            },
-            "seconds": float(seconds),
-            "seconds_init": float(history["seconds_init"][0]),
-        }
-
-    # ------------------------------------------------------------------ expression
-    def get_normalized_expression(
-        self,
-        adata=None,
-        library_size: float | str | None = None,
-        modality: str = "rna",
-        key: str = "dgd",
-        transform_batch: str | dict[str, str] | None = None,
-        layer: str | None = None,
-        batch_size: int = 1024,
-    ) -> pd.DataFrame:
-        """Denoised expression decoded from the cells' representations.
-
-        Parameters
-        ----------
-        adata
-            None: the training cells (``self.representation``, in training
-            order). Else cells carrying ``obsm[f"X_{key}"]`` (and
-            ``obsm[f"X_{key}_{covariate}"]`` per covariate) from :meth:`fit` or
-            :meth:`transform`.
-        library_size
-            None: fractions (each row sums to 1 over the modality's training
-            features). A number: expected counts at that library size (rows sum
-            to it). ``'latent'``: expected counts at each cell's own library
-            size, read from ``adata``'s counts (``adata.X`` or ``layer``); when
-            training features are missing there, the observed total over the
-            features present is divided by their decoded share.
-        modality
-            Which modality's features to decode.
-        transform_batch
-            A covariate class name (or ``{covariate: class}``): decode every cell
-            with that class's component mean as its covariate representation,
-            i.e. as if measured in that batch.
-        batch_size
-            Cells decoded at a time.
-
-        Returns
-        -------
-        DataFrame (cells x training features of ``modality``), float32; index
-        the cells' names, columns the feature names.
-        """
-        self._check_fitted()
-        if modality not in self.features:
-            raise KeyError(f"modality {modality!r} is not in the model (modalities: {sorted(self.features)}).")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        fixed = self._transform_batch_inputs(transform_batch)
-        z, cov, names = self._stored_representations(adata, key, skip=set(fixed))
-        n = z.shape[0]
-        scale = self._library_scale(adata, library_size, layer, n, modality)
-        out = np.empty((n, len(self.features[modality])), dtype=np.float32)
-        keys = list(self.cov_gmms)
-        with torch.no_grad():
-            for start in range(0, n, int(batch_size)):
-                stop = min(start + int(batch_size), n)
-                parts = [z[start:stop]] + [
-                    fixed[k].expand(stop - start, -1) if k in fixed else cov[k][start:stop] for k in keys
-                ]
-                x_in = torch.cat(parts, dim=-1).to(self.device)
-                out[start:stop] = torch.exp(self.decoder(x_in, modalities=[modality])[modality]).cpu().numpy()
-        if isinstance(scale, tuple):  # 'latent': observed totals over the features present / their decoded share
-            library, columns = scale
-            scale = library / np.maximum(out[:, columns].sum(axis=1, dtype=np.float64), 1e-12)
-        if scale is not None:
-            out *= np.asarray(scale, dtype=np.float32).reshape(-1, 1)
-        return pd.DataFrame(out, index=pd.Index(names), columns=pd.Index(self.features[modality]), copy=False)
-
-    def predict_modality(
-        self,
-        adata=None,
-        modality: str | None = None,
-        library_size: float | None = None,
-        key: str = "dgd",
-        transform_batch: str | dict[str, str] | None = None,
-        batch_size: int = 1024,
-    ) -> pd.DataFrame:
-        """Predict a modality the cells were not measured in (e.g. proteins of an RNA-only query).
-
-        Decodes the cells' representations through the head of ``modality``:
-        the representations come from :meth:`fit` (``adata`` None: the training
-        cells, or an object ``fit`` wrote into) or :meth:`transform` (run it on
-        the query first: it fits the cells on the modalities they have). Reads
-        ``obsm[f"X_{key}"]`` and ``obsm[f"X_{key}_{covariate}"]``; writes nothing.
-
-        Parameters
-        ----------
-        adata
-            AnnData / MuData carrying the representations, or None.
-        modality
-            The modality to predict; required when the model has several.
-        library_size
-            None: fractions (rows sum to 1 over the modality's features). A
-            number: expected counts at that library size. To compare with
-            measured data, use e.g. the median library size of the modality in
-            the training data.
-        transform_batch
-            Decode as if measured in this covariate class (see
-            :meth:`get_normalized_expression`).
-        batch_size
-            Cells decoded at a time.
-
-        Returns
-        -------
-        DataFrame (cells x the modality's training features), float32.
-        """
-        self._check_fitted()
-        if modality is None:
-            if len(self.features) > 1:
-                raise ValueError(f"the model has modalities {sorted(self.features)}; pass modality= to choose one.")
-            modality = next(iter(self.features))
-        if isinstance(library_size, str):
-            raise ValueError("predict_modality takes library_size None or a number; the cells' own library size "
-                             "in an unmeasured modality is unknown.")
-        return self.get_normalized_expression(adata, library_size, modality, key, transform_batch, None, batch_size)
-
-    def _stored_representations(self, adata, key: str, skip: set[str]):
-        """(n, L) representations, covariate key -> (n, 2), and the cell names:
-        the training cells' (``adata`` None) or those stored in ``adata.obsm``."""
-        if adata is None:
-            return self.representation, dict(self.cov_representation), list(self.obs_names)
-        name = f"X_{key}"
-        if name not in adata.obsm:
-            raise KeyError(
-                f"adata.obsm has no {name!r}; run dgd.fit(adata) or dgd.transform(adata) first "
-                f"(or pass key= the key_added used; obsm keys: {list(adata.obsm.keys())})."
-            )
-        z = np.asarray(adata.obsm[name], dtype=np.float32)
-        if z.shape != (adata.n_obs, self.latent_dim):
-            raise ValueError(f"adata.obsm[{name!r}] has shape {z.shape}, expected ({adata.n_obs}, {self.latent_dim}).")
-        cov = {}
-        for k in self.cov_gmms:
-            if k in skip:
-                continue
-            ck = f"X_{key}_{k}"
-            if ck not in adata.obsm:
-                raise KeyError(f"adata.obsm has no {ck!r} (covariate {k!r}); run fit or transform first, "
-                               "or pass transform_batch= to decode in a chosen class.")
-            cov[k] = torch.as_tensor(np.asarray(adata.obsm[ck], dtype=np.float32))
-        return torch.as_tensor(z), cov, [str(v) for v in adata.obs_names]
-
-    def _transform_batch_inputs(self, transform_batch) -> dict[str, torch.Tensor]:
-        """covariate key -> (1, 2) component mean of the requested class (weights within the class)."""
-        if transform_batch is None:
-            return {}
-        if isinstance(transform_batch, dict):
-            wanted = {str(k): str(v) for k, v in transform_batch.items()}
-        else:
-            keys = [k for k, cats in self.covariate_categories.items() if str(transform_batch) in cats]
-            if not keys:
-                raise KeyError(f"transform_batch {transform_batch!r} is not a class of any covariate "
-                               f"({self.covariate_categories}).")
-            if len(keys) > 1:
-                raise ValueError(f"transform_batch {transform_batch!r} is a class of several covariates {keys}; "
-                                 "pass a dict {covariate: class}.")
-            wanted = {keys[0]: str(transform_batch)}
-        out = {}
-        for k, cls in wanted.items():
-            if k not in self.covariate_categories:
-                raise KeyError(f"{k!r} is not a covariate of the model (covariates: {list(self.covariate_categories)}).")
-            if cls not in self.covariate_categories[k]:
-                raise KeyError(f"class {cls!r} is not a class of covariate {k!r} ({self.covariate_categories[k]}).")
-            g = self.cov_gmms[k]
-            label = torch.tensor([self.covariate_categories[k].index(cls)], device=g.mean.device)
-            with torch.no_grad():
-                out[k] = (g.label_mixture_probs(label) @ g.mean).cpu()
-        return out
-
-    def _library_scale(self, adata, library_size, layer, n: int, modality: str):
-        """None (fractions), an (n,) or scalar scale, or for ``'latent'`` the
-        tuple (observed totals (n,), decoded columns they cover)."""
-        if library_size is None:
-            return None
-        if isinstance(library_size, str):
-            if library_size != "latent":
-                raise ValueError(f"library_size must be None, a number or 'latent', got {library_size!r}.")
-            if adata is None:
-                raise ValueError("library_size='latent' needs the cells' counts: pass adata.")
-            from .data import read_new_data
-
-            new = read_new_data(adata, {modality: self.features[modality]}, layer, None,
-                                modality_key=self.init_args.get("modality_key"), modality=modality)
-            return new.data.library[modality], new.alignments[modality].feature_index
-        value = float(library_size)
-        if not value > 0:
-            raise ValueError(f"library_size must be > 0, got {library_size}.")
-        return value
-
     def _check_fitted(self) -> None:
         if self.representation is None:
             raise RuntimeError("This DGD is not fitted yet: call fit(adata) or DGD.load(dir) first.")
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Save to directory ``path``: ``config.json`` (settings, features,
-        classes, history, library version) and ``weights.pt`` (a flat dict of
-        tensors, loadable with ``torch.load(weights_only=True)``). Each file is
-        written to a temporary name and then renamed, so a crash never leaves a
-        half-written file.
-
-        Parameters
-        ----------
-        path
-            Directory (created if missing).
-        overwrite
-            Replace the contents of a non-empty ``path``; otherwise that is a FileExistsError.
-        """
-        self._check_fitted()
-        path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it.")
-        self._write_model(path, self.representation, self.cov_representation, self.history, self.fit_settings)
-
-    def _write_model(
-        self, path: Path, representation: torch.Tensor, cov_representation: dict[str, torch.Tensor],
-        history: dict[str, list], fit_settings: dict[str, Any],
-    ) -> None:
-        """Write the model with the given training-cell representations (n, L)
-        and covariate representations to ``path`` (see :meth:`save`)."""
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {f"decoder.{k}": v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()}
-        tensors.update({f"gmm.{k}": v.detach().cpu().clone() for k, v in self.gmm.state_dict().items()})
-        for key, g in self.cov_gmms.items():
-            tensors.update({f"cov_gmm.{key}.{k}": v.detach().cpu().clone() for k, v in g.state_dict().items()})
-        tensors["representation"] = representation.detach().cpu().clone()
-        for key, c in cov_representation.items():
-            tensors[f"cov_representation.{key}"] = c.detach().cpu().clone()
-        config = {
-            "format_version": FORMAT_VERSION,
-            "dgdcell_version": __version__,
-            "init_args": self.init_args,
-            "fit_settings": fit_settings,
-            "features": self.features,
-            "covariate_categories": self.covariate_categories,
-            "label_categories": self.label_categories,
-            "obs_names": self.obs_names,
-            "history": history,
-        }
-        # the weights alternate between two names and config.json names the current one, so that
-        # at any moment config.json and the weights it names are a complete pair of one state
-        current = _weights_file(path)
-        weights = WEIGHTS_FILE_ALT if current == WEIGHTS_FILE and (path / WEIGHTS_FILE).is_file() else WEIGHTS_FILE
-        config["weights_file"] = weights
-        tmp_weights, tmp_config = path / f".{weights}.tmp", path / f".{CONFIG_FILE}.tmp"
-        torch.save(tensors, tmp_weights)
-        tmp_config.write_text(json.dumps(config))
-        os.replace(tmp_weights, path / weights)
-        os.replace(tmp_config, path / CONFIG_FILE)
-        stale = path / (WEIGHTS_FILE_ALT if weights == WEIGHTS_FILE else WEIGHTS_FILE)
-        if stale.is_file():
-            stale.unlink()
-
-    @classmethod
-    def load(cls, path: str | Path, device: str = "auto") -> "DGD":
-        """Load a model saved by :meth:`save` (or a ``checkpoint_dir`` of :meth:`fit`). Needs no training data.
-
-        Tensors are read with ``torch.load(weights_only=True)``: no arbitrary
-        object is ever unpickled. Raises FileNotFoundError when ``path`` holds
-        no saved model, ValueError when a file is corrupted, truncated or from
-        another model, or the format version is not this library's; a model
-        saved by another dgdcell version loads with a warning.
-
-        Parameters
-        ----------
-        path
-            Directory written by :meth:`save` or ``fit(checkpoint_dir=...)``.
-        device
-            Where the model runs (``'auto'``: CUDA when available).
-        """
-        path = Path(path)
-        if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a saved DGD (expected {CONFIG_FILE} and {WEIGHTS_FILE}).")
-        try:
-            config = json.loads((path / CONFIG_FILE).read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path / CONFIG_FILE} is corrupted: {err}") from err
-        if not isinstance(config, dict):
-            raise ValueError(f"{path / CONFIG_FILE} is corrupted: expected a JSON object, got {type(config).__name__}.")
-        weights = path / _weights_file(path)
-        if not weights.is_file():
-            raise FileNotFoundError(f"{path} is not a saved DGD (expected {CONFIG_FILE} and {weights.name}).")
-        fmt = config.get("format_version")
-        if fmt != FORMAT_VERSION:
-            raise ValueError(f"{path} has model format {fmt}; this dgdcell ({__version__}) reads format {FORMAT_VERSION}.")
-        saved_version = config.get("dgdcell_version")
-        if saved_version != __version__:
-            logger.warning("model saved by dgdcell %s, loading with %s", saved_version, __version__)
-        try:
-            tensors = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated / corrupted file, or a pickle of arbitrary objects
-            raise ValueError(f"{weights} could not be read (corrupted or truncated?): {err}") from err
-        import inspect
-
-        known = set(inspect.signature(cls.__init__).parameters) - {"self", "device"}
-        unknown = sorted(set(config.get("init_args") or {}) - known)
-        if unknown:
-            raise ValueError(
-                f"{path} holds settings this dgdcell ({__version__}) does not know: {unknown} (saved by dgdcell "
-                f"{saved_version}). Upgrade dgdcell to load it."
-            )
-        try:
-            return cls._from_saved(config, tensors, device)
-        except (KeyError, TypeError, RuntimeError, AttributeError, ValueError) as err:
-            raise ValueError(
-                f"{path} does not hold a consistent saved DGD ({type(err).__name__}: {err}); "
-                f"were {CONFIG_FILE} and the weights written by the same model?"
-            ) from err
-
-    @classmethod
-    def _from_saved(cls, config: dict, tensors: dict[str, torch.Tensor], device: str) -> "DGD":
-        """A model from a parsed ``config.json`` and its tensors (KeyError / RuntimeError when they do not match)."""
-        if not isinstance(tensors, dict):
-            raise TypeError(f"the weights file holds a {type(tensors).__name__}, not a dict of tensors")
-        model = cls(device=device, **config["init_args"])
-        labels = config["label_categories"]
-        with torch.random.fork_rng(devices=[]):
-            model._build(
-                {m: len(f) for m, f in config["features"].items()},
-                {k: len(c) for k, c in config["covariate_categories"].items()},
-                None if labels is None else len(labels),
-            )
-        model.decoder.load_state_dict(_prefixed(tensors, "decoder."))
-        model.gmm.load_state_dict(_prefixed(tensors, "gmm."))
-        for key, g in model.cov_gmms.items():
-            g.load_state_dict(_prefixed(tensors, f"cov_gmm.{key}."))
-        model.representation = tensors["representation"]
-        model.cov_representation = {k: tensors[f"cov_representation.{k}"] for k in config["covariate_categories"]}
-        if model.representation.shape != (len(config["obs_names"]), model.latent_dim):
-            raise ValueError(f"representation has shape {tuple(model.representation.shape)}, expected "
-                             f"({len(config['obs_names'])}, {model.latent_dim})")
-        model.features = config["features"]
-        model.covariate_categories = config["covariate_categories"]
-        model.label_categories = labels
-        model.obs_names = config["obs_names"]
-        model.history = config["history"]
-        model.fit_settings = config["fit_settings"]
-        return model
 
     def __repr__(self) -> str:
         a = self.init_args
@@ -1200,27 +639,42 @@ class DGD:
         )
 
 
-def _covariate_mixture(n_classes: int) -> GaussianMixtureSupervised:
-    """Supervised 2-D mixture for one covariate: one isotropic component per
-    class, means spread evenly on the unit circle."""
-    g = GaussianMixtureSupervised(n_classes, 1, COVARIATE_DIM, "isotropic", mean_init=(2.0, 5.0), sd_init=(0.2, 1.0))
-    angle = torch.arange(n_classes) * (2 * math.pi / n_classes)
-    with torch.no_grad():
-        g.mean.copy_(torch.stack([angle.cos(), angle.sin()], -1))
-    return g
+@dataclass
+class _FitRun:
+    """What one call of :meth:`DGD.fit` works on: the data read, the checked
+    settings, and (warm start) where the stored representations are."""
+
+    data: CountData
+    config: TrainConfig
+    train_size: float
+    n_classes: int | None
+    order: np.ndarray | None = None
+    previous: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 10
 
 
-def _binarise(data: CountData, modalities: list[str]) -> None:
-    """Counts of ``modalities`` set to 1 where > 0 (a new matrix; its index
-    arrays are shared, and the input's, which may be the caller's AnnData's,
-    are never written), library sizes recounted as the number of features on
-    (unobserved cells keep 1)."""
-    for m in modalities:
-        old = data.counts[m]
-        csr = sp.csr_matrix((np.ones_like(old.data), old.indices, old.indptr), shape=old.shape, copy=False)
-        data.counts[m] = csr
-        library = np.diff(csr.indptr).astype(np.float64)
-        data.library[m] = np.where(data.observed_mask(m), library, 1.0)
+def _check_train_size(train_size) -> float:
+    """``train_size`` as a float in (0, 1], or a ValueError naming it."""
+    if isinstance(train_size, bool) or not isinstance(train_size, (int, float, np.integer, np.floating)):
+        raise ValueError(f"train_size must be a number in (0, 1] (e.g. 0.9), got {train_size!r}.")
+    if not 0.0 < float(train_size) <= 1.0:
+        raise ValueError(f"train_size must be in (0, 1] (the share of cells trained on), got {train_size}.")
+    return float(train_size)
+
+
+def _check_checkpoint_dir(path: Path, warm_start: bool) -> None:
+    """A checkpoint folder must be new, empty, or (continuing a fit with
+    ``warm_start=True``) a saved model's: fit never writes over anything else."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"checkpoint_dir {path} is a file; pass a folder (it is created if missing).")
+    if path.is_dir() and any(path.iterdir()):
+        if not warm_start or not (path / CONFIG_FILE).is_file():
+            raise FileExistsError(
+                f"checkpoint_dir {path} is not empty; pass a new or empty folder (or, to continue the fit saved "
+                f"there, load it and fit with warm_start=True)."
+            )
 
 
 def _continue_history(previous: dict[str, list], new: dict[str, list]) -> dict[str, list]:
@@ -1247,16 +701,3 @@ def _joint_codes(codes: list[np.ndarray], n: int) -> np.ndarray | None:
     if not codes:
         return None
     return np.unique(np.stack(codes, 1), axis=0, return_inverse=True)[1].reshape(n)
-
-
-def _weights_file(path: Path) -> str:
-    """The weights file that ``path/config.json`` names (``weights.pt`` when it names none or is unreadable)."""
-    try:
-        name = json.loads((path / CONFIG_FILE).read_text()).get("weights_file", WEIGHTS_FILE)
-    except (OSError, ValueError, AttributeError):
-        return WEIGHTS_FILE
-    return name if name in (WEIGHTS_FILE, WEIGHTS_FILE_ALT) else WEIGHTS_FILE
-
-
-def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

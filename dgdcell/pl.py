@@ -203,7 +203,7 @@ def _mixture_arrays(model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if gmm is None:
         raise ValueError("the model has no mixture: fit it first (or load a fitted model).")
     mean = gmm.mean.detach().cpu().numpy().astype(float)
-    var = gmm.stddev().detach().cpu().numpy().astype(float) ** 2
+    var = gmm.stddev.detach().cpu().numpy().astype(float) ** 2
     weights = gmm.mixture_probs().detach().cpu().numpy().astype(float)
     return mean, var, weights
 

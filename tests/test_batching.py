@@ -8,12 +8,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from dgdcell.nn import nb_log_prob
 from dgdcell.nn.likelihoods import nb_log_prob_sparse
 from dgdcell.train import batching
 from dgdcell.train.batching import DeviceCounts
 from dgdcell.train.loop import _sparse_view
-from dgdcell.train.objective import CellSet
+from dgdcell.train.cells import CellSet
+
+from .reference import nb_log_prob
 from dgdcell.latent import RepresentationLayer
 
 

@@ -182,19 +182,11 @@ def test_a_checkpoint_pair_is_from_one_epoch_whenever_the_writer_dies(small, tmp
 
 
 def test_a_nan_loss_leaves_the_last_finite_checkpoint_to_resume_from(small, tmp_path, monkeypatch):
-    import dgdcell.train.loop as loop
+    from .reference import nan_reconstruction_after
 
-    real = loop.batch_loss
-    calls = {"n": 0}
     n_batches = 1  # 90 cells * 0.9 train in one batch of 256: one training batch per epoch
-
-    def nan_from_epoch_4(*args, **kwargs):
-        calls["n"] += 1
-        recon, prior = real(*args, **kwargs)
-        # training batch + validation batch per epoch: epoch 4 starts at call 7
-        return (recon * float("nan"), prior) if calls["n"] > 6 * n_batches else (recon, prior)
-
-    monkeypatch.setattr(loop, "batch_loss", nan_from_epoch_4)
+    # training batch + validation batch per epoch: epoch 4 starts at call 7
+    nan_reconstruction_after(6 * n_batches, monkeypatch)
     ckpt = tmp_path / "ckpt"
     adata = small.copy()
     with pytest.raises(FloatingPointError, match="loss became nan at epoch 4"):

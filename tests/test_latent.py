@@ -15,7 +15,7 @@ from dgdcell.latent import (
 
 
 def reference_mixture(g: GaussianMixture) -> D.MixtureSameFamily:
-    comps = D.Independent(D.Normal(g.mean.detach(), g.stddev().detach()), 1)
+    comps = D.Independent(D.Normal(g.mean.detach(), g.stddev.detach()), 1)
     return D.MixtureSameFamily(D.Categorical(logits=g.weight.detach()), comps)
 
 
@@ -30,12 +30,12 @@ def test_mixture_density_matches_torch_distributions(cov):
     ref = reference_mixture(g)
     torch.testing.assert_close(g.log_prob(x), ref.log_prob(x), rtol=1e-5, atol=1e-4)
     # per-component densities and responsibilities
-    comp = D.Independent(D.Normal(g.mean.detach(), g.stddev().detach()), 1).log_prob(x.unsqueeze(1))
+    comp = D.Independent(D.Normal(g.mean.detach(), g.stddev.detach()), 1).log_prob(x.unsqueeze(1))
     torch.testing.assert_close(g.component_log_prob(x), comp, rtol=1e-5, atol=1e-4)
     post = torch.softmax(comp + torch.log_softmax(g.weight.detach(), 0), -1)
     torch.testing.assert_close(g.sample_probs(x), post, rtol=1e-5, atol=1e-6)
     assert torch.equal(g.clustering(x), post.argmax(-1))
-    assert g.covariance().shape == (5, 4) and g.stddev().shape == (5, 4)
+    assert g.covariance.shape == (5, 4) and g.stddev.shape == (5, 4)
     torch.testing.assert_close(g.mixture_probs().sum(), torch.tensor(1.0))
 
 
@@ -152,7 +152,7 @@ def test_sampling_shapes_and_moments():
     cs = g.component_sample(4000, generator=gen)
     assert cs.shape == (4000, 3, 2)
     torch.testing.assert_close(cs.mean(0), g.mean.detach(), atol=0.05, rtol=0)
-    torch.testing.assert_close(cs.std(0), g.stddev().detach(), atol=0.03, rtol=0)
+    torch.testing.assert_close(cs.std(0), g.stddev.detach(), atol=0.03, rtol=0)
     assert g.sample_new_points("mean").shape == (3, 2)
     pts = g.sample_new_points("sample", n_new_samples=5, generator=gen)
     assert pts.shape == (15, 2)

@@ -88,7 +88,7 @@ def test_latent_pca_projects_components(fitted, tmp_path):
     ref = pca.transform(z)
     np.testing.assert_allclose(np.sort(np.abs(cells), 0), np.sort(np.abs(ref), 0), atol=1e-4)
     mean = model.gmm.mean.detach().numpy()
-    var = model.gmm.stddev().detach().numpy() ** 2
+    var = model.gmm.stddev.detach().numpy() ** 2
     v = pca.components_.T
     for k, e in enumerate(ellipses):  # drawn in component order
         np.testing.assert_allclose(np.abs(e.center), np.abs((mean[k] - z.mean(0)) @ v), atol=1e-4)

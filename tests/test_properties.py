@@ -59,7 +59,7 @@ def test_mixture_log_density_equals_torch_distributions(k, dim, cov, seed, sprea
     g = GaussianMixture(k, dim, cov, mean_init=(5.0, 5.0), sd_init=(0.5, 1.0)).double()
     randomise(g, seed, spread, log_sd_range, weight_range)
     x = x_scale * torch.randn(25, dim, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    mean, sd, logits = g.mean.detach(), g.stddev().detach(), g.weight.detach()
+    mean, sd, logits = g.mean.detach(), g.stddev.detach(), g.weight.detach()
     ours = g.log_prob(x)
     for ref in (reference(mean, sd, logits), reference_mvn(mean, sd, logits)):
         torch.testing.assert_close(ours, ref.log_prob(x), rtol=1e-9, atol=1e-8)
@@ -80,7 +80,7 @@ def test_mixture_log_density_is_finite_in_float32_far_from_every_component(
     x = 1e3 * x_scale * torch.randn(25, dim, generator=torch.Generator().manual_seed(seed + 1))
     lp = g.log_prob(x)
     assert torch.isfinite(lp).all()
-    ref = reference(g.mean.detach().double(), g.stddev().detach().double(), g.weight.detach().double())
+    ref = reference(g.mean.detach().double(), g.stddev.detach().double(), g.weight.detach().double())
     torch.testing.assert_close(lp.double(), ref.log_prob(x.double()), rtol=1e-4, atol=1e-2)
     probs = g.sample_probs(x)
     assert torch.isfinite(probs).all()
@@ -110,7 +110,7 @@ def test_supervised_density_is_the_class_mixture_with_renormalised_weights(
     n = 30
     x = 3.0 * torch.randn(n, dim, generator=gen, dtype=torch.float64)
     label = torch.randint(-1, n_class, (n,), generator=gen)
-    mean, sd, logits = g.mean.detach(), g.stddev().detach(), g.weight.detach()
+    mean, sd, logits = g.mean.detach(), g.stddev.detach(), g.weight.detach()
     expected = torch.empty(n, dtype=torch.float64)
     for i, c in enumerate(label.tolist()):
         ks = slice(None) if c < 0 else slice(c * per_class, (c + 1) * per_class)

@@ -31,15 +31,9 @@ def test_keyboard_interrupt_keeps_best_state_and_writes_results(synthetic, monke
 
 
 def test_nan_loss_raises_clearly_and_leaves_adata_unchanged(synthetic, monkeypatch):
-    real = loop.batch_loss
-    calls = {"n": 0}
+    from .reference import nan_reconstruction_after
 
-    def nan_after_a_while(*args, **kwargs):
-        calls["n"] += 1
-        recon, prior = real(*args, **kwargs)
-        return (recon * float("nan"), prior) if calls["n"] > 6 else (recon, prior)
-
-    monkeypatch.setattr(loop, "batch_loss", nan_after_a_while)
+    nan_reconstruction_after(6, monkeypatch)
     snap = snapshot(synthetic)
     with pytest.raises(FloatingPointError, match="best state so far was restored"):
         DGD(latent_dim=3, n_components=3).fit(synthetic, max_epochs=20, guide_epochs=0, verbose=False)

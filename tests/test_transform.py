@@ -11,7 +11,6 @@ from sklearn.metrics import adjusted_rand_score
 from dgdcell import DGD
 from dgdcell.data import align_features, read_new_anndata
 from dgdcell.train import candidate_scores, candidate_starts, frozen, top_candidates
-from dgdcell.train.objective import batch_loss
 
 from .conftest import make_counts
 
@@ -246,7 +245,9 @@ def test_known_unseen_and_missing_batches(trained_batches):
 
 
 def _cells(model, adata):
-    return model._new_cell_set(read_new_anndata(adata, model.features, covariate_categories=model.covariate_categories))
+    from dgdcell._query import _new_cell_set
+
+    return _new_cell_set(model, read_new_anndata(adata, model.features, covariate_categories=model.covariate_categories))
 
 
 def test_candidate_scores_equal_the_training_objective(trained_batches):
@@ -258,15 +259,15 @@ def test_candidate_scores_equal_the_training_objective(trained_batches):
     covs = dict(model.cov_gmms)
     cand = candidate_starts(model.gmm, covs, "sample", 2, torch.Generator().manual_seed(0))
     assert cand.n == 3 * 2 * 2
-    with frozen(model.decoder, model.gmm, *covs.values()), torch.no_grad():
-        exact = candidate_scores(model.decoder, model.gmm, covs, cells, cand, n_grid=None)
-        grid = candidate_scores(model.decoder, model.gmm, covs, cells, cand, n_grid=8)  # 50 cells > 2 x 8
+    with frozen(model.module), torch.no_grad():
+        exact = candidate_scores(model.module, cells, cand, n_grid=None)
+        grid = candidate_scores(model.module, cells, cand, n_grid=8)  # 50 cells > 2 x 8
         for c in range(cand.n):
             cells.rep.z.copy_(cand.z[c].expand_as(cells.rep.z))
             cells.cov_reps["batch"].z.copy_(cand.cov["batch"][c].expand_as(cells.cov_reps["batch"].z))
-            recon, prior = batch_loss(model.decoder, model.gmm, covs, cells, torch.arange(cells.n), 0.0)
+            per_cell = model.module.loss(cells.minibatch(torch.arange(cells.n)), 0.0).per_cell
             ok = torch.isfinite(exact[:, c])
-            torch.testing.assert_close(exact[ok, c], (recon + prior)[ok], rtol=1e-5, atol=1e-2)
+            torch.testing.assert_close(exact[ok, c], per_cell[ok], rtol=1e-5, atol=1e-2)
     codes = cells.cov_codes["batch"]
     cand_class = model.cov_gmms["batch"].component_class[cand.cov_component["batch"]]
     admissible = (codes.unsqueeze(1) < 0) | (codes.unsqueeze(1) == cand_class)
@@ -279,9 +280,9 @@ def test_chunking_gives_the_same_candidates(trained):
     cells = _cells(model, new)
     cand = candidate_starts(model.gmm, {}, "sample", 4, torch.Generator().manual_seed(1))
     with torch.no_grad():
-        big_idx, big_score = top_candidates(model.decoder, model.gmm, {}, cells, cand, k=2)
-        small_idx, small_score = top_candidates(model.decoder, model.gmm, {}, cells, cand, k=2, max_elements=100)
-        full = candidate_scores(model.decoder, model.gmm, {}, cells, cand)
+        big_idx, big_score = top_candidates(model.module, cells, cand, k=2)
+        small_idx, small_score = top_candidates(model.module, cells, cand, k=2, max_elements=100)
+        full = candidate_scores(model.module, cells, cand)
     torch.testing.assert_close(small_idx, big_idx, rtol=0, atol=0)
     torch.testing.assert_close(small_score, big_score, rtol=1e-6, atol=1e-3)
     torch.testing.assert_close(big_idx, torch.sort(full, dim=1, stable=True).indices[:, :2], rtol=0, atol=0)
@@ -337,7 +338,15 @@ def test_semi_supervised_model_treats_new_cells_as_unlabelled():
 
 
 def test_nb_mu_terms_plus_constant_is_the_sparse_log_likelihood():
-    from dgdcell.nn import nb_log_prob_sparse, nb_log_prob_sparse_mu_terms
+    # the NB's terms (shared by the likelihood and the candidate scoring) add up to the sparse log-likelihood
+    import torch.nn.functional as F
+
+    from dgdcell.nn import nb_log_prob_sparse
+    from dgdcell.nn.likelihoods import nb_count_term, nb_zero_term
+
+    def nb_log_prob_sparse_mu_terms(log_mu, log_r, flat, rows, vals):
+        a = log_mu - log_r
+        return nb_zero_term(F.softplus(a), log_r.exp()).index_add(0, rows, nb_count_term(a.reshape(-1)[flat], vals))
 
     g = torch.Generator().manual_seed(0)
     x = torch.poisson(torch.rand(6, 9, generator=g) * 5, generator=g)

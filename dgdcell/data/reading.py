@@ -352,3 +352,16 @@ def read_anndata(
 ) -> CountData:
     """Check and read one AnnData (a single modality named ``modality``); see :func:`read_data`."""
     return read_data(adata, layer, covariate_keys, label_key, modalities=[modality])
+
+
+def binarise(data: CountData, modalities: list[str]) -> None:
+    """Counts of ``modalities`` set to 1 where > 0 (a new matrix; its index
+    arrays are shared, and the input's, which may be the caller's AnnData's,
+    are never written), library sizes recounted as the number of features on
+    (unobserved cells keep 1)."""
+    for m in modalities:
+        old = data.counts[m]
+        csr = sp.csr_matrix((np.ones_like(old.data), old.indices, old.indptr), shape=old.shape, copy=False)
+        data.counts[m] = csr
+        library = np.diff(csr.indptr).astype(np.float64)
+        data.library[m] = np.where(data.observed_mask(m), library, 1.0)

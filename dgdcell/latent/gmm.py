@@ -12,190 +12,9 @@ import math
 import torch
 from torch import nn
 
-from ..nn import native
-from .priors import DirichletPrior, GaussianPrior, Softball, parameter_log_prob
+from .priors import DirichletPrior, GaussianPrior, Softball
 
 COVARIANCE_TYPES = ("fixed", "isotropic", "diagonal")
-
-
-class _MixtureLogDensity(torch.autograd.Function):
-    """``logsumexp_k(log_w_k + log N(x | m_k, diag(exp(-nlv_k))))`` per row, with
-    a hand-written backward (about half the tensor operations of autograd's).
-
-    Inputs: ``x`` (n, d), ``mean`` (K, d), ``neglogvar`` (K, 1) or (K, d),
-    ``log_w`` (K,) or (n, K) (``-inf`` excludes a component for that row), and
-    the constant ``-d/2 log(2 pi)``. With responsibilities ``r_ik`` and upstream
-    gradient ``g_i``, ``w_ik = g_i r_ik`` and ``t_ikl = w_ik P_kl (x_il - m_kl)``:
-    ``d/dx = -sum_k t``, ``d/dm = sum_i t``, ``d/dlog_w = w`` (summed over rows
-    for (K,) weights), ``d/dnlv_kl = sum_i w_ik (1 - (x_il - m_kl)^2 P_kl) / 2``
-    (summed over l for one variance per component). Not twice differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, x, mean, neglogvar, log_w, pi_term):
-        d = x.shape[-1]
-        shared = neglogvar.shape[-1] == 1
-        diff = x.unsqueeze(-2) - mean  # (n, K, d)
-        wdiff = diff * torch.exp(neglogvar)  # precision-weighted
-        maha = torch.linalg.vecdot(diff, wdiff)  # (n, K)
-        half_logdet = 0.5 * neglogvar.sum(-1) * (d if shared else 1)  # (K,)
-        lp = maha.mul(-0.5).add_(log_w + (half_logdet + pi_term))
-        out = torch.logsumexp(lp, dim=-1)
-        resp = lp.sub_(out.unsqueeze(-1)).exp_()
-        ctx.shared, ctx.d, ctx.per_row = shared, d, log_w.dim() == 2
-        ctx.save_for_backward(diff, wdiff, resp, maha if shared else None)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        diff, wdiff, resp, maha = ctx.saved_tensors
-        w = resp * grad.unsqueeze(-1)  # (n, K)
-        t = wdiff * w.unsqueeze(-1)  # (n, K, d)
-        need = ctx.needs_input_grad
-        d_x = -t.sum(1) if need[0] else None
-        d_mean = t.sum(0) if need[1] else None
-        d_nlv = None
-        if need[2]:
-            nk = w.sum(0)
-            if ctx.shared:
-                d_nlv = (0.5 * ctx.d * nk - 0.5 * (w * maha).sum(0)).unsqueeze(-1)
-            else:
-                d_nlv = 0.5 * nk.unsqueeze(-1) - 0.5 * (t * diff).sum(0)
-        d_w = (w if ctx.per_row else w.sum(0)) if need[3] else None
-        return d_x, d_mean, d_nlv, d_w, None
-
-
-def _native_lib(*tensors: torch.Tensor):
-    """The native kernels when they take these tensors (float32 on the CPU) and pass their check, else None."""
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
-        return None
-    return native.checked_kernels("mixture")
-
-
-def _prior_constants(gmm: "GaussianMixture") -> tuple[float, ...]:
-    """The parameter priors' constants in the order of :func:`dgdcell.nn.native.parameter_prior`."""
-    ball, dirichlet, gauss = gmm.mean_prior, gmm.weight_prior, gmm.neglogvar_prior
-    return (ball.radius, ball.sharpness, ball._log_norm, dirichlet.alpha, dirichlet._log_norm,
-            gauss.mean, gauss.stddev, gauss._log_norm)
-
-
-class _ParameterLogProbNative(torch.autograd.Function):
-    """:func:`~dgdcell.latent.priors.parameter_log_prob` through the native
-    kernels: value and gradients in one call forward, the backward scales them."""
-
-    @staticmethod
-    def forward(ctx, mean, weight, neglogvar, constants):
-        lib = native.checked_kernels("mixture")
-        nlv = None if neglogvar is None else neglogvar.contiguous()
-        value, grads = native.parameter_prior(lib, mean.contiguous(), weight.contiguous(), nlv, constants,
-                                              ctx.needs_input_grad[:3])
-        ctx.grads = grads
-        return torch.tensor(value, dtype=mean.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        return (*(None if g is None else g * grad for g in ctx.grads), None)
-
-
-class _MixtureNative(torch.autograd.Function):
-    """``sign * logsumexp_k(log_w_k + log N(x_i | k)) - prior_scale * log p(parameters) / n``
-    per row (n,) in one native call forward and one backward
-    (``dgdcell/latent/mixture_kernels.c``). ``mode`` says what ``log_w`` is:
-    (K,) log weights, (n, K) log weights per row, or (K,) weight logits. With
-    ``prior_scale`` not 0 (weight logits only) the mixture ``gmm``'s parameter
-    priors are fused in: :meth:`GaussianMixture.forward` is ``sign = -1``."""
-
-    @staticmethod
-    def forward(ctx, x, mean, neglogvar, log_w, mode, pi_term, sign, prior_scale, gmm):
-        lib = native.checked_kernels("mixture")
-        x, mean, neglogvar, log_w = x.contiguous(), mean.contiguous(), neglogvar.contiguous(), log_w.contiguous()
-        n = max(int(x.shape[0]), 1)
-        add, prior_grads = 0.0, (None, None, None)
-        if prior_scale != 0.0:
-            nlv = neglogvar if gmm.covariance_type != "fixed" else None
-            need = ctx.needs_input_grad
-            value, prior_grads = native.parameter_prior(lib, mean, log_w, nlv, _prior_constants(gmm),
-                                                        (need[1], need[3], need[2]))
-            add = -prior_scale * value / n
-        out, resp = native.mixture_forward(lib, x, mean, neglogvar, log_w, mode, pi_term, sign=sign, add=add)
-        ctx.mode, ctx.sign, ctx.prior_coef, ctx.prior_grads = mode, sign, -prior_scale / n, prior_grads
-        ctx.save_for_backward(x, mean, neglogvar, log_w, resp)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, mean, neglogvar, log_w, resp = ctx.saved_tensors
-        grads = native.mixture_backward(
-            native.checked_kernels("mixture"), x, mean, neglogvar, log_w, ctx.mode, resp, grad.contiguous(),
-            ctx.sign, ctx.needs_input_grad[:4], ctx.prior_coef, ctx.prior_grads,
-        )
-        return (*grads, None, None, None, None, None)
-
-
-def _check_native(lib) -> str | None:
-    """Compare the native mixture kernels with the PyTorch implementation
-    (values and gradients of every log-weight mode, diagonal and shared
-    variances, the parameter priors and the fused forward); returns what
-    disagrees, or None."""
-    gen = torch.Generator().manual_seed(0)
-    failures = []
-
-    def compare(name, ours, theirs):
-        for i, (a, b) in enumerate(zip(ours, theirs)):
-            if (a is None) != (b is None):
-                failures.append(f"{name} output {i} missing")
-                continue
-            if a is None:
-                continue
-            scale = b.abs().max().clamp_min(1.0)
-            err = float((a - b).abs().max() / scale)
-            if not err <= native.CHECK_TOLERANCE:
-                failures.append(f"{name} output {i} differs by {err:.2e} relative")
-
-    def run(fn, inputs, weight):
-        leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        out = fn(*leaves)
-        return (out.detach(), *torch.autograd.grad((out * weight).sum(), leaves))
-
-    for cov in ("diagonal", "isotropic"):
-        gmm = GaussianMixture(5, 3, covariance_type=cov)
-        with torch.no_grad():
-            gmm.mean.copy_(torch.randn(5, 3, generator=gen) * 2)
-            gmm.neglogvar.copy_(torch.randn(gmm.neglogvar.shape, generator=gen))
-            gmm.weight.copy_(torch.randn(5, generator=gen))
-        x = torch.randn(9, 3, generator=gen) * 2
-        g = torch.rand(9, generator=gen) + 0.5
-        mask = torch.zeros(9, 5).masked_fill_(torch.rand(9, 5, generator=gen) < 0.4, float("-inf"))
-        mask[:, 0] = 0.0
-        row_w = torch.randn(9, 5, generator=gen) + mask
-        params = (x, gmm.mean, gmm.neglogvar)
-        pi = gmm._pi_term
-        compare(f"{cov} shared log weights",
-                run(lambda *t: _MixtureNative.apply(*t, native.SHARED_LOG_WEIGHTS, pi, 1.0, 0.0, None),
-                    (*params, gmm.weight), g),
-                run(lambda *t: _MixtureLogDensity.apply(*t, pi), (*params, gmm.weight), g))
-        compare(f"{cov} log weights per row",
-                run(lambda *t: _MixtureNative.apply(*t, native.ROW_LOG_WEIGHTS, pi, 1.0, 0.0, None), (*params, row_w), g),
-                run(lambda *t: _MixtureLogDensity.apply(*t, pi), (*params, row_w), g))
-        consts = _prior_constants(gmm)
-        compare(f"{cov} parameter priors",
-                run(lambda m, w, v: _ParameterLogProbNative.apply(m, w, v, consts), (gmm.mean, gmm.weight, gmm.neglogvar), 1.0),
-                run(lambda m, w, v: parameter_log_prob(m, w, v, gmm.mean_prior, gmm.weight_prior, gmm.neglogvar_prior),
-                    (gmm.mean, gmm.weight, gmm.neglogvar), 1.0))
-
-        def reference(x, m, v, w):
-            lp = _MixtureLogDensity.apply(x, m, v, torch.log_softmax(w, 0), pi)
-            return -lp - 0.3 * parameter_log_prob(m, w, v, gmm.mean_prior, gmm.weight_prior, gmm.neglogvar_prior) / 9
-        compare(f"{cov} fused", run(lambda *t: _MixtureNative.apply(*t, native.WEIGHT_LOGITS, pi, -1.0, 0.3, gmm),
-                                    (*params, gmm.weight), g),
-                run(reference, (*params, gmm.weight), g))
-    return "; ".join(failures) or None
-
-
-native.register_check("mixture", _check_native)
 
 
 class GaussianMixture(nn.Module):
@@ -220,6 +39,9 @@ class GaussianMixture(nn.Module):
         ``-2 log(sd)``) and the standard deviation of that prior.
     weight_alpha
         Concentration of the symmetric Dirichlet prior on the weights.
+    generator
+        Optional ``torch.Generator`` (CPU) for the initial means (default:
+        PyTorch's global generator, as for ``torch.nn`` layers).
 
     Attributes
     ----------
@@ -236,6 +58,7 @@ class GaussianMixture(nn.Module):
         mean_init: tuple[float, float] = (5.0, 5.0),
         sd_init: tuple[float, float] = (0.5, 1.0),
         weight_alpha: float = 1.0,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         if covariance_type not in COVARIANCE_TYPES:
@@ -252,7 +75,7 @@ class GaussianMixture(nn.Module):
         self.weight_alpha = float(weight_alpha)
 
         self.mean_prior = Softball(self.dim, self.mean_init[0], self.mean_init[1])
-        self.mean = nn.Parameter(self.mean_prior.sample(self.n_mix_comp))
+        self.mean = nn.Parameter(self.mean_prior.sample(self.n_mix_comp, generator=generator))
         self.weight_prior = DirichletPrior(self.n_mix_comp, self.weight_alpha)
         self.weight = nn.Parameter(torch.zeros(self.n_mix_comp))
         nlv_dim = self.dim if covariance_type == "diagonal" else 1
@@ -282,26 +105,27 @@ class GaussianMixture(nn.Module):
 
     def _log_density(self, x: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
         """``logsumexp_k(log_w_k + component_log_prob(x)_k)``: (n,), for log
-        weights (K,) or per row (n, K) (``-inf`` excludes a component); one
-        fused operation with a hand-written backward."""
-        if _native_lib(x, self.mean, self.neglogvar, log_w) is not None:
-            mode = native.ROW_LOG_WEIGHTS if log_w.dim() == 2 else native.SHARED_LOG_WEIGHTS
-            return _MixtureNative.apply(x, self.mean, self.neglogvar, log_w, mode, self._pi_term, 1.0, 0.0, None)
-        return _MixtureLogDensity.apply(x, self.mean, self.neglogvar, log_w, self._pi_term)
+        weights (K,) or per row (n, K) (``-inf`` excludes a component)."""
+        return torch.logsumexp(self.component_log_prob(x) + log_w, dim=-1)
 
     def component_log_prob_of(self, x: torch.Tensor, component: torch.Tensor) -> torch.Tensor:
         """Log density of each row of ``x`` (n, dim) under its own component
         ``component`` (n,) long (weights not included): (n,); the entries of
         :meth:`component_log_prob` picked per row."""
-        mask = torch.full((x.shape[0], self.n_mix_comp), float("-inf"), dtype=x.dtype, device=x.device)
-        return self._log_density(x, mask.scatter_(1, component.view(-1, 1).to(x.device), 0.0))
+        component = component.to(x.device).long()
+        diff2 = (x - self.mean.index_select(0, component)).square()
+        nlv = self.neglogvar.index_select(0, component)  # (n, 1|dim)
+        half_logdet = 0.5 * nlv.sum(-1) * (self.dim if nlv.shape[-1] == 1 else 1)
+        return self._pi_term + half_logdet - 0.5 * (diff2 * torch.exp(nlv)).sum(-1)
 
     def prior_log_prob(self) -> torch.Tensor:
-        """Log density of the parameters under their priors (scalar)."""
-        nlv = self.neglogvar if self.covariance_type != "fixed" else None
-        if _native_lib(self.mean, self.weight, self.neglogvar) is not None:
-            return _ParameterLogProbNative.apply(self.mean, self.weight, nlv, _prior_constants(self))
-        return parameter_log_prob(self.mean, self.weight, nlv, self.mean_prior, self.weight_prior, self.neglogvar_prior)
+        """Log density of the parameters under their priors (scalar): softball on
+        the means, Dirichlet on the weights, Gaussian on the negative log
+        variances (left out for ``'fixed'``, where they are not learned)."""
+        lp = self.mean_prior.log_prob(self.mean).sum() + self.weight_prior.log_prob(self.weight)
+        if self.covariance_type != "fixed":
+            lp = lp + self.neglogvar_prior.log_prob(self.neglogvar).sum()
+        return lp
 
     def forward(self, x: torch.Tensor, prior_scale: float = 1.0) -> torch.Tensor:
         """Negative log density per sample incl. parameter priors: (n,).
@@ -311,9 +135,6 @@ class GaussianMixture(nn.Module):
         ``prior_scale`` times. Training passes ``prior_scale = n_batch / n_total``
         so that the priors count once per pass over the data.
         """
-        if _native_lib(x, self.mean, self.neglogvar, self.weight) is not None:
-            return _MixtureNative.apply(x, self.mean, self.neglogvar, self.weight, native.WEIGHT_LOGITS, self._pi_term,
-                                        -1.0, float(prior_scale), self)
         n = max(int(x.shape[0]), 1)
         return -self.log_prob(x) - prior_scale * self.prior_log_prob() / n
 
@@ -322,10 +143,12 @@ class GaussianMixture(nn.Module):
         """Mixture weights, (K,), summing to 1."""
         return torch.softmax(self.weight, dim=0)
 
+    @property
     def covariance(self) -> torch.Tensor:
         """Per-component diagonal variances, (K, dim)."""
         return torch.exp(-self.neglogvar).expand(self.n_mix_comp, self.dim)
 
+    @property
     def stddev(self) -> torch.Tensor:
         """Per-component standard deviations, (K, dim)."""
         return torch.exp(-0.5 * self.neglogvar).expand(self.n_mix_comp, self.dim)
@@ -337,13 +160,13 @@ class GaussianMixture(nn.Module):
         comp = torch.multinomial(self.mixture_probs().cpu(), n_sample, replacement=True, generator=generator)
         comp = comp.to(self.mean.device)
         noise = torch.randn(n_sample, self.dim, generator=generator).to(self.mean.device)
-        return self.mean[comp] + self.stddev()[comp] * noise
+        return self.mean[comp] + self.stddev[comp] * noise
 
     @torch.no_grad()
     def component_sample(self, n_sample: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n_sample`` draws from every component, (n_sample, K, dim); ``generator`` seeds them (CPU)."""
         noise = torch.randn(n_sample, self.n_mix_comp, self.dim, generator=generator).to(self.mean.device)
-        return self.mean + self.stddev() * noise
+        return self.mean + self.stddev * noise
 
     @torch.no_grad()
     def sample_new_points(
@@ -398,6 +221,8 @@ class GaussianMixtureSupervised(GaussianMixture):
     alpha
         Concentration of the symmetric Dirichlet prior on the weights (the
         ``weight_alpha`` of :class:`GaussianMixture`).
+    generator
+        As in :class:`GaussianMixture`.
     """
 
     def __init__(
@@ -409,11 +234,13 @@ class GaussianMixtureSupervised(GaussianMixture):
         mean_init: tuple[float, float] = (5.0, 5.0),
         sd_init: tuple[float, float] = (0.5, 1.0),
         alpha: float = 1.0,
+        generator: torch.Generator | None = None,
     ):
         if int(Nclass) < 1 or int(Ncompperclass) < 1:
             raise ValueError(f"Nclass and Ncompperclass must be >= 1, got {Nclass}, {Ncompperclass}.")
         super().__init__(
-            int(Nclass) * int(Ncompperclass), dim, covariance_type, mean_init, sd_init, weight_alpha=alpha
+            int(Nclass) * int(Ncompperclass), dim, covariance_type, mean_init, sd_init, weight_alpha=alpha,
+            generator=generator,
         )
         self.Nclass = int(Nclass)
         self.Ncompperclass = int(Ncompperclass)
@@ -483,5 +310,5 @@ class GaussianMixtureSupervised(GaussianMixture):
             return self.mean[comp].detach().clone()
         if sample_type == "random":
             noise = torch.randn(label.shape[0], self.dim, generator=generator).to(self.mean.device)
-            return self.mean[comp] + self.stddev()[comp] * noise
+            return self.mean[comp] + self.stddev[comp] * noise
         raise ValueError(f"sample_type must be 'random' or 'origin', got {sample_type!r}.")

@@ -18,9 +18,11 @@ class RepresentationLayer(nn.Module):
     value_init
         ``'zero'`` (all zeros), a float (draws from N(0, value_init^2)), or a
         tensor of shape (n_sample, n_rep) copied as the start.
+    generator
+        Optional ``torch.Generator`` (CPU) for a float ``value_init``.
     """
 
-    def __init__(self, n_rep: int, n_sample: int, value_init="zero"):
+    def __init__(self, n_rep: int, n_sample: int, value_init="zero", generator: torch.Generator | None = None):
         super().__init__()
         self.n_rep = int(n_rep)
         self.n_sample = int(n_sample)
@@ -35,7 +37,7 @@ class RepresentationLayer(nn.Module):
                 )
             init = value_init.detach().clone().float()
         else:
-            init = torch.randn(self.n_sample, self.n_rep) * float(value_init)
+            init = torch.randn(self.n_sample, self.n_rep, generator=generator) * float(value_init)
         self.z = nn.Parameter(init)
 
     def forward(self, idx: torch.Tensor | None = None) -> torch.Tensor:

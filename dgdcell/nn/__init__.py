@@ -6,13 +6,7 @@ from .likelihoods import (
     Bernoulli,
     NegativeBinomial,
     bernoulli_log_prob_sparse,
-    nb_log_prob, nb_log_prob_csr, nb_log_prob_sparse, nb_log_prob_sparse_mu_terms,
+    nb_log_prob_sparse,
 )
 
-__all__ = [
-    "Decoder",
-    "LIKELIHOODS",
-    "Bernoulli",
-    "NegativeBinomial",
-    "bernoulli_log_prob_sparse",
-    "nb_log_prob", "nb_log_prob_csr", "nb_log_prob_sparse", "nb_log_prob_sparse_mu_terms"]
+__all__ = ["Decoder", "LIKELIHOODS", "Bernoulli", "NegativeBinomial", "bernoulli_log_prob_sparse", "nb_log_prob_sparse"]

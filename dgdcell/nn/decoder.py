@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -66,6 +67,18 @@ class Decoder(nn.Module):
             if kind not in LIKELIHOODS:
                 raise ValueError(f"Unknown likelihood {kind!r} for modality {mod!r}; choose from {sorted(LIKELIHOODS)}.")
             self.likelihoods[mod] = LIKELIHOODS[kind](int(n_feat), dispersion_init)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw every layer's weights and biases anew from ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``
+        (PyTorch's default for ``nn.Linear``), from ``generator`` (CPU) when given."""
+        for layer in self.modules():
+            if isinstance(layer, nn.Linear):
+                bound = 1.0 / math.sqrt(layer.in_features) if layer.in_features > 0 else 0.0
+                for p in (layer.weight, layer.bias):
+                    if p is not None:
+                        u = torch.rand(p.shape, generator=generator, dtype=p.dtype)
+                        p.copy_(u.mul_(2.0 * bound).sub_(bound))
 
     def logits(
         self,

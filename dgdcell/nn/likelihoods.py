@@ -22,31 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
-
-
-def nb_log_prob(x: torch.Tensor, log_mu: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
-    """Element-wise negative-binomial log pmf (dense reference form).
-
-    Parameters
-    ----------
-    x
-        Counts (non-negative integers stored as floats), any shape.
-    log_mu
-        Log mean, broadcastable to ``x``.
-    log_r
-        Log dispersion, broadcastable to ``x``.
-
-    Returns
-    -------
-    Tensor of ``x``'s broadcast shape with ``log P(x)`` in nats.
-    """
-    r = torch.exp(log_r)
-    x64 = x.double()
-    r64 = r.double()
-    lgam = (torch.lgamma(x64 + r64) - torch.lgamma(r64) - torch.lgamma(x64 + 1.0)).to(log_mu.dtype)
-    return lgam - r * F.softplus(log_mu - log_r) - x * F.softplus(log_r - log_mu)
-
 
 def nb_log_prob_sparse(
     log_mu: torch.Tensor,
@@ -92,156 +67,7 @@ def nb_log_prob_sparse(
         log_factorial = torch.zeros(log_mu.shape[0], dtype=log_mu.dtype, device=log_mu.device).index_add_(
             0, rows, torch.lgamma(values + 1.0)
         )
-    if _native_applies(log_mu, log_library, log_r, flat_index, rows, values, log_factorial):
-        return _NBSparseNative.apply(log_mu, log_library, log_r, flat_index, rows, values, log_factorial)
     return _NBSparse.apply(log_mu, log_library, log_r, flat_index, rows, values, log_factorial)
-
-
-def nb_log_prob_csr(
-    log_mu: torch.Tensor,
-    log_r: torch.Tensor,
-    start: torch.Tensor,
-    length: torch.Tensor,
-    indices: torch.Tensor,
-    values: torch.Tensor,
-    log_factorial: torch.Tensor,
-    log_library: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """:func:`nb_log_prob_sparse` with the counts given as rows of a CSR matrix.
-
-    Row ``i`` of ``log_mu`` (n, G) is scored against the non-zeros at
-    positions ``start[i] .. start[i] + length[i] - 1`` ((n,) long each) of
-    the matrix's column ``indices`` (nnz_all,) int and ``values``
-    (nnz_all,) float, which may hold any number of other rows: a minibatch
-    of cells is read in place, without slicing its non-zeros out first.
-    ``log_factorial`` (n,) is required (a constant of the data);
-    ``log_library`` as in :func:`nb_log_prob_sparse`.
-
-    With the native CPU kernels (:mod:`dgdcell.nn.native`; float32 logits
-    with library sizes, int32 indices) the kernels read the rows in place;
-    otherwise the non-zeros are gathered into COO triplets and passed to
-    :func:`nb_log_prob_sparse`. Both give the same values and gradients to
-    float32 rounding. Raises ValueError when a span or a column is out of range.
-    """
-    if _csr_native_applies(log_mu, log_library, log_r, start, length, indices, values, log_factorial):
-        return _NBCSRNative.apply(log_mu, log_library, log_r, start, length, indices, values, log_factorial)
-    n, g = log_mu.shape
-    total = int(length.sum())
-    rows = torch.repeat_interleave(torch.arange(n, device=length.device), length, output_size=total)
-    pos = row_positions(start, length, total)
-    if total and (int(pos.min()) < 0 or int(pos.max()) >= indices.shape[0]):
-        raise ValueError("nb_log_prob_csr: a row's span of non-zeros lies outside the CSR arrays.")
-    cols = indices.index_select(0, pos).long()
-    if total and (int(cols.min()) < 0 or int(cols.max()) >= g):
-        raise ValueError(f"nb_log_prob_csr: a column index lies outside [0, {g}).")
-    return nb_log_prob_sparse(log_mu, log_r, rows * g + cols, rows, values.index_select(0, pos), log_factorial,
-                              log_library)
-
-
-def row_positions(start: torch.Tensor, length: torch.Tensor, total: int) -> torch.Tensor:
-    """Positions in a CSR matrix's arrays of the non-zeros of B rows with first
-    positions ``start`` and counts ``length`` ((B,) long), row after row:
-    (total,) long, ``total = length.sum()``."""
-    shift = start - (torch.cumsum(length, 0) - length)
-    return torch.repeat_interleave(shift, length, output_size=total).add_(torch.arange(total, device=start.device))
-
-
-def csr_native_applies(log_mu: torch.Tensor, log_library: torch.Tensor | None, indices: torch.Tensor) -> bool:
-    """Whether :func:`nb_log_prob_csr` reads the rows in place with the native
-    kernels for logits ``log_mu``, ``log_library`` and CSR ``indices`` of
-    these types and devices (float32 on the CPU, int32 indices)."""
-    if log_library is None or log_mu.device.type != "cpu" or log_mu.dim() != 2:
-        return False
-    if log_mu.dtype != torch.float32 or log_library.dtype != torch.float32 or indices.dtype != torch.int32:
-        return False
-    return native.native_kernels() is not None
-
-
-def _csr_native_applies(log_mu, log_library, log_r, start, length, indices, values, log_factorial) -> bool:
-    if not csr_native_applies(log_mu, log_library, indices):
-        return False
-    return (log_r.dtype == values.dtype == log_factorial.dtype == torch.float32
-            and start.dtype == length.dtype == torch.long and values.device.type == "cpu"
-            and indices.device.type == "cpu")
-
-
-class _NBCSRNative(torch.autograd.Function):
-    """:func:`nb_log_prob_csr` through the native kernels (see
-    :class:`_NBSparseNative`; the counts are read in place)."""
-
-    @staticmethod
-    def forward(ctx, x, log_library, log_r, start, length, indices, values, log_factorial):
-        lib = native.native_kernels()
-        x, log_library, log_r = x.contiguous(), log_library.contiguous(), log_r.contiguous()
-        start, length, indices, values = start.contiguous(), length.contiguous(), indices.contiguous(), values.contiguous()
-        done = native.nb_forward_csr(lib, x, log_library, log_r, start, length, indices, values,
-                                     log_factorial.contiguous())
-        if done is None:
-            raise ValueError(
-                f"nb_log_prob_csr: a row's span of non-zeros lies outside the CSR arrays, or a column outside [0, {x.shape[1]})."
-            )
-        out, lse = done
-        ctx.save_for_backward(x, log_library, lse, log_r, start, length, indices, values)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, log_library, lse, log_r, start, length, indices, values = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        d_x, d_lib, d_r = native.nb_backward_csr(
-            native.native_kernels(), x, log_library, lse, log_r, start, length, indices, values, grad.contiguous(),
-            need[0], need[1], need[2], check_columns=False,  # the forward pass checked them
-        )
-        return d_x, d_lib, d_r, None, None, None, None, (-grad if need[7] else None)
-
-
-def _native_applies(logits, log_library, log_r, flat_index, rows, values, log_factorial) -> bool:
-    """Whether :class:`_NBSparseNative` takes these arguments: logits with
-    library sizes, all float32 on the CPU, and the native kernels loaded."""
-    if log_library is None or logits.device.type != "cpu" or logits.dim() != 2:
-        return False
-    floats = (logits, log_library, log_r, values, log_factorial)
-    if any(t.dtype != torch.float32 for t in floats) or flat_index.dtype != torch.long or rows.dtype != torch.long:
-        return False
-    return native.native_kernels() is not None
-
-
-class _NBSparseNative(torch.autograd.Function):
-    """:class:`_NBSparse` with logits and library sizes, through the native
-    CPU kernels of :mod:`dgdcell.nn.native` (the same values and gradients
-    to float32 rounding). Saves only the logits and their (n,) row
-    log-sum-exps; the backward recomputes what it needs row by row. Non-zeros
-    that are not grouped by row (never the case for minibatches) take
-    :class:`_NBSparse`'s path."""
-
-    @staticmethod
-    def forward(ctx, x, log_library, log_r, flat_index, rows, values, log_factorial):
-        lib = native.native_kernels()
-        x, log_library, log_r = x.contiguous(), log_library.contiguous(), log_r.contiguous()
-        flat_index, rows, values = flat_index.contiguous(), rows.contiguous(), values.contiguous()
-        done = None if lib is None else native.nb_forward(
-            lib, x, log_library, log_r, rows, flat_index, values, log_factorial.contiguous()
-        )
-        ctx.fallback = done is None
-        if ctx.fallback:
-            return _NBSparse.forward(ctx, x, log_library, log_r, flat_index, rows, values, log_factorial)
-        out, lse = done
-        ctx.save_for_backward(x, log_library, lse, log_r, flat_index, rows, values)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        if ctx.fallback:
-            return _NBSparse.backward(ctx, grad)
-        x, log_library, lse, log_r, flat_index, rows, values = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        d_x, d_lib, d_r = native.nb_backward(
-            native.native_kernels(), x, log_library, lse, log_r, rows, flat_index, values, grad.contiguous(),
-            need[0], need[1], need[2],
-        )
-        return d_x, d_lib, d_r, None, None, None, (-grad if need[6] else None)
 
 
 class _NBSparse(torch.autograd.Function):
@@ -273,13 +99,11 @@ class _NBSparse(torch.autograd.Function):
             lsm = torch.log_softmax(x, dim=1)
             a = torch.add(lsm, log_library.unsqueeze(1)).sub_(log_r)
         sp = F.softplus(a)
-        # r log(r / (r + mu)) for every entry, summed per cell with a mat-vec
-        dense = -(sp @ r)
+        dense = nb_zero_term(sp, r)
         cols = flat_index - rows * g
         a_nz = a.reshape(-1).index_select(0, flat_index)
         index = _count_index(values, cols) if _use_table(values) else None
-        lgam = _count_terms(values, r.double(), cols, torch.log, torch.lgamma, index=index)
-        nz = lgam.to(x.dtype).sub_(values * F.softplus(-a_nz))
+        nz = nb_count_constant(values, r, cols, index=index).to(x.dtype).add_(nb_count_term(a_nz, values))
         ctx.index = index
         ctx.save_for_backward(a, sp, r, flat_index, cols, rows, values, a_nz, lsm)
         return dense.index_add_(0, rows, nz).sub_(log_factorial)
@@ -302,6 +126,31 @@ class _NBSparse(torch.autograd.Function):
             d_x = d_mu if lsm is None else torch._log_softmax_backward_data(d_mu, lsm, 1, lsm.dtype)
         log_factorial_grad = -grad if ctx.needs_input_grad[6] else None
         return d_x, d_lib, d_r, None, None, None, log_factorial_grad
+
+
+def nb_zero_term(softplus_a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``sum_j r_j log(r_j / (r_j + mu_j))`` over the last axis, given
+    ``softplus(a)`` with ``a = log mu - log r`` (..., G) and dispersions ``r``
+    (G,): the log-likelihood's term that every feature has, zero counts
+    included (a mat-vec)."""
+    return -(softplus_a @ r)
+
+
+def nb_count_term(a: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``x log(mu / (r + mu))`` at non-zero counts ``values`` with
+    ``a = log mu - log r`` (same shape, or broadcastable)."""
+    return -values * F.softplus(-a)
+
+
+def nb_count_constant(
+    values: torch.Tensor, r: torch.Tensor, cols: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """``lgamma(x + r_c) - lgamma(r_c)`` at non-zero counts ``values`` (nnz,)
+    of features ``cols`` (nnz,) long, dispersions ``r`` (G,): (nnz,) float64.
+    With ``- lgamma(x + 1)`` summed per cell (the data's log-factorial
+    constant), the part of the log-likelihood that does not depend on ``mu``.
+    ``index`` as in :func:`_count_terms`."""
+    return _count_terms(values, r.double(), cols, torch.log, torch.lgamma, index=index)
 
 
 #: on the CPU, counts up to this value take their lgamma / digamma differences
@@ -368,28 +217,6 @@ def _count_terms(
     return out
 
 
-def nb_log_prob_sparse_mu_terms(
-    log_mu: torch.Tensor,
-    log_r: torch.Tensor,
-    flat_index: torch.Tensor,
-    rows: torch.Tensor,
-    values: torch.Tensor,
-) -> torch.Tensor:
-    """The terms of :func:`nb_log_prob_sparse` that depend on ``mu``: (n,) nats.
-
-    ``sum_j r_j log(r_j / (r_j + mu_ij)) + sum_{x_ij>0} x_ij log(mu_ij / (r_j + mu_ij))``;
-    adding the per-cell constant ``sum_{x_ij>0} lgamma(x_ij + r_j) - lgamma(r_j) - lgamma(x_ij + 1)``
-    gives :func:`nb_log_prob_sparse`. For fitting representations against fixed
-    dispersions, where that constant never changes (no lgamma per step).
-    Arguments as in :func:`nb_log_prob_sparse`.
-    """
-    g = log_mu.shape[1]
-    dense = -(F.softplus(log_mu - log_r) @ torch.exp(log_r))
-    lm = log_mu.reshape(-1).index_select(0, flat_index)
-    lr = log_r.index_select(0, flat_index.remainder(g))
-    return dense.index_add(0, rows, -values * F.softplus(lr - lm))
-
-
 class NegativeBinomial(nn.Module):
     """Negative-binomial likelihood with one learned dispersion per feature.
 
@@ -430,22 +257,6 @@ class NegativeBinomial(nn.Module):
         :func:`nb_log_prob_sparse`)."""
         log_r = self.log_r if feature_index is None else self.log_r[feature_index]
         return nb_log_prob_sparse(log_mu, log_r, flat_index, rows, values, log_factorial, log_library)
-
-    def log_prob_csr(
-        self,
-        log_mu: torch.Tensor,
-        start: torch.Tensor,
-        length: torch.Tensor,
-        indices: torch.Tensor,
-        values: torch.Tensor,
-        log_factorial: torch.Tensor,
-        feature_index: torch.Tensor | None = None,
-        log_library: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """:meth:`log_prob_sparse` with the counts as rows of a CSR matrix
-        (see :func:`nb_log_prob_csr`)."""
-        log_r = self.log_r if feature_index is None else self.log_r[feature_index]
-        return nb_log_prob_csr(log_mu, log_r, start, length, indices, values, log_factorial, log_library)
 
 
 def bernoulli_log_prob_sparse(

@@ -1,7 +1,9 @@
-"""Fitting: the training loop, early stopping, history, and data-driven starts."""
+"""Fitting: the training loop, early stopping, history, new cells, and data-driven starts."""
 
 from .batching import DeviceCounts
-from .initialisation import init_mixture, kmeans, log_normalise, pca_scores
+from .cells import CellSet
+from .initialisation import graph_clusters, init_mixture, init_mixture_from_labels, kmeans, log_normalise, pca_scores
+from .loop import TrainConfig, representation_epoch, train
 from .new_cells import (
     Candidates,
     NewCellConfig,
@@ -12,8 +14,6 @@ from .new_cells import (
     frozen,
     top_candidates,
 )
-from .loop import TrainConfig, representation_epoch, train
-from .objective import CellSet, batch_loss
 
 __all__ = [
     "CellSet",
@@ -27,8 +27,9 @@ __all__ = [
     "top_candidates",
     "DeviceCounts",
     "TrainConfig",
-    "batch_loss",
+    "graph_clusters",
     "init_mixture",
+    "init_mixture_from_labels",
     "kmeans",
     "log_normalise",
     "pca_scores",

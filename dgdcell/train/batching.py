@@ -22,7 +22,6 @@ import scipy.sparse as sp
 import torch
 
 from ..data.reading import row_blocks
-from ..nn.likelihoods import row_positions
 
 logger = logging.getLogger(__name__)
 
@@ -112,17 +111,6 @@ class DeviceCounts:
         out._planned, out._chunks, out._chunk = {}, {}, None
         return out
 
-    def row_spans(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where the non-zeros of rows ``idx`` ((B,) long, on ``device``) lie in
-        :attr:`indices` / :attr:`values`: ``(start, length)``, (B,) long each
-        (for reading the rows in place, see :func:`~dgdcell.nn.likelihoods.nb_log_prob_csr`)."""
-        return self.start.index_select(0, idx), self.row_nnz.index_select(0, idx)
-
-    @property
-    def in_place_rows(self) -> bool:
-        """Whether the CSR arrays live on ``device`` (rows can be read in place there)."""
-        return self.storage == "device" or self.device.type == "cpu"
-
     def prepare(self, batches: list[torch.Tensor]) -> None:
         """Make :meth:`batch` synchronisation-free for exactly these index
         tensors ((B_k,) long each, on ``device``; e.g. one epoch's batches).
@@ -205,6 +193,14 @@ class DeviceCounts:
         torch.index_select(self.indices, 0, pos, out=cols)
         torch.index_select(self.values, 0, pos, out=values)
         return cols.to(self.device, non_blocking=True).long(), values.to(self.device, non_blocking=True)
+
+
+def row_positions(start: torch.Tensor, length: torch.Tensor, total: int) -> torch.Tensor:
+    """Positions in a CSR matrix's arrays of the non-zeros of B rows with first
+    positions ``start`` and counts ``length`` ((B,) long), row after row:
+    (total,) long, ``total = length.sum()``."""
+    shift = start - (torch.cumsum(length, 0) - length)
+    return torch.repeat_interleave(shift, length, output_size=total).add_(torch.arange(total, device=start.device))
 
 
 def _chunk_numbers(totals: list[int]) -> list[int]:

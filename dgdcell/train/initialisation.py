@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import math
 
+import random
+from contextlib import contextmanager
+
 import numpy as np
 import scipy.sparse as sp
 import torch
+from sklearn.neighbors import NearestNeighbors
+from sklearn.utils.extmath import randomized_svd
 
 from ..data.reading import row_blocks
 from ..latent import GaussianMixture, GaussianMixtureSupervised
@@ -92,13 +97,11 @@ def pca_scores(
                    for b in blocks])
     )
     k = max(1, min(n_components, min(dense.shape) - 1))
-    # randomized SVD (Halko et al.) in torch: a few (n_fit, G) x (G, k + 10) products;
-    # svd_lowrank draws from the global RNG, so seed it locally from ``generator``
+    # randomized SVD (Halko et al.; scikit-learn), seeded from ``generator`` through its own random state
     seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        _, _, v = torch.svd_lowrank(dense, q=min(k + 10, min(dense.shape)), niter=6)
-    v = v[:, :k].double().numpy()  # (G_total, k)
+    _, _, vt = randomized_svd(dense.numpy(), k, n_oversamples=10, n_iter=6, random_state=np.random.RandomState(seed))
+    v = vt.T
+    v = v[:, :k].astype(np.float64)  # (G_total, k)
     scores = np.zeros((n, k), dtype=np.float64)
     start = 0
     for ln, mean, scale, mask in blocks:
@@ -163,18 +166,23 @@ def init_mixture(
     if gmm.covariance_type != "fixed":
         gmm.neglogvar.fill_(-torch.log(z.var(0, correction=0).mean() / k ** (2.0 / gmm.dim)).item())
     for _ in range(n_em):
-        nk, sum_z, sum_z2 = _em_sums(gmm, z, labels)
-        nk = nk + 1e-6  # (K,)
-        mean = sum_z / nk.unsqueeze(-1)
-        gmm.mean.copy_(mean)
-        gmm.weight.copy_(torch.log(nk / nk.sum()))
-        if gmm.covariance_type == "fixed":
-            continue
-        var = sum_z2 / nk.unsqueeze(-1) - mean.square()  # (K, dim)
-        var = var.clamp_min(floor)
-        if gmm.covariance_type == "isotropic":
-            var = var.mean(-1, keepdim=True)
-        gmm.neglogvar.copy_(-torch.log(var))
+        _m_step(gmm, *_em_sums(gmm, z, labels), floor)
+
+
+def _m_step(gmm: GaussianMixture, nk: torch.Tensor, sum_z: torch.Tensor, sum_z2: torch.Tensor, floor) -> None:
+    """Set ``gmm``'s weights, means and (unless 'fixed') variances from the
+    responsibility sums ``nk`` (K,), ``sum_z`` and ``sum_z2`` (K, dim); variances
+    are floored at ``floor`` and averaged over the dimensions for 'isotropic'."""
+    nk = nk + 1e-6
+    mean = sum_z / nk.unsqueeze(-1)
+    gmm.mean.copy_(mean)
+    gmm.weight.copy_(torch.log(nk / nk.sum()))
+    if gmm.covariance_type == "fixed":
+        return
+    var = (sum_z2 / nk.unsqueeze(-1) - mean.square()).clamp_min(floor)  # (K, dim)
+    if gmm.covariance_type == "isotropic":
+        var = var.mean(-1, keepdim=True)
+    gmm.neglogvar.copy_(-torch.log(var))
 
 
 #: points per chunk of the EM responsibilities (the (chunk, K, dim) temporaries stay small)
@@ -201,20 +209,34 @@ def _em_sums(gmm: GaussianMixture, z: torch.Tensor, labels: torch.Tensor | None)
     return nk, sum_z, sum_z2
 
 
-def knn_graph(z: torch.Tensor, n_neighbors: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k-nearest-neighbour edges of points ``z`` (n, dim) (self excluded):
-    ``(sources, targets)``, each (n * n_neighbors,), computed in chunks of rows."""
+def knn_graph(z, n_neighbors: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k-nearest-neighbour edges of points ``z`` ((n, dim) array or tensor;
+    self excluded; scikit-learn, queried in chunks of ``chunk`` rows):
+    ``(sources, targets)``, each (n * n_neighbors,)."""
+    z = np.ascontiguousarray(np.asarray(z, dtype=np.float32))
     n = z.shape[0]
     k = min(n_neighbors, n - 1)
-    sq = z.square().sum(-1)
-    targets = []
-    for s in range(0, n, chunk):
-        d2 = sq[s : s + chunk, None] - 2.0 * z[s : s + chunk] @ z.T + sq[None, :]
-        d2[torch.arange(d2.shape[0]), torch.arange(s, s + d2.shape[0])] = float("inf")
-        targets.append(torch.topk(d2, k, dim=1, largest=False).indices)
-    tgt = torch.cat(targets).reshape(-1).numpy()
-    src = np.repeat(np.arange(n), k)
-    return src, tgt
+    nn_ = NearestNeighbors(n_neighbors=k + 1).fit(z)
+    idx = np.concatenate([nn_.kneighbors(z[s : s + chunk], return_distance=False) for s in range(0, n, chunk)])
+    # drop each point itself (the first neighbour, or wherever a duplicate point put it)
+    own = idx == np.arange(n)[:, None]
+    own[~own.any(1), -1] = True
+    tgt = idx[~own].reshape(n, k).reshape(-1)
+    return np.repeat(np.arange(n), k), tgt
+
+
+@contextmanager
+def _igraph_seeded(seed: int):
+    """igraph draws from the generator it is given (by default Python's
+    ``random`` module): a private ``random.Random(seed)`` during the context,
+    the default again after it, so Python's global random state is never touched."""
+    import igraph
+
+    igraph.set_random_number_generator(random.Random(seed))
+    try:
+        yield
+    finally:
+        igraph.set_random_number_generator(random)
 
 
 def graph_clusters(
@@ -227,9 +249,9 @@ def graph_clusters(
 ) -> np.ndarray:
     """Leiden clusters of points ``z`` (n, dim), resolution tuned to ``n_clusters``.
 
-    Builds the symmetrised exact k-nearest-neighbour graph of at most
-    ``n_fit`` cells (a seeded subsample), bisects the resolution of igraph's
-    Leiden (modularity) until it finds ``n_clusters`` clusters (or the closest
+    Builds the symmetrised exact k-nearest-neighbour graph (scikit-learn) of at
+    most ``n_fit`` cells (a seeded subsample) with shared-neighbour (Jaccard)
+    edge weights, bisects the resolution of igraph's Leiden (modularity) until it finds ``n_clusters`` clusters (or the closest
     count), keeps the ``n_clusters`` largest clusters, and gives every other
     cell the label of the nearest kept cluster centre. Returns (n,) int64
     labels in ``0..n_clusters-1``.
@@ -240,7 +262,7 @@ def graph_clusters(
     rng = np.random.default_rng(seed)
     sub = np.sort(rng.permutation(n)[: min(n, n_fit)])
     zs = np.ascontiguousarray(z[sub], dtype=np.float32)
-    src, tgt = knn_graph(torch.from_numpy(zs), n_neighbors)
+    src, tgt = knn_graph(zs, n_neighbors)
     # shared-nearest-neighbour (Jaccard) weights on the symmetrised kNN graph
     m = sub.size
     knn = sp.csr_matrix((np.ones(src.size, dtype=np.float32), (src, tgt)), shape=(m, m))
@@ -256,25 +278,23 @@ def graph_clusters(
     graph.es["weight"] = weight[ok].tolist()
     lo, hi = 1e-3, 10.0
     best_labels, best_gap = None, None
-    for _ in range(n_steps):
-        res = (lo * hi) ** 0.5
-        import random
-
-        random.seed(seed)  # igraph draws from Python's random module
-        part = graph.community_leiden(
-            objective_function="modularity", weights="weight", resolution=res, n_iterations=2
-        )
-        labels = np.asarray(part.membership, dtype=np.int64)
-        found = int(labels.max()) + 1
-        gap = abs(found - n_clusters) + (0.5 if found < n_clusters else 0.0)
-        if best_gap is None or gap < best_gap:
-            best_labels, best_gap = labels, gap
-        if found == n_clusters:
-            break
-        if found < n_clusters:
-            lo = res
-        else:
-            hi = res
+    with _igraph_seeded(seed):
+        for _ in range(n_steps):
+            res = (lo * hi) ** 0.5
+            part = graph.community_leiden(
+                objective_function="modularity", weights="weight", resolution=res, n_iterations=2
+            )
+            labels = np.asarray(part.membership, dtype=np.int64)
+            found = int(labels.max()) + 1
+            gap = abs(found - n_clusters) + (0.5 if found < n_clusters else 0.0)
+            if best_gap is None or gap < best_gap:
+                best_labels, best_gap = labels, gap
+            if found == n_clusters:
+                break
+            if found < n_clusters:
+                lo = res
+            else:
+                hi = res
     sizes = np.bincount(best_labels)
     keep = np.argsort(-sizes, kind="stable")[: min(n_clusters, sizes.size)]
     centres = np.stack([zs[best_labels == k].mean(0) for k in keep])
@@ -299,13 +319,5 @@ def init_mixture_from_labels(gmm: GaussianMixture, z: torch.Tensor, labels: torc
     k = gmm.n_mix_comp
     resp = torch.zeros(z.shape[0], k, device=z.device)
     resp[torch.arange(z.shape[0], device=z.device), labels.to(z.device)] = 1.0
-    nk = resp.sum(0) + 1e-6
-    mean = resp.T @ z / nk.unsqueeze(-1)
-    gmm.mean.copy_(mean)
-    gmm.weight.copy_(torch.log(nk / nk.sum()))
-    if gmm.covariance_type != "fixed":
-        floor = 1e-3 * z.var(0, correction=0).mean().clamp_min(1e-8)
-        var = ((resp.T @ z.square()) / nk.unsqueeze(-1) - mean.square()).clamp_min(floor)
-        if gmm.covariance_type == "isotropic":
-            var = var.mean(-1, keepdim=True)
-        gmm.neglogvar.copy_(-torch.log(var))
+    floor = 1e-3 * z.var(0, correction=0).mean().clamp_min(1e-8)
+    _m_step(gmm, resp.sum(0), resp.T @ z, resp.T @ z.square(), floor)

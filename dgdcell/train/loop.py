@@ -7,18 +7,18 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..latent import GaussianMixture, GaussianMixtureSupervised
-from ..nn import Decoder
-from .adam import Adam
+from ..module import DGDModule
+from .cells import CellSet
 from .new_cells import frozen
-from .objective import CellSet, batch_loss
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,51 @@ class TrainConfig:
     warmup_epochs: int = 0
     guide_epochs: int = 0
     verbose: bool = True
+
+    def checked(self) -> "TrainConfig":
+        """This config with every setting validated (a ValueError names the
+        setting and the fix) and converted to its type."""
+        for name, low in (("max_epochs", 1), ("batch_size", 1), ("patience", 1), ("warmup_epochs", 0),
+                          ("guide_epochs", 0)):
+            setattr(self, name, check_int(name, getattr(self, name), low))
+        for name in ("lr_decoder", "lr_representation", "lr_mixture"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= MAX_LR:
+                raise ValueError(f"{name} must be a number in (0, {MAX_LR}] (an Adam step size; default "
+                                 f"{getattr(TrainConfig, name)}), got {value!r}.")
+            setattr(self, name, float(value))
+        try:
+            betas = tuple(float(b) for b in self.betas)
+        except (TypeError, ValueError):
+            betas = ()
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1) (Adam's, default {TrainConfig.betas}), got "
+                             f"{self.betas!r}.")
+        self.betas = betas
+        if isinstance(self.min_delta, bool) or not isinstance(self.min_delta, (int, float)) or not (
+                math.isfinite(self.min_delta) and self.min_delta >= 0):
+            raise ValueError(f"min_delta must be a number >= 0 (a relative improvement), got {self.min_delta!r}.")
+        self.min_delta = float(self.min_delta)
+        self.early_stopping, self.verbose = bool(self.early_stopping), bool(self.verbose)
+        return self
+
+    def settings(self) -> dict:
+        """The settings as recorded with a fitted model (``verbose`` left out)."""
+        out = asdict(self)
+        out.pop("verbose")
+        out["betas"] = list(out["betas"])
+        return out
+
+
+#: the largest learning rate accepted
+MAX_LR = 1.0
+
+
+def check_int(name: str, value, low: int) -> int:
+    """``value`` as an int >= ``low``, or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be >= {low} (an integer), got {value!r}.")
+    return int(value)
 
 
 def _batches(cells: CellSet, batch_size: int, generator: torch.Generator | None, device) -> list[torch.Tensor]:
@@ -98,11 +143,14 @@ def _sparse_view(cells: CellSet) -> CellSet:
     return replace(cells, rep=_SparseRows(cells.rep), cov_reps={k: _SparseRows(r) for k, r in cells.cov_reps.items()})
 
 
-def _adam(params: list[torch.Tensor] | list[dict], lr: float, betas: tuple[float, float]) -> Adam:
-    """Adam over ``params`` (tensors, or parameter groups: dicts with
-    ``params`` and optionally their own ``lr``): every tensor updated in one
-    call per step (see :class:`~dgdcell.train.adam.Adam`)."""
-    return Adam(params, lr=lr, betas=betas)
+def adam(params: list[torch.Tensor] | list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """``torch.optim.Adam`` over ``params`` (tensors, or parameter groups: dicts
+    with ``params`` and optionally their own ``lr``), fused into one kernel
+    per step where this PyTorch and device support it, else its default."""
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # fused not available for this device / version
+        return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
 def _snapshot(modules: dict) -> dict:
@@ -115,11 +163,9 @@ def _restore(modules: dict, state: dict) -> None:
 
 
 def representation_epoch(
-    decoder: Decoder,
-    gmm: GaussianMixture,
-    cov_gmms: dict[str, GaussianMixtureSupervised],
+    module: DGDModule,
     cells: CellSet,
-    optimizer: Adam,
+    optimizer: torch.optim.Optimizer,
     batch_size: int,
     generator: torch.Generator | None,
     step: bool = True,
@@ -133,8 +179,7 @@ def representation_epoch(
     so the minibatch size does not change the result: the pass uses
     minibatches of at least ``batch_size`` cells and up to
     :data:`REPRESENTATION_BATCH_ELEMENTS` decoded values each, and the
-    decoder's and mixtures' parameters are frozen meanwhile (no gradients
-    are computed for them)."""
+    module's parameters are frozen meanwhile (no gradients are computed for them)."""
     view = _sparse_view(cells)
     optimizer.zero_grad(set_to_none=False)
     params = cells.parameters()
@@ -142,61 +187,57 @@ def representation_epoch(
     recon_total = torch.zeros((), device=cells.rep.z.device)
     n_values = max(sum(c.n_features for c in cells.counts.values()), 1)
     size = max(int(batch_size), REPRESENTATION_BATCH_ELEMENTS // n_values)
-    with frozen(decoder, gmm, *cov_gmms.values()):
+    with frozen(module):
         for idx in _batches(cells, size, generator, cells.rep.z.device):
-            recon, prior = batch_loss(decoder, gmm, cov_gmms, view, idx, prior_scale=0.0, guided=guided)
-            loss = (recon + prior).sum()
+            out = module.loss(view.minibatch(idx), prior_scale=0.0, guided=guided)
+            loss = out.loss
             loss.backward(inputs=params)
             total += loss.detach()
-            recon_total += recon.detach().sum()
+            recon_total += out.reconstruction_total.detach().sum()
     if step:
         optimizer.step()
     return total.item() / cells.n, recon_total.item() / cells.n
 
 
 def train(
-    decoder: Decoder,
-    gmm: GaussianMixture,
-    cov_gmms: dict[str, GaussianMixtureSupervised],
+    module: DGDModule,
     train_cells: CellSet,
     val_cells: CellSet | None,
     config: TrainConfig,
     generator: torch.Generator | None = None,
     on_epoch_end: Callable[[int, dict[str, list]], None] | None = None,
 ) -> dict[str, list]:
-    """Fit decoder, mixtures and representations by MAP; returns the history.
+    """Fit the module (decoder, mixtures) and the representations by MAP; returns the history.
 
     Per minibatch the decoder and mixtures take an Adam step; the training
     representations accumulate their gradients over the epoch and take one
     Adam step at its end (each cell's gradient is its own, so this equals a
     per-batch step). Validation representations are fitted the same way
-    against the current decoder and mixtures, which they never change; their
-    loss drives early stopping, and the best state is restored at the end.
+    against the current module, which they never change; their loss drives
+    early stopping, and the best state is restored at the end.
 
     History keys: ``epoch``, ``train_loss``, ``train_reconstruction``,
     ``val_loss``, ``val_reconstruction`` (per cell, nats), ``seconds``
-    (cumulative). On KeyboardInterrupt the best state so far is kept.
+    (cumulative), and per fit ``stopped`` (``'early_stopping'``,
+    ``'max_epochs'`` or ``'interrupted'``) and ``best_epoch`` (0: none, the
+    last state is kept). On KeyboardInterrupt the best state so far is kept;
+    an interrupt before there is one (during the guided or warm-up epochs)
+    propagates.
 
     ``on_epoch_end(epoch, history)`` (epoch counted from 1), when given, is
     called after every completed epoch with finite losses (e.g. to write a
     checkpoint); it sees the current, not the best, state.
     """
     device = train_cells.rep.z.device
-    mixture_params = list(gmm.parameters()) + [p for g in cov_gmms.values() for p in g.parameters()]
+    mixture_params = [p for g in module.mixtures() for p in g.parameters() if p.requires_grad]
     # decoder and mixtures step together: one optimiser, a parameter group (learning rate) each
-    groups = [{"params": list(decoder.parameters()), "lr": config.lr_decoder}]
-    mixture_params = [p for p in mixture_params if p.requires_grad]
+    groups = [{"params": list(module.decoder.parameters()), "lr": config.lr_decoder}]
     if mixture_params:
         groups.append({"params": mixture_params, "lr": config.lr_mixture})
-    opt_model = _adam(groups, config.lr_decoder, config.betas)
-    opt_rep = _adam(train_cells.parameters(), config.lr_representation, config.betas)
-    opt_val = (
-        _adam(val_cells.parameters(), config.lr_representation, config.betas)
-        if val_cells is not None
-        else None
-    )
-    modules = {"decoder": decoder, "gmm": gmm, "train_rep": train_cells.rep}
-    modules.update({f"cov_gmm/{k}": g for k, g in cov_gmms.items()})
+    opt_model = adam(groups, config.lr_decoder, config.betas)
+    opt_rep = adam(train_cells.parameters(), config.lr_representation, config.betas)
+    opt_val = adam(val_cells.parameters(), config.lr_representation, config.betas) if val_cells is not None else None
+    modules: dict[str, nn.Module] = {"module": module, "train_rep": train_cells.rep}
     modules.update({f"train_cov/{k}": r for k, r in train_cells.cov_reps.items()})
     if val_cells is not None:
         modules["val_rep"] = val_cells.rep
@@ -204,29 +245,29 @@ def train(
 
     history: dict[str, list] = {k: [] for k in ("epoch", "train_loss", "train_reconstruction", "val_loss", "val_reconstruction", "seconds")}
     best = math.inf
-    best_state = None
+    best_state, best_epoch = None, 0
+    stopped = "max_epochs"
     stale = 0
     n_train = train_cells.n
     train_view = _sparse_view(train_cells)
     t0 = time.perf_counter()
-    bar = tqdm(range(config.max_epochs), disable=not config.verbose, desc="dgd", unit="epoch", leave=False)
+    bar = tqdm(range(config.max_epochs), disable=True if not config.verbose else None, desc="dgd", unit="epoch",
+               leave=False)
     try:
         for epoch in bar:
-            decoder.train()
+            module.train()
             opt_rep.zero_grad(set_to_none=False)
             total = torch.zeros((), device=device)
             recon_total = torch.zeros((), device=device)
             guided = epoch < config.guide_epochs
             for idx in _batches(train_cells, config.batch_size, generator, device):
                 opt_model.zero_grad(set_to_none=True)
-                recon, prior = batch_loss(
-                    decoder, gmm, cov_gmms, train_view, idx, prior_scale=idx.shape[0] / n_train, guided=guided
-                )
-                loss = (recon + prior).sum()
+                out = module.loss(train_view.minibatch(idx), prior_scale=idx.shape[0] / n_train, guided=guided)
+                loss = out.loss
                 loss.backward()
                 opt_model.step()
                 total += loss.detach()
-                recon_total += recon.detach().sum()
+                recon_total += out.reconstruction_total.detach().sum()
             warm = epoch < config.warmup_epochs
             if not warm:
                 opt_rep.step()
@@ -236,8 +277,7 @@ def train(
             history["train_reconstruction"].append(recon_total.item() / n_train)
             if val_cells is not None:
                 val_loss, val_recon = representation_epoch(
-                    decoder, gmm, cov_gmms, val_cells, opt_val, config.batch_size, generator, step=not warm,
-                    guided=guided,
+                    module, val_cells, opt_val, config.batch_size, generator, step=not warm, guided=guided
                 )
             else:
                 val_loss, val_recon = train_loss, history["train_reconstruction"][-1]
@@ -252,27 +292,34 @@ def train(
                     f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} at epoch {epoch + 1}; "
                     f"{restored}. Try lower learning rates (lr_decoder) or check the input counts."
                 )
-            bar.set_postfix(train=f"{train_loss:.1f}", val=f"{val_loss:.1f}")
+            bar.set_postfix(train=f"{train_loss:.1f}", val=f"{val_loss:.1f}", phase="guided" if guided else "free")
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, history)
             if warm or guided:
                 continue
             if val_loss < best - config.min_delta * abs(best if math.isfinite(best) else val_loss):
                 best = val_loss
-                best_state = _snapshot(modules)
+                best_state, best_epoch = _snapshot(modules), epoch + 1
                 stale = 0
             else:
                 stale += 1
                 if config.early_stopping and stale >= config.patience:
                     logger.info("early stopping at epoch %d (best validation loss %.3f)", epoch + 1, best)
+                    stopped = "early_stopping"
                     break
     except KeyboardInterrupt:
+        if best_state is None:
+            raise
         done = min(len(v) for v in history.values())  # drop the half-recorded epoch
         for v in history.values():
             del v[done:]
-        logger.warning("training interrupted after %d epochs: keeping the best state so far", done)
+        stopped = "interrupted"
+        logger.warning("training interrupted after %d epochs: keeping the best state so far (epoch %d)", done,
+                       best_epoch)
     finally:
         bar.close()
     if best_state is not None:
         _restore(modules, best_state)
+    history["stopped"] = [stopped]
+    history["best_epoch"] = [best_epoch]
     return history

@@ -12,10 +12,10 @@ Two steps (torch only; no AnnData here):
    an unknown class (-1) considers them all.
 2. **Optimisation.** Each cell is optimised from its ``n_starts`` best
    candidates (only the new representations move; decoder and mixtures are
-   frozen); after a short race only the better start continues. Adam steps
-   are taken per batch on each row's own gradient (:class:`RowAdam`), in units
-   of the start component's standard deviation, and each row stops on its own
-   plateau, so converged cells cost nothing.
+   frozen); after a short race only the better start continues. Each epoch
+   every active row takes one step of ``torch.optim.SparseAdam`` on its own
+   gradient, in units of the start component's standard deviation, and each
+   row stops on its own plateau, so converged cells cost nothing.
 
 Scoring cost. For cell ``i`` with log library ``t_i`` and candidate ``c`` with
 log fractions ``log p_c`` (decoded once per candidate), the NB log-likelihood is
@@ -49,10 +49,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..latent import GaussianMixture, GaussianMixtureSupervised
-from ..nn import Decoder
-from ..nn.likelihoods import NegativeBinomial, bernoulli_on_term, nb_log_prob_sparse_mu_terms
+from ..module import DGDModule
+from ..nn.likelihoods import NegativeBinomial, bernoulli_on_term, nb_count_constant, nb_count_term, nb_zero_term
 from .batching import DeviceCounts
-from .objective import CellSet, prior_nll, reconstruction_nll
+from .cells import CellSet
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def _dense_on_grid(
     values, slopes = [], []
     for t0 in range(0, grid.shape[0], step):
         arg = grid[t0 : t0 + step, None, None] + b  # (T', C', G)
-        values.append(-(F.softplus(arg) @ r))
+        values.append(nb_zero_term(F.softplus(arg), r))
         slopes.append(-(torch.sigmoid(arg) @ r))
     return torch.cat(values), torch.cat(slopes)
 
@@ -254,12 +254,11 @@ def _log_prob_constant(counts: DeviceCounts, log_r: torch.Tensor, max_elements: 
     """The candidate-independent part of each cell's NB log-likelihood,
     ``sum_{x>0} lgamma(x + r) - lgamma(r) - lgamma(x + 1)``: (n,)."""
     out = torch.empty(counts.n_cells, device=log_r.device)
-    r64 = torch.exp(log_r).double()
+    r = torch.exp(log_r)
     for start, stop in _row_chunks(counts.indptr.diff(), max_elements):
         idx = torch.arange(start, stop, device=log_r.device)
         flat, rows, vals = counts.batch(idx)
-        rc = r64.index_select(0, flat.remainder(counts.n_features))
-        v = (torch.lgamma(vals.double() + rc) - torch.lgamma(rc)).to(out.dtype)
+        v = nb_count_constant(vals, r, flat.remainder(counts.n_features)).to(out.dtype)
         out[start:stop] = torch.zeros(idx.shape[0], device=log_r.device).index_add_(0, rows, v)
     return out - counts.log_factorial
 
@@ -272,7 +271,7 @@ def _nonzero_term(
     flat, rows, vals = counts.batch(idx)
     cols = flat.remainder(counts.n_features)
     log_mu = log_frac.index_select(1, cols).T + counts.log_library[idx][rows].unsqueeze(-1)  # (nnz, C')
-    term = vals.unsqueeze(-1) * F.softplus(log_r[cols].unsqueeze(-1) - log_mu)
+    term = -nb_count_term(log_mu - log_r[cols].unsqueeze(-1), vals.unsqueeze(-1))
     return torch.zeros(idx.shape[0], log_frac.shape[0], device=log_frac.device).index_add_(0, rows, term)
 
 
@@ -324,9 +323,7 @@ def _class_groups(
 
 
 def _iter_scores(
-    decoder: Decoder,
-    gmm: GaussianMixture,
-    cov_gmms: dict[str, GaussianMixtureSupervised],
+    module: DGDModule,
     cells: CellSet,
     cand: Candidates,
     max_elements: int = 20_000_000,
@@ -337,6 +334,7 @@ def _iter_scores(
     admissible (cell, candidate) pair exactly once (see :func:`_class_groups`);
     each cell's candidates come in increasing order."""
     max_elements = max(int(max_elements), 1)
+    decoder, gmm, cov_gmms = module.decoder, module.gmm, dict(module.cov_gmms)
     fidx = cells.feature_index or {}
     mods = list(cells.counts)
     nb_mods = [m for m in mods if isinstance(decoder.likelihoods[m], NegativeBinomial)]
@@ -373,7 +371,7 @@ def _iter_scores(
                         nll = torch.exp(t).unsqueeze(1) - _bernoulli_nonzero_term(counts_g[m], local, log_frac[m])
                     elif exact:
                         arg = t[:, None, None] + (log_frac[m] - log_r[m])  # (B, C', G)
-                        nll = (F.softplus(arg) @ torch.exp(log_r[m])) + _nonzero_term(counts_g[m], local, log_frac[m], log_r[m])
+                        nll = -nb_zero_term(F.softplus(arg), torch.exp(log_r[m])) + _nonzero_term(counts_g[m], local, log_frac[m], log_r[m])
                     else:
                         values, slopes, start, h = tabs[m]
                         nll = -_hermite(values, slopes, start, h, t) + _nonzero_term(counts_g[m], local, log_frac[m], log_r[m])
@@ -393,9 +391,7 @@ def _masked_sum(cells: CellSet, per_modality: dict[str, torch.Tensor], device) -
 
 @torch.no_grad()
 def candidate_scores(
-    decoder: Decoder,
-    gmm: GaussianMixture,
-    cov_gmms: dict[str, GaussianMixtureSupervised],
+    module: DGDModule,
     cells: CellSet,
     cand: Candidates,
     max_elements: int = 20_000_000,
@@ -410,16 +406,14 @@ def candidate_scores(
     :func:`top_candidates`.
     """
     out = torch.full((cells.n, cand.n), math.inf, device=cand.z.device)
-    for idx, ci, s in _iter_scores(decoder, gmm, cov_gmms, cells, cand, max_elements, n_grid):
+    for idx, ci, s in _iter_scores(module, cells, cand, max_elements, n_grid):
         out[idx.unsqueeze(1), ci] = s
     return out
 
 
 @torch.no_grad()
 def top_candidates(
-    decoder: Decoder,
-    gmm: GaussianMixture,
-    cov_gmms: dict[str, GaussianMixtureSupervised],
+    module: DGDModule,
     cells: CellSet,
     cand: Candidates,
     k: int = 1,
@@ -433,7 +427,7 @@ def top_candidates(
     k = max(1, min(int(k), cand.n))
     best = torch.full((cells.n, k), math.inf, device=cand.z.device)
     best_idx = torch.full((cells.n, k), -1, dtype=torch.long, device=cand.z.device)
-    for idx, ci, s in _iter_scores(decoder, gmm, cov_gmms, cells, cand, max_elements, n_grid):
+    for idx, ci, s in _iter_scores(module, cells, cand, max_elements, n_grid):
         vals = torch.cat([best[idx], s], dim=1)
         cols = torch.cat([best_idx[idx], ci.expand(idx.shape[0], -1)], dim=1)
         order = torch.sort(vals, dim=1, stable=True).indices[:, :k]
@@ -446,16 +440,14 @@ def top_candidates(
 
 
 def best_candidates(
-    decoder: Decoder,
-    gmm: GaussianMixture,
-    cov_gmms: dict[str, GaussianMixtureSupervised],
+    module: DGDModule,
     cells: CellSet,
     cand: Candidates,
     max_elements: int = 20_000_000,
     n_grid: int | None = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each cell's best candidate: ``(index (n,) long, score (n,) nats)``; see :func:`top_candidates`."""
-    idx, score = top_candidates(decoder, gmm, cov_gmms, cells, cand, 1, max_elements, n_grid)
+    idx, score = top_candidates(module, cells, cand, 1, max_elements, n_grid)
     return idx[:, 0], score[:, 0]
 
 
@@ -476,20 +468,6 @@ class RowView:
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.base.batch(self.rows[idx])
 
-    def row_spans(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.base.row_spans(self.rows[idx])
-
-    @property
-    def indices(self) -> torch.Tensor:
-        return self.base.indices
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.base.values
-
-    @property
-    def in_place_rows(self) -> bool:
-        return self.base.in_place_rows
 
 
 def _row_cell_set(cells: CellSet, rows: torch.Tensor) -> CellSet:
@@ -503,33 +481,6 @@ def _row_cell_set(cells: CellSet, rows: torch.Tensor) -> CellSet:
         feature_index=cells.feature_index,
         weight={m: v[rows] for m, v in cells.weight.items()},
     )
-
-
-class RowAdam:
-    """Adam over the rows of (N, d) tensors, each row with its own step count,
-    so any subset of rows can step (the others keep their state). Row ``i``'s
-    step size at its ``t``-th step is ``lr * decay ** (t - 1)``."""
-
-    def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float], decay: float = 1.0,
-                 eps: float = 1e-8):
-        self.params, self.lr, self.betas, self.decay, self.eps = params, float(lr), tuple(betas), float(decay), eps
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-        self.t = torch.zeros(params[0].shape[0], device=params[0].device)
-
-    @torch.no_grad()
-    def step(self, rows: torch.Tensor, grads: list[torch.Tensor]) -> None:
-        """One step of ``rows`` ((B,) long) given their gradients [(B, d_p)]."""
-        b1, b2 = self.betas
-        t = self.t[rows] + 1.0
-        self.t[rows] = t
-        size = (self.lr * self.decay ** (t - 1.0) / (1.0 - b1**t)).unsqueeze(-1)
-        bc2 = (1.0 - b2**t).unsqueeze(-1)
-        for p, m, v, g in zip(self.params, self.m, self.v, grads):
-            m_r = b1 * m[rows] + (1.0 - b1) * g
-            v_r = b2 * v[rows] + (1.0 - b2) * g * g
-            m[rows], v[rows] = m_r, v_r
-            p[rows] = p[rows] - size * m_r / ((v_r / bc2).sqrt() + self.eps)
 
 
 @dataclass
@@ -565,9 +516,7 @@ class _Rows:
 
 
 def optimise_starts(
-    decoder: Decoder,
-    gmm: GaussianMixture,
-    cov_gmms: dict[str, GaussianMixtureSupervised],
+    module: DGDModule,
     cells: CellSet,
     starts: list[torch.Tensor],
     scales: list[torch.Tensor],
@@ -578,7 +527,7 @@ def optimise_starts(
     Parameters
     ----------
     starts
-        ``[z (n, k, L), c_1 (n, k, 2), ...]`` (covariates in ``cov_gmms`` order):
+        ``[z (n, k, L), c_1 (n, k, 2), ...]`` (covariates in the module's order):
         ``k`` starting points per cell, best-scored first.
     scales
         Same shapes: per-coordinate step scales; the optimiser works on offsets
@@ -586,42 +535,49 @@ def optimise_starts(
         about ``lr * scale`` (the start component's standard deviation puts
         cells of tight and broad components on an equal footing).
 
-    Every (cell, start) row takes Adam steps on its own gradient (per batch;
-    :class:`RowAdam`). A row stops when its loss has not improved on its best
-    by more than ``min_delta`` times the best's magnitude for ``patience``
-    epochs; with ``k > 1``, after ``race_epochs`` only each cell's best row
-    continues. Returns each cell's best representations ``[(n, L), (n, 2), ...]``
-    and the history: ``epoch``, ``loss`` / ``reconstruction`` (mean per cell of
-    its best row's latest values, nats) and ``n_active`` (rows that stepped).
+    Every (cell, start) row takes one ``torch.optim.SparseAdam`` step per
+    epoch on its own gradient (read with a sparse backward, so rows that have
+    stopped keep their state untouched); the step size of epoch ``t`` is
+    ``lr * lr_decay ** t``. A row stops when its loss has not improved on its
+    best by more than ``min_delta`` times the best's magnitude for
+    ``patience`` epochs; with ``k > 1``, after ``race_epochs`` only each
+    cell's best row continues. Returns each cell's best representations
+    ``[(n, L), (n, 2), ...]`` and the history: ``epoch``, ``loss`` /
+    ``reconstruction`` (mean per cell of its best row's latest values, nats)
+    and ``n_active`` (rows that stepped).
     """
     n, k = starts[0].shape[:2]
+    keys = module.covariate_keys
     rows_cell = torch.arange(n, device=starts[0].device).repeat_interleave(k)
     view = _row_cell_set(cells, rows_cell) if k > 1 else cells
-    recon_nll = _reconstruction_fn(decoder, cells, rows_cell, config.max_elements)
     origin = [s.reshape(n * k, -1) for s in starts]
     scale = [s.reshape(n * k, -1) for s in scales]
     rows = _Rows.start(origin)
-    opt = RowAdam(rows.offset, config.lr, config.betas, config.lr_decay)
+    offsets = [nn.Parameter(o) for o in rows.offset]
+    rows.offset = offsets
+    opt = torch.optim.SparseAdam(offsets, lr=config.lr, betas=config.betas)
 
     def step(idx: torch.Tensor) -> None:
-        u = [o[idx].requires_grad_() for o in rows.offset]
-        x = [og[idx] + sc[idx] * ui for og, sc, ui in zip(origin, scale, u)]
-        recon = recon_nll(torch.cat(x, dim=-1), view, idx)
-        loss = recon + prior_nll(gmm, cov_gmms, x[0], x[1:], view, idx, 0.0)
-        grads = torch.autograd.grad(loss.sum(), u)
-        rows.record(idx, loss.detach(), recon.detach(), config.min_delta)
-        opt.step(idx, list(grads))
+        x = [og[idx] + sc[idx] * F.embedding(idx, u, sparse=True) for og, sc, u in zip(origin, scale, offsets)]
+        out = module.loss(view.minibatch(idx, z=x[0], cov=dict(zip(keys, x[1:]))))
+        loss = out.per_cell
+        loss.sum().backward()
+        rows.record(idx, loss.detach(), out.reconstruction_total.detach(), config.min_delta)
 
     history: dict[str, list] = {"epoch": [], "loss": [], "reconstruction": [], "n_active": []}
-    bar = tqdm(range(int(config.max_epochs)), disable=not config.verbose, desc="dgd transform", unit="epoch",
-               leave=False)
+    bar = tqdm(range(int(config.max_epochs)), disable=True if not config.verbose else None, desc="dgd transform",
+               unit="epoch", leave=False)
     try:
         for epoch in bar:
             act = rows.active.nonzero().squeeze(1)
             if act.numel() == 0:
                 break
+            opt.zero_grad(set_to_none=True)
             for idx in act.split(int(config.batch_size)):
                 step(idx)
+            for group in opt.param_groups:
+                group["lr"] = config.lr * config.lr_decay**epoch
+            opt.step()
             if not torch.isfinite(rows.last[act]).all():
                 raise FloatingPointError(
                     f"the new cells' loss became non-finite at epoch {epoch + 1}; try a lower lr or check the counts."
@@ -644,70 +600,42 @@ def optimise_starts(
     return out, history
 
 
-def _reconstruction_fn(decoder: Decoder, cells: CellSet, rows_cell: torch.Tensor, max_elements: int):
-    """``f(x_in, view, idx) -> (B,)`` reconstruction NLL of rows ``idx`` of ``view``
-    (whose row ``i`` is cell ``rows_cell[i]``): with NB likelihoods the per-cell
-    constant (lgamma terms) is computed once here instead of on every step;
-    otherwise :func:`~dgdcell.train.objective.reconstruction_nll`."""
-    mods = list(cells.counts)
-    if not all(isinstance(decoder.likelihoods[m], NegativeBinomial) for m in mods):
-        return lambda x_in, view, idx: reconstruction_nll(decoder, x_in, view, idx)
-    fidx = cells.feature_index or {}
-    log_r = {m: decoder.likelihoods[m].log_r if fidx.get(m) is None else decoder.likelihoods[m].log_r[fidx[m]]
-             for m in mods}
-    constant = _masked_sum(cells, {m: _log_prob_constant(cells.counts[m], log_r[m], max_elements) for m in mods},
-                           rows_cell.device)[rows_cell]
-
-    def nll(x_in: torch.Tensor, view: CellSet, idx: torch.Tensor) -> torch.Tensor:
-        log_mu = decoder.log_mean(x_in, {m: view.counts[m].log_library[idx] for m in mods}, fidx or None)
-        out = -constant[idx]
-        for m in mods:
-            flat, rows, vals = view.counts[m].batch(idx)
-            ll = nb_log_prob_sparse_mu_terms(log_mu[m], log_r[m], flat, rows, vals)
-            out = out - (ll * view.weight[m][idx] if m in view.weight else ll)
-        return out
-
-    return nll
-
-
 def _pick(best: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """Row of each cell's best start: (n,) long."""
     return torch.arange(n, device=best.device) * k + best.view(n, k).argmin(dim=1)
 
 
 def fit_new_cells(
-    decoder: Decoder,
-    gmm: GaussianMixture,
-    cov_gmms: dict[str, GaussianMixtureSupervised],
+    module: DGDModule,
     cells: CellSet,
     config: NewCellConfig,
     generator: torch.Generator | None = None,
 ) -> dict[str, list]:
     """Fit ``cells``' representations (written into ``cells.rep`` and
-    ``cells.cov_reps``) against the frozen decoder and mixtures: score the
-    candidates, optimise from each cell's ``n_starts`` best, keep the best.
+    ``cells.cov_reps``) against the frozen module: score the candidates,
+    optimise from each cell's ``n_starts`` best, keep the best.
 
-    The parameters of ``decoder``, ``gmm`` and ``cov_gmms`` are never changed;
-    their ``requires_grad`` flags are off during the call and restored after.
-    ``generator`` drives ``init='sample'``. Returns the optimisation history
-    plus ``candidate`` (each cell's best-scored candidate), ``start_loss``
-    (mean NLL there), ``n_candidates`` and ``seconds_init``.
+    The module's parameters are never changed; their ``requires_grad`` flags
+    are off during the call and restored after. ``generator`` drives
+    ``init='sample'``. Returns the optimisation history plus ``candidate``
+    (each cell's best-scored candidate), ``start_loss`` (mean NLL there),
+    ``n_candidates`` and ``seconds_init``.
     """
     t0 = time.perf_counter()
-    keys = list(cov_gmms)
-    with frozen(decoder, gmm, *cov_gmms.values()):
+    keys = module.covariate_keys
+    gmm, cov_gmms = module.gmm, dict(module.cov_gmms)
+    with frozen(module):
         cand = candidate_starts(gmm, cov_gmms, config.init, config.n_samples, generator)
-        idx, score = top_candidates(decoder, gmm, cov_gmms, cells, cand, config.n_starts, config.max_elements,
-                                    config.n_grid)
+        idx, score = top_candidates(module, cells, cand, config.n_starts, config.max_elements, config.n_grid)
         starts = [cand.z[idx]] + [cand.cov[k][idx] for k in keys]
         if config.precondition:
-            scales = [gmm.stddev()[cand.component[idx]]] + [
-                cov_gmms[k].stddev()[cand.cov_component[k][idx]] for k in keys
+            scales = [gmm.stddev[cand.component[idx]]] + [
+                cov_gmms[k].stddev[cand.cov_component[k][idx]] for k in keys
             ]
         else:
             scales = [torch.ones_like(s) for s in starts]
         seconds_init = time.perf_counter() - t0
-        out, history = optimise_starts(decoder, gmm, cov_gmms, cells, starts, scales, config)
+        out, history = optimise_starts(module, cells, starts, scales, config)
     with torch.no_grad():
         cells.rep.z.copy_(out[0])
         for key, value in zip(keys, out[1:]):

@@ -1,0 +1,197 @@
+"""Decoded expression of a fitted DGD: denoised and batch-corrected expression, predicted modalities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data import read_new_data
+
+
+class ExpressionMixin:
+    """:class:`~dgdcell.DGD` methods that decode the cells' representations."""
+
+    def get_normalized_expression(
+        self,
+        adata=None,
+        library_size: float | str | None = None,
+        modality: str = "rna",
+        key: str = "dgd",
+        transform_batch: str | dict[str, str] | None = None,
+        layer: str | None = None,
+        batch_size: int = 1024,
+    ) -> pd.DataFrame:
+        """Denoised expression decoded from the cells' representations.
+
+        Parameters
+        ----------
+        adata
+            None: the training cells (``self.representation``, in training
+            order). Else cells carrying ``obsm[f"X_{key}"]`` (and
+            ``obsm[f"X_{key}_{covariate}"]`` per covariate) from :meth:`fit` or
+            :meth:`transform`.
+        library_size
+            None: fractions (each row sums to 1 over the modality's training
+            features). A number: expected counts at that library size (rows sum
+            to it). ``'latent'``: expected counts at each cell's own library
+            size, read from ``adata``'s counts (``adata.X`` or ``layer``); when
+            training features are missing there, the observed total over the
+            features present is divided by their decoded share.
+        modality
+            Which modality's features to decode.
+        transform_batch
+            A covariate class name (or ``{covariate: class}``): decode every cell
+            with that class's component mean as its covariate representation,
+            i.e. as if measured in that batch.
+        batch_size
+            Cells decoded at a time.
+
+        Returns
+        -------
+        DataFrame (cells x training features of ``modality``), float32; index
+        the cells' names, columns the feature names.
+        """
+        self._check_fitted()
+        if modality not in self.features:
+            raise KeyError(f"modality {modality!r} is not in the model (modalities: {sorted(self.features)}).")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        fixed = self._transform_batch_inputs(transform_batch)
+        z, cov, names = self._stored_representations(adata, key, skip=set(fixed))
+        n = z.shape[0]
+        scale = self._library_scale(adata, library_size, layer, n, modality)
+        out = np.empty((n, len(self.features[modality])), dtype=np.float32)
+        keys = list(self.cov_gmms)
+        with torch.no_grad():
+            for start in range(0, n, int(batch_size)):
+                stop = min(start + int(batch_size), n)
+                parts = [z[start:stop]] + [
+                    fixed[k].expand(stop - start, -1) if k in fixed else cov[k][start:stop] for k in keys
+                ]
+                x_in = torch.cat(parts, dim=-1).to(self.device)
+                out[start:stop] = torch.exp(self.decoder(x_in, modalities=[modality])[modality]).cpu().numpy()
+        if isinstance(scale, tuple):  # 'latent': observed totals over the features present / their decoded share
+            library, columns = scale
+            scale = library / np.maximum(out[:, columns].sum(axis=1, dtype=np.float64), 1e-12)
+        if scale is not None:
+            out *= np.asarray(scale, dtype=np.float32).reshape(-1, 1)
+        return pd.DataFrame(out, index=pd.Index(names), columns=pd.Index(self.features[modality]), copy=False)
+
+    def predict_modality(
+        self,
+        adata=None,
+        modality: str | None = None,
+        library_size: float | None = None,
+        key: str = "dgd",
+        transform_batch: str | dict[str, str] | None = None,
+        batch_size: int = 1024,
+    ) -> pd.DataFrame:
+        """Predict a modality the cells were not measured in (e.g. proteins of an RNA-only query).
+
+        Decodes the cells' representations through the head of ``modality``:
+        the representations come from :meth:`fit` (``adata`` None: the training
+        cells, or an object ``fit`` wrote into) or :meth:`transform` (run it on
+        the query first: it fits the cells on the modalities they have). Reads
+        ``obsm[f"X_{key}"]`` and ``obsm[f"X_{key}_{covariate}"]``; writes nothing.
+
+        Parameters
+        ----------
+        adata
+            AnnData / MuData carrying the representations, or None.
+        modality
+            The modality to predict; required when the model has several.
+        library_size
+            None: fractions (rows sum to 1 over the modality's features). A
+            number: expected counts at that library size. To compare with
+            measured data, use e.g. the median library size of the modality in
+            the training data.
+        transform_batch
+            Decode as if measured in this covariate class (see
+            :meth:`get_normalized_expression`).
+        batch_size
+            Cells decoded at a time.
+
+        Returns
+        -------
+        DataFrame (cells x the modality's training features), float32.
+        """
+        self._check_fitted()
+        if modality is None:
+            if len(self.features) > 1:
+                raise ValueError(f"the model has modalities {sorted(self.features)}; pass modality= to choose one.")
+            modality = next(iter(self.features))
+        if isinstance(library_size, str):
+            raise ValueError("predict_modality takes library_size None or a number; the cells' own library size "
+                             "in an unmeasured modality is unknown.")
+        return self.get_normalized_expression(adata, library_size, modality, key, transform_batch, None, batch_size)
+
+    def _stored_representations(self, adata, key: str, skip: set[str]):
+        """(n, L) representations, covariate key -> (n, 2), and the cell names:
+        the training cells' (``adata`` None) or those stored in ``adata.obsm``."""
+        if adata is None:
+            return self.representation, dict(self.cov_representation), list(self.obs_names)
+        name = f"X_{key}"
+        if name not in adata.obsm:
+            raise KeyError(
+                f"adata.obsm has no {name!r}; run dgd.fit(adata) or dgd.transform(adata) first "
+                f"(or pass key= the key_added used; obsm keys: {list(adata.obsm.keys())})."
+            )
+        z = np.asarray(adata.obsm[name], dtype=np.float32)
+        if z.shape != (adata.n_obs, self.latent_dim):
+            raise ValueError(f"adata.obsm[{name!r}] has shape {z.shape}, expected ({adata.n_obs}, {self.latent_dim}).")
+        cov = {}
+        for k in self.cov_gmms:
+            if k in skip:
+                continue
+            ck = f"X_{key}_{k}"
+            if ck not in adata.obsm:
+                raise KeyError(f"adata.obsm has no {ck!r} (covariate {k!r}); run fit or transform first, "
+                               "or pass transform_batch= to decode in a chosen class.")
+            cov[k] = torch.as_tensor(np.asarray(adata.obsm[ck], dtype=np.float32))
+        return torch.as_tensor(z), cov, [str(v) for v in adata.obs_names]
+
+    def _transform_batch_inputs(self, transform_batch) -> dict[str, torch.Tensor]:
+        """covariate key -> (1, 2) component mean of the requested class (weights within the class)."""
+        if transform_batch is None:
+            return {}
+        if isinstance(transform_batch, dict):
+            wanted = {str(k): str(v) for k, v in transform_batch.items()}
+        else:
+            keys = [k for k, cats in self.covariate_categories.items() if str(transform_batch) in cats]
+            if not keys:
+                raise KeyError(f"transform_batch {transform_batch!r} is not a class of any covariate "
+                               f"({self.covariate_categories}).")
+            if len(keys) > 1:
+                raise ValueError(f"transform_batch {transform_batch!r} is a class of several covariates {keys}; "
+                                 "pass a dict {covariate: class}.")
+            wanted = {keys[0]: str(transform_batch)}
+        out = {}
+        for k, cls in wanted.items():
+            if k not in self.covariate_categories:
+                raise KeyError(f"{k!r} is not a covariate of the model (covariates: {list(self.covariate_categories)}).")
+            if cls not in self.covariate_categories[k]:
+                raise KeyError(f"class {cls!r} is not a class of covariate {k!r} ({self.covariate_categories[k]}).")
+            g = self.cov_gmms[k]
+            label = torch.tensor([self.covariate_categories[k].index(cls)], device=g.mean.device)
+            with torch.no_grad():
+                out[k] = (g.label_mixture_probs(label) @ g.mean).cpu()
+        return out
+
+    def _library_scale(self, adata, library_size, layer, n: int, modality: str):
+        """None (fractions), an (n,) or scalar scale, or for ``'latent'`` the
+        tuple (observed totals (n,), decoded columns they cover)."""
+        if library_size is None:
+            return None
+        if isinstance(library_size, str):
+            if library_size != "latent":
+                raise ValueError(f"library_size must be None, a number or 'latent', got {library_size!r}.")
+            if adata is None:
+                raise ValueError("library_size='latent' needs the cells' counts: pass adata.")
+            new = read_new_data(adata, {modality: self.features[modality]}, layer, None,
+                                modality_key=self.init_args.get("modality_key"), modality=modality)
+            return new.data.library[modality], new.alignments[modality].feature_index
+        value = float(library_size)
+        if not value > 0:
+            raise ValueError(f"library_size must be > 0, got {library_size}.")
+        return value

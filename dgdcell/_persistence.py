@@ -1,0 +1,182 @@
+"""Saving and loading a DGD: a directory with ``config.json`` and a tensors-only ``weights.pt``."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from .model import DGD
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.pt"
+WEIGHTS_FILE_ALT = "weights.1.pt"  # every other write of a checkpoint directory (see PersistenceMixin._write_model)
+
+
+class PersistenceMixin:
+    """:meth:`~dgdcell.DGD.save` and :meth:`~dgdcell.DGD.load`; the weights are the
+    module's ``state_dict`` (plus the training cells' representations)."""
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Save to directory ``path``: ``config.json`` (settings, features,
+        classes, history, library version) and ``weights.pt`` (a flat dict of
+        tensors, loadable with ``torch.load(weights_only=True)``). Each file is
+        written to a temporary name and then renamed, so a crash never leaves a
+        half-written file.
+
+        Parameters
+        ----------
+        path
+            Directory (created if missing).
+        overwrite
+            Replace the contents of a non-empty ``path``; otherwise that is a FileExistsError.
+        """
+        self._check_fitted()
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it.")
+        self._write_model(path, self.representation, self.cov_representation, self.history, self.fit_settings)
+
+    def _write_model(
+        self, path: Path, representation: torch.Tensor, cov_representation: dict[str, torch.Tensor],
+        history: dict[str, list], fit_settings: dict[str, Any],
+    ) -> None:
+        """Write the model with the given training-cell representations (n, L)
+        and covariate representations to ``path`` (see :meth:`save`)."""
+        path.mkdir(parents=True, exist_ok=True)
+        # the module's parameters under its state_dict names, the covariate mixtures as cov_gmm.<key>.*
+        tensors = {_saved_name(k): v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        tensors["representation"] = representation.detach().cpu().clone()
+        for key, c in cov_representation.items():
+            tensors[f"cov_representation.{key}"] = c.detach().cpu().clone()
+        config = {
+            "format_version": FORMAT_VERSION,
+            "dgdcell_version": __version__,
+            "init_args": self.init_args,
+            "fit_settings": fit_settings,
+            "features": self.features,
+            "covariate_categories": self.covariate_categories,
+            "label_categories": self.label_categories,
+            "obs_names": self.obs_names,
+            "history": history,
+        }
+        # the weights alternate between two names and config.json names the current one, so that
+        # at any moment config.json and the weights it names are a complete pair of one state
+        current = _weights_file(path)
+        weights = WEIGHTS_FILE_ALT if current == WEIGHTS_FILE and (path / WEIGHTS_FILE).is_file() else WEIGHTS_FILE
+        config["weights_file"] = weights
+        tmp_weights, tmp_config = path / f".{weights}.tmp", path / f".{CONFIG_FILE}.tmp"
+        torch.save(tensors, tmp_weights)
+        tmp_config.write_text(json.dumps(config))
+        os.replace(tmp_weights, path / weights)
+        os.replace(tmp_config, path / CONFIG_FILE)
+        stale = path / (WEIGHTS_FILE_ALT if weights == WEIGHTS_FILE else WEIGHTS_FILE)
+        if stale.is_file():
+            stale.unlink()
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> "DGD":
+        """Load a model saved by :meth:`save` (or a ``checkpoint_dir`` of :meth:`fit`). Needs no training data.
+
+        Tensors are read with ``torch.load(weights_only=True)``: no arbitrary
+        object is ever unpickled. Raises FileNotFoundError when ``path`` holds
+        no saved model, ValueError when a file is corrupted, truncated or from
+        another model, or the format version is not this library's; a model
+        saved by another dgdcell version loads with a warning.
+
+        Parameters
+        ----------
+        path
+            Directory written by :meth:`save` or ``fit(checkpoint_dir=...)``.
+        device
+            Where the model runs (``'auto'``: CUDA when available).
+        """
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a saved DGD (expected {CONFIG_FILE} and {WEIGHTS_FILE}).")
+        try:
+            config = json.loads((path / CONFIG_FILE).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path / CONFIG_FILE} is corrupted: {err}") from err
+        if not isinstance(config, dict):
+            raise ValueError(f"{path / CONFIG_FILE} is corrupted: expected a JSON object, got {type(config).__name__}.")
+        weights = path / _weights_file(path)
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path} is not a saved DGD (expected {CONFIG_FILE} and {weights.name}).")
+        fmt = config.get("format_version")
+        if fmt != FORMAT_VERSION:
+            raise ValueError(f"{path} has model format {fmt}; this dgdcell ({__version__}) reads format {FORMAT_VERSION}.")
+        saved_version = config.get("dgdcell_version")
+        if saved_version != __version__:
+            logger.warning("model saved by dgdcell %s, loading with %s", saved_version, __version__)
+        try:
+            tensors = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated / corrupted file, or a pickle of arbitrary objects
+            raise ValueError(f"{weights} could not be read (corrupted or truncated?): {err}") from err
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "device"}
+        unknown = sorted(set(config.get("init_args") or {}) - known)
+        if unknown:
+            raise ValueError(
+                f"{path} holds settings this dgdcell ({__version__}) does not know: {unknown} (saved by dgdcell "
+                f"{saved_version}). Upgrade dgdcell to load it."
+            )
+        try:
+            return cls._from_saved(config, tensors, device)
+        except (KeyError, TypeError, RuntimeError, AttributeError, ValueError) as err:
+            raise ValueError(
+                f"{path} does not hold a consistent saved DGD ({type(err).__name__}: {err}); "
+                f"were {CONFIG_FILE} and the weights written by the same model?"
+            ) from err
+
+    @classmethod
+    def _from_saved(cls, config: dict, tensors: dict[str, torch.Tensor], device: str) -> "DGD":
+        """A model from a parsed ``config.json`` and its tensors (KeyError / RuntimeError when they do not match)."""
+        if not isinstance(tensors, dict):
+            raise TypeError(f"the weights file holds a {type(tensors).__name__}, not a dict of tensors")
+        model = cls(device=device, **config["init_args"])
+        labels = config["label_categories"]
+        model._build(
+            {m: len(f) for m, f in config["features"].items()},
+            {k: len(c) for k, c in config["covariate_categories"].items()},
+            None if labels is None else len(labels),
+        )
+        names = {_saved_name(k): k for k in model.module.state_dict()}
+        model.module.load_state_dict({names[k]: v for k, v in tensors.items() if k in names})
+        model.representation = tensors["representation"]
+        model.cov_representation = {k: tensors[f"cov_representation.{k}"] for k in config["covariate_categories"]}
+        if model.representation.shape != (len(config["obs_names"]), model.latent_dim):
+            raise ValueError(f"representation has shape {tuple(model.representation.shape)}, expected "
+                             f"({len(config['obs_names'])}, {model.latent_dim})")
+        model.features = config["features"]
+        model.covariate_categories = config["covariate_categories"]
+        model.label_categories = labels
+        model.obs_names = config["obs_names"]
+        model.history = config["history"]
+        model.fit_settings = config["fit_settings"]
+        return model
+
+
+def _weights_file(path: Path) -> str:
+    """The weights file that ``path/config.json`` names (``weights.pt`` when it names none or is unreadable)."""
+    try:
+        name = json.loads((path / CONFIG_FILE).read_text()).get("weights_file", WEIGHTS_FILE)
+    except (OSError, ValueError, AttributeError):
+        return WEIGHTS_FILE
+    return name if name in (WEIGHTS_FILE, WEIGHTS_FILE_ALT) else WEIGHTS_FILE
+
+
+def _saved_name(key: str) -> str:
+    """The name in ``weights.pt`` of the module's state_dict entry ``key`` (format 1:
+    ``decoder.*``, ``gmm.*``, and ``cov_gmm.<covariate>.*`` for ``cov_gmms.<covariate>.*``)."""
+    return "cov_gmm." + key[len("cov_gmms."):] if key.startswith("cov_gmms.") else key

@@ -1,0 +1,291 @@
+"""The model module: the decoder and the mixtures, and the objective of a minibatch.
+
+:class:`DGDModule` is the one place where the DGD's objective is written. For a
+minibatch of cells (a :class:`Minibatch`: their representations, covariate
+representations and sparse counts) :meth:`DGDModule.loss` returns a
+:class:`LossOutput` with every term per cell::
+
+    loss = sum_cells [ -sum_m w_m log p(x_m | decoder(z, c))          (reconstruction, per modality)
+                       -log p_GMM(z)  -sum_k log p_sGMM_k(c_k | class) ] (prior)
+           - prior_scale * log p(mixture parameters)                    (parameter prior)
+
+Training passes ``prior_scale = n_batch / n_cells`` so that the parameter
+priors count once per pass over the data; fitting representations (validation
+cells, new cells) passes 0. Training, validation, :meth:`dgdcell.DGD.transform`
+and the candidate scoring of new cells all go through this module.
+
+Pure PyTorch, no AnnData: the same code runs on CPU, CUDA and MPS.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .latent import GaussianMixture, GaussianMixtureSupervised
+from .nn import Decoder
+
+#: dimension of each covariate's representation
+COVARIATE_DIM = 2
+
+
+@dataclass
+class SparseCounts:
+    """The non-zero counts of a minibatch's B cells in one modality, as COO triplets.
+
+    Attributes
+    ----------
+    flat_index
+        (nnz,) long: ``row * G + col`` of every non-zero, addressing a (B, G)
+        matrix over the decoded features (``G`` = the features in
+        ``feature_index``, or all of the modality's).
+    rows
+        (nnz,) long: the row (0..B-1) of every non-zero.
+    values
+        (nnz,) float: the counts.
+    log_library
+        (B,) log library sizes.
+    log_factorial
+        (B,) ``sum_j lgamma(x_ij + 1)`` (a constant of the data).
+    feature_index
+        (G,) long: which of the decoder's features the columns are (None: all).
+    weight
+        (B,) weight of each cell's log-likelihood (0 where the cell was not
+        measured in the modality), or None for weight 1.
+    """
+
+    flat_index: torch.Tensor
+    rows: torch.Tensor
+    values: torch.Tensor
+    log_library: torch.Tensor
+    log_factorial: torch.Tensor
+    feature_index: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+
+
+@dataclass
+class Minibatch:
+    """What the objective needs of B cells.
+
+    Attributes
+    ----------
+    z
+        (B, L) representations.
+    cov
+        covariate key -> (B, 2) covariate representations.
+    counts
+        modality -> :class:`SparseCounts` (the modalities the cells are scored on).
+    cov_codes
+        covariate key -> (B,) long class codes (-1: unknown, the full covariate mixture).
+    labels
+        (B,) long label codes of a supervised mixture (-1: unlabelled), or None.
+    guide
+        (B,) long: with ``guided`` in :meth:`DGDModule.loss`, each cell's prior is
+        this component's density alone (the guided start), or None.
+    """
+
+    z: torch.Tensor
+    cov: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, SparseCounts] = field(default_factory=dict)
+    cov_codes: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: torch.Tensor | None = None
+    guide: torch.Tensor | None = None
+
+
+@dataclass
+class LossOutput:
+    """The terms of the objective for a minibatch (nats; lower is better).
+
+    Attributes
+    ----------
+    reconstruction
+        modality -> (B,) negative log-likelihood of each cell's counts (times
+        the cell's modality weight).
+    prior
+        (B,) ``-log p_GMM(z) - sum_k log p_sGMM_k(c_k | class)``. A density
+        can exceed 1, so this can be negative: tight mixture components give
+        the cells near their means a negative prior term, and the total loss
+        can then be lower than the reconstruction term alone.
+    parameter_prior
+        Scalar: ``-prior_scale * log p(mixture parameters)``.
+    """
+
+    reconstruction: dict[str, torch.Tensor]
+    prior: torch.Tensor
+    parameter_prior: torch.Tensor
+
+    @property
+    def reconstruction_total(self) -> torch.Tensor:
+        """(B,) reconstruction NLL summed over the modalities."""
+        out = torch.zeros_like(self.prior)
+        for value in self.reconstruction.values():
+            out = out + value
+        return out
+
+    @property
+    def per_cell(self) -> torch.Tensor:
+        """(B,) reconstruction + prior of each cell (the parameter prior excluded)."""
+        return self.reconstruction_total + self.prior
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """Scalar: the minibatch's objective (sum over cells plus the parameter prior)."""
+        return self.per_cell.sum() + self.parameter_prior
+
+
+class DGDModule(nn.Module):
+    """Decoder, mixture prior and covariate mixtures of a DGD, and its objective.
+
+    Parameters
+    ----------
+    latent_dim
+        Dimension L of the cell representations.
+    n_features
+        modality -> number of features.
+    likelihoods
+        modality -> likelihood name (``'nb'`` or ``'bernoulli'``; NB when missing).
+    covariate_classes
+        covariate key -> number of classes (each gets a 2-D representation
+        with a supervised mixture, one isotropic component per class).
+    n_components
+        Components K of the mixture prior on ``z``.
+    n_label_classes
+        With label supervision: the number of label classes (K must be a
+        multiple); the mixture is then a :class:`GaussianMixtureSupervised`.
+    n_hidden, n_hidden_head, dispersion_init
+        Decoder settings (see :class:`dgdcell.nn.Decoder`).
+    covariance_type, mean_init, sd_init, weight_alpha
+        Mixture settings (see :class:`dgdcell.latent.GaussianMixture`).
+    generator
+        ``torch.Generator`` (CPU) for every initial value; the global
+        generator is neither read nor advanced when one is given.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        n_features: Mapping[str, int],
+        likelihoods: Mapping[str, str] | None = None,
+        covariate_classes: Mapping[str, int] | None = None,
+        n_components: int = 10,
+        n_label_classes: int | None = None,
+        n_hidden: Sequence[int] = (100, 100),
+        n_hidden_head: Sequence[int] = (100, 100),
+        dispersion_init: float = 2.0,
+        covariance_type: str = "diagonal",
+        mean_init: tuple[float, float] = (5.0, 5.0),
+        sd_init: tuple[float, float] = (0.5, 1.0),
+        weight_alpha: float = 1.0,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.latent_dim = int(latent_dim)
+        covariate_classes = dict(covariate_classes or {})
+        # layers are built inside a forked global RNG (their constructors draw from it) and then
+        # re-initialised from ``generator``: the caller's global random state is left as it was
+        with torch.random.fork_rng(devices=[], enabled=generator is not None):
+            self.decoder = Decoder(
+                self.latent_dim + COVARIATE_DIM * len(covariate_classes), dict(n_features), n_hidden, n_hidden_head,
+                likelihood=dict(likelihoods or {}), dispersion_init=dispersion_init,
+            )
+        kw = dict(covariance_type=covariance_type, mean_init=tuple(mean_init), sd_init=tuple(sd_init))
+        k = int(n_components)
+        if n_label_classes is None:
+            self.gmm = GaussianMixture(k, self.latent_dim, weight_alpha=weight_alpha, generator=generator, **kw)
+        else:
+            self.gmm = GaussianMixtureSupervised(int(n_label_classes), k // int(n_label_classes), self.latent_dim,
+                                                 alpha=weight_alpha, generator=generator, **kw)
+        self.cov_gmms = nn.ModuleDict({key: covariate_mixture(n) for key, n in covariate_classes.items()})
+        if generator is not None:
+            self.decoder.reset_parameters(generator)
+
+    @property
+    def covariate_keys(self) -> list[str]:
+        """The covariates, in the order their representations enter the decoder."""
+        return list(self.cov_gmms)
+
+    def mixtures(self) -> list[GaussianMixture]:
+        """The mixture prior on ``z`` and the covariate mixtures."""
+        return [self.gmm, *self.cov_gmms.values()]
+
+    # ------------------------------------------------------------------ generative side
+    def decoder_input(self, z: torch.Tensor, cov: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[z, c_1, ...]`` (B, L + 2 * n_covariates), covariates in :attr:`covariate_keys` order."""
+        keys = self.covariate_keys
+        return torch.cat([z] + [cov[k] for k in keys], dim=-1) if keys else z
+
+    def log_fractions(
+        self,
+        z: torch.Tensor,
+        cov: Mapping[str, torch.Tensor],
+        modalities: Sequence[str] | None = None,
+        feature_index: Mapping[str, torch.Tensor | None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """modality -> (B, G_m) log fractions (each row's exp sums to 1 over
+        the modality's, or the selected, features)."""
+        return self.decoder(self.decoder_input(z, cov), feature_index, modalities)
+
+    # ------------------------------------------------------------------ objective
+    def reconstruction_nll(self, x_in: torch.Tensor, counts: Mapping[str, SparseCounts]) -> dict[str, torch.Tensor]:
+        """modality -> (B,) negative log-likelihood of the counts given decoder input ``x_in``."""
+        findex = {m: c.feature_index for m, c in counts.items()}
+        logits = self.decoder.logits(x_in, findex, list(counts))
+        out = {}
+        for mod, c in counts.items():
+            # the likelihood applies the softmax and the library size itself (fused with it for the NB)
+            ll = self.decoder.likelihoods[mod].log_prob_sparse(
+                logits[mod], c.flat_index, c.rows, c.values, c.log_factorial, c.feature_index,
+                log_library=c.log_library,
+            )
+            out[mod] = -(ll if c.weight is None else ll * c.weight)
+        return out
+
+    def prior_nll(self, batch: Minibatch, guided: bool = False) -> torch.Tensor:
+        """(B,) ``-log p_GMM(z) - sum_k log p_sGMM_k(c_k | class)``.
+
+        With ``guided`` (and ``batch.guide`` set) the density of ``z`` is that of
+        the cell's guide component alone, which pulls the cells of one initial
+        cluster towards one component."""
+        z = batch.z
+        if guided and batch.guide is not None:
+            nll = -self.gmm.component_log_prob_of(z, batch.guide)
+        elif isinstance(self.gmm, GaussianMixtureSupervised):
+            nll = -self.gmm.log_prob(z, batch.labels)
+        else:
+            nll = -self.gmm.log_prob(z)
+        for key, g in self.cov_gmms.items():
+            nll = nll - g.log_prob(batch.cov[key], batch.cov_codes.get(key))
+        return nll
+
+    def parameter_prior_nll(self) -> torch.Tensor:
+        """Scalar ``-log p(parameters)`` of every mixture (softball, Dirichlet, Gaussian priors)."""
+        return -sum(g.prior_log_prob() for g in self.mixtures())
+
+    def loss(self, batch: Minibatch, prior_scale: float = 0.0, guided: bool = False) -> LossOutput:
+        """The objective's terms for ``batch`` (see the module docstring).
+
+        ``prior_scale``: weight of the mixtures' parameter priors (training:
+        ``n_batch / n_cells``; 0 when only representations are fitted, which
+        then skips computing them). ``guided``: see :meth:`prior_nll`."""
+        recon = self.reconstruction_nll(self.decoder_input(batch.z, batch.cov), batch.counts)
+        prior = self.prior_nll(batch, guided)
+        if prior_scale:
+            param = self.parameter_prior_nll() * float(prior_scale)
+        else:
+            param = torch.zeros((), dtype=prior.dtype, device=prior.device)
+        return LossOutput(recon, prior, param)
+
+
+def covariate_mixture(n_classes: int) -> GaussianMixtureSupervised:
+    """Supervised 2-D mixture for one covariate: one isotropic component per
+    class (sd 0.2), means spread evenly on the unit circle."""
+    g = GaussianMixtureSupervised(n_classes, 1, COVARIATE_DIM, "isotropic", mean_init=(2.0, 5.0), sd_init=(0.2, 1.0),
+                                  generator=torch.Generator().manual_seed(0))
+    angle = torch.arange(n_classes) * (2 * math.pi / n_classes)
+    with torch.no_grad():
+        g.mean.copy_(torch.stack([angle.cos(), angle.sin()], -1))
+    return g
