@@ -6,9 +6,20 @@ Subcommands::
     dgdcell transform MODEL_DIR IN.h5ad -o OUT.h5ad [options]     embed new cells with a saved model
     dgdcell info MODEL_DIR [--json]                               describe a saved model
 
-Exit status: 0 on success, 2 on a usage error, 1 on any other error (printed as
-``error: <message>`` on stderr; ``--debug`` adds the traceback). The progress
-bar is shown only when stderr is a terminal; ``--quiet`` silences it, the
+Exit status: 0 on success; 2 on a usage error (argparse's own, and arguments that are
+wrong whatever the files: a file name with the wrong extension, ``-o`` naming the other
+data kind than the input, ``-o`` or ``--plot`` equal to ``--model-dir``; printed with the
+command's usage line); 130 when interrupted (Ctrl-C); 1 on any other error (printed as
+``error: <message>`` on stderr; ``--debug`` adds the traceback).
+
+Every output path (``-o``, ``--model-dir``, ``--plot``) is checked before any data is
+read or fitted: an existing output without ``--overwrite``, a missing or unwritable
+folder are errors (exit 1) that name the option. The outputs are then written
+all-or-nothing: each under a temporary name next to its final path, moved into place
+only when all are written; after an error or an interrupt nothing this call created is
+left behind (nothing that existed before is removed).
+
+The progress bar is shown only when stderr is a terminal; ``--quiet`` silences it, the
 summary and informational log messages.
 """
 
@@ -22,20 +33,28 @@ import logging
 import os
 import sys
 import time
+import shutil
+import tempfile
 import traceback
+import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ._version import __version__
 
 logger = logging.getLogger("dgdcell.cli")
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class CLIError(Exception):
-    """An error with a message meant for the user (no traceback needed)."""
+    """An error with a message meant for the user (no traceback needed); exit status 1."""
+
+
+class UsageError(CLIError):
+    """Arguments that are wrong whatever the files (a wrong extension, two options naming the
+    same path): printed argparse-style after the command's usage line; exit status 2."""
 
 
 # --------------------------------------------------------------------------- parser
@@ -91,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--key-added", metavar="KEY", default="dgd", help="prefix of the keys written (default dgd)")
     fit.add_argument("--plot", metavar="FILE",
                      help="write a summary figure (losses, latent PCA, components vs labels); .png, .pdf or .svg")
-    fit.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad and a non-empty --model-dir")
-    fit.set_defaults(func=cmd_fit)
+    fit.add_argument("--overwrite", action="store_true",
+                     help="replace an existing OUT.h5ad and --plot file, and the model in a non-empty --model-dir")
+    fit.set_defaults(func=cmd_fit, parser=fit)
 
     tr = sub.add_parser(
         "transform", parents=[common], help="embed new cells with a saved model",
@@ -110,13 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: CUDA when available")
     tr.add_argument("--key-added", metavar="KEY", default="dgd", help="prefix of the keys written (default dgd)")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
-    tr.set_defaults(func=cmd_transform)
+    tr.set_defaults(func=cmd_transform, parser=tr)
 
     info = sub.add_parser("info", parents=[common], help="describe a saved model",
                           description="Print the version, settings, features, covariates and training summary of a saved model.")
     info.add_argument("model_dir", metavar="MODEL_DIR", help="a model saved by 'dgdcell fit' or DGD.save")
     info.add_argument("--json", action="store_true", help="print the description as JSON")
-    info.set_defaults(func=cmd_info)
+    info.set_defaults(func=cmd_info, parser=info)
     return parser
 
 
@@ -152,37 +172,87 @@ def _say(args, text: str = "") -> None:
         print(text, flush=True)
 
 
-def _check_input(path: str) -> Path:
+_DATA_KINDS = {".h5ad": "AnnData", ".h5mu": "MuData"}
+_PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+# usage checks: the arguments themselves, whatever the files (exit status 2)
+def _input_path(path: str) -> Path:
     p = Path(path)
+    if p.suffix.lower() not in _DATA_KINDS:
+        raise UsageError(f"input must be an .h5ad (AnnData) or .h5mu (MuData) file, got {p.name}")
+    return p
+
+
+def _output_path(path: str, src: Path) -> Path:
+    """``-o``: an .h5ad for an AnnData input, an .h5mu for a MuData (the object read is the one written)."""
+    p = Path(path)
+    suffix, want = p.suffix.lower(), src.suffix.lower()
+    if suffix not in _DATA_KINDS:
+        raise UsageError(f"-o/--output must end in .h5ad or .h5mu, got {p.name}")
+    if suffix != want:
+        kind = "a MuData" if want == ".h5mu" else "an AnnData"
+        raise UsageError(f"-o/--output {p.name}: the input {src.name} is {kind}, written as {want}; "
+                         f"name the output {p.stem}{want}")
+    return p
+
+
+def _plot_path(path: str) -> Path:
+    p = Path(path)
+    if p.suffix.lower() not in _PLOT_SUFFIXES:
+        raise UsageError(f"--plot must end in .png, .pdf or .svg, got {p.name}")
+    return p
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()  # resolve() also takes paths that do not exist yet
+
+
+# file-system checks, before anything is read or fitted (exit status 1)
+def _check_input_file(p: Path) -> None:
     if not p.exists():
         raise CLIError(f"input file not found: {p}")
     if p.is_dir():
         raise CLIError(f"input is a directory, expected an .h5ad or .h5mu file: {p}")
-    if p.suffix.lower() not in (".h5ad", ".h5mu"):
-        raise CLIError(f"input must be an .h5ad (AnnData) or .h5mu (MuData) file, got {p.name}")
-    return p
 
 
-def _check_output(path: str, overwrite: bool) -> Path:
-    p = Path(path)
-    if p.suffix.lower() not in (".h5ad", ".h5mu"):
-        raise CLIError(f"output must end in .h5ad or .h5mu, got {p.name}")
+def _check_writable(folder: Path, option: str) -> None:
+    """Refuse a folder this process cannot create files in. Tried with a real file: os.access
+    misses read-only file systems and says yes to root."""
+    if not folder.is_dir():
+        raise CLIError(f"{option}: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dgdcell-write-check-", dir=folder)
+    except OSError as err:
+        raise CLIError(f"{option}: cannot write in the folder {folder} ({err.strerror or err}); "
+                       "choose a folder you can write in") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_output_file(p: Path, overwrite: bool, option: str) -> None:
     if p.is_dir():
-        raise CLIError(f"output is a directory: {p}")
+        raise CLIError(f"{option} {p} is a directory")
     if p.exists() and not overwrite:
-        raise CLIError(f"output {p} exists; pass --overwrite to replace it")
+        raise CLIError(f"{option} {p} exists; pass --overwrite to replace it")
     if not p.parent.exists():
-        raise CLIError(f"output folder does not exist: {p.parent}")
-    return p
+        raise CLIError(f"{option}: the folder {p.parent} does not exist; create it first")
+    _check_writable(p.parent, option)
 
 
-def _check_model_dir_free(path: str, overwrite: bool) -> Path:
-    p = Path(path)
+def _check_model_dir(p: Path, overwrite: bool) -> None:
+    """``--model-dir``: a new folder (missing parents are created), an empty one, or with
+    ``--overwrite`` a non-empty one (``DGD.save(overwrite=True)`` replaces the model in it)."""
     if p.exists() and not p.is_dir():
         raise CLIError(f"--model-dir {p} exists and is not a directory")
-    if p.is_dir() and any(p.iterdir()) and not overwrite:
-        raise CLIError(f"--model-dir {p} exists and is not empty; pass --overwrite to replace it")
-    return p
+    if p.is_dir():
+        if any(p.iterdir()) and not overwrite:
+            raise CLIError(f"--model-dir {p} exists and is not empty; pass --overwrite to replace the model in it "
+                           "or choose another folder")
+        _check_writable(p, "--model-dir")
+        return
+    ancestor = next(a for a in p.absolute().parents if a.exists())
+    _check_writable(ancestor, "--model-dir")
 
 
 def _check_device(device: str) -> None:
@@ -191,6 +261,104 @@ def _check_device(device: str) -> None:
 
         if not torch.cuda.is_available():
             raise CLIError("--device cuda was requested but CUDA is not available (use --device cpu or auto)")
+
+
+# --------------------------------------------------------------------------- writing outputs
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+class _Outputs:
+    """All-or-nothing writing of a command's outputs (``with _Outputs() as out: ...``).
+
+    Each output is written under a temporary name in the folder of its final path
+    (:meth:`temp_file`, :meth:`temp_dir`) and then put in place by :meth:`move` (a rename) or, for
+    an existing model folder, :meth:`save_model_into`; :meth:`commit` marks the end. Leaving the
+    block before :meth:`commit` (an error, an interrupt) removes the temporaries and undoes the
+    steps already run: an output that did not exist before is removed again, so are the files a
+    save added to an existing folder and the folders this call created. Nothing that existed
+    before the call is removed (a file already replaced under ``--overwrite`` stays replaced).
+    """
+
+    def __init__(self) -> None:
+        self._temps: list[Path] = []
+        self._made: list[Path] = []  # folders this call created, outermost first
+        self._undo: list[Callable[[], None]] = []
+        self.committed = False
+
+    def __enter__(self) -> "_Outputs":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if not self.committed:
+            for undo in reversed(self._undo):
+                with contextlib.suppress(Exception):
+                    undo()
+        for tmp in self._temps:
+            with contextlib.suppress(Exception):
+                _remove(tmp)
+        if not self.committed:
+            for folder in reversed(self._made):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
+        return False
+
+    def _temp_name(self, final: Path) -> Path:
+        tmp = final.with_name(f".{final.stem}.partial-{uuid.uuid4().hex[:8]}{final.suffix}")
+        self._temps.append(tmp)
+        return tmp
+
+    def temp_file(self, final: Path) -> Path:
+        return self._temp_name(final)
+
+    def temp_dir(self, final: Path) -> Path:
+        """An empty folder next to ``final`` (whose missing parent folders are created)."""
+        missing = []
+        folder = final.absolute().parent
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            folder.mkdir()
+            self._made.append(folder)
+        tmp = self._temp_name(final)
+        tmp.mkdir()  # not tempfile.mkdtemp: its mode 0o700 would become the model folder's
+        return tmp
+
+    def move(self, tmp: Path, final: Path) -> None:
+        existed = final.exists() or final.is_symlink()
+        os.replace(tmp, final)
+        if not existed:
+            self._undo.append(lambda: _remove(final))
+
+    def save_model_into(self, model, folder: Path) -> None:
+        """``model.save(folder, overwrite=True)`` into an existing folder: the library's own save,
+        which keeps the folder's config and weights a complete pair at any moment."""
+        before = set(os.listdir(folder))
+
+        def undo() -> None:
+            for name in set(os.listdir(folder)) - before:
+                _remove(folder / name)
+
+        self._undo.append(undo)  # registered first: also cleans up after a save that fails half-way
+        model.save(folder, overwrite=True)
+
+    def commit(self) -> None:
+        self.committed = True
+
+
+@contextlib.contextmanager
+def _library_stdout(args):
+    """Keep prints of the library (e.g. a summary at the end of a fit) off the command's stdout,
+    which carries the command's own summary only; ``--debug`` lets them through."""
+    if args.debug:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
 
 
 def _read_h5ad(path: Path):
@@ -209,21 +377,16 @@ def _read_h5ad(path: Path):
 
 
 def _write_h5ad(adata, path: Path) -> None:
-    """Write an AnnData or MuData (by the object's type) to ``path`` via a temporary file."""
+    """Write an AnnData or MuData (by the object's type) to ``path`` (a temporary name from
+    :class:`_Outputs`, with the final name's extension)."""
     mudata = hasattr(adata, "mod")
     if mudata != (path.suffix.lower() == ".h5mu"):
         raise CLIError(f"output {path.name}: a {'MuData' if mudata else 'AnnData'} is written as "
                        f"{'.h5mu' if mudata else '.h5ad'}")
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        if mudata:
-            adata.write_h5mu(tmp)
-        else:
-            adata.write_h5ad(tmp)
-        tmp.replace(path)  # never leave a half-written output under the final name
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    if mudata:
+        adata.write_h5mu(path)
+    else:
+        adata.write_h5ad(path)
 
 
 def _likelihoods(values: list[str]) -> dict[str, str]:
@@ -265,15 +428,25 @@ def _fmt(x: Any, digits: int = 3) -> str:
 def cmd_fit(args) -> int:
     """``dgdcell fit``: read ``args.input`` (.h5ad / .h5mu), fit a DGD, write ``args.output`` (the
     input plus the keys :meth:`dgdcell.DGD.fit` writes), save the model to ``args.model_dir`` and,
-    with ``--plot``, a summary figure. Returns the exit status (0)."""
+    with ``--plot``, a summary figure. Every output path is checked first; the outputs are written
+    all-or-nothing (see :class:`_Outputs`). Returns the exit status (0)."""
     from .model import DGD
 
-    src = _check_input(args.input)
-    dst = _check_output(args.output, args.overwrite)
-    model_dir = _check_model_dir_free(args.model_dir, args.overwrite)
+    src = _input_path(args.input)
+    dst = _output_path(args.output, src)
+    model_dir = Path(args.model_dir)
+    plot = _plot_path(args.plot) if args.plot else None
+    if _same_path(dst, model_dir):
+        raise UsageError(f"-o/--output and --model-dir are the same path ({dst}): the output is a file and the "
+                         "model a folder; give them different names")
+    if plot is not None and _same_path(plot, model_dir):
+        raise UsageError(f"--plot and --model-dir are the same path ({plot}); give them different names")
+    _check_input_file(src)
+    _check_output_file(dst, args.overwrite, "-o/--output")
+    _check_model_dir(model_dir, args.overwrite)
+    if plot is not None:
+        _check_output_file(plot, args.overwrite, "--plot")
     _check_device(args.device)
-    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise CLIError(f"--plot must end in .png, .pdf or .svg, got {args.plot}")
     adata = _read_h5ad(src)
     covariates = _covariates(args.covariate)
     logger.info("read %s: %d cells x %d features", src, adata.n_obs, adata.n_vars)
@@ -292,19 +465,38 @@ def cmd_fit(args) -> int:
         args.latent_dim, args.n_components or "default", covariates or "none", args.label_key or "none", model.device,
     )
     t0 = time.perf_counter()
-    model.fit(
-        adata,
-        max_epochs=args.max_epochs,
-        batch_size=args.batch_size,
-        layer=args.layer,
-        key_added=args.key_added,
-        verbose=_progress(args),
-    )
+    with _library_stdout(args):
+        model.fit(
+            adata,
+            max_epochs=args.max_epochs,
+            batch_size=args.batch_size,
+            layer=args.layer,
+            key_added=args.key_added,
+            verbose=_progress(args),
+        )
     seconds = time.perf_counter() - t0
-    model.save(model_dir, overwrite=args.overwrite)
-    _write_h5ad(adata, dst)
-    if args.plot:
-        _plot_summary(adata, model, args.label_key, args.key_added, args.plot)
+
+    with _Outputs() as out:
+        tmp_model = None
+        if not model_dir.is_dir():
+            tmp_model = out.temp_dir(model_dir)
+            model.save(tmp_model)
+        tmp_dst = out.temp_file(dst)
+        _write_h5ad(adata, tmp_dst)
+        if plot is not None:
+            tmp_plot = out.temp_file(plot)
+            _plot_summary(adata, model, args.label_key, args.key_added, tmp_plot)
+        if tmp_model is None:  # an existing folder (empty, or its model replaced under --overwrite)
+            out.save_model_into(model, model_dir)
+        else:
+            out.move(tmp_model, model_dir)
+        out.move(tmp_dst, dst)
+        if plot is not None:
+            out.move(tmp_plot, plot)
+        out.commit()
+    args.written = True
+    if plot is not None:
+        logging.getLogger("dgdcell.pl").info("saved figure to %s", plot)
 
     hist = model.history
     n_epochs = len(hist.get("epoch", []))
@@ -326,28 +518,43 @@ def cmd_fit(args) -> int:
     return EXIT_OK
 
 
+class _NoSavedFigureRecord(logging.Filter):
+    """Drops dgdcell.pl's 'saved figure to <temporary name>'; the CLI logs the final name instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("saved figure to ")
+
+
 def _plot_summary(adata, model, label_key, key, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # the CLI never shows figures
     from . import pl
 
-    pl.summary(adata, model=model, label_key=label_key, key=key, save=path)
+    pl_logger, dropped = logging.getLogger("dgdcell.pl"), _NoSavedFigureRecord()
+    pl_logger.addFilter(dropped)
+    try:
+        pl.summary(adata, model=model, label_key=label_key, key=key, save=path)
+    finally:
+        pl_logger.removeFilter(dropped)
 
 
 def cmd_transform(args) -> int:
     """``dgdcell transform``: load the model in ``args.model_dir``, embed the cells of
     ``args.input`` with :meth:`dgdcell.DGD.transform` and write ``args.output`` (the input plus
-    the keys it writes). Returns the exit status (0)."""
+    the keys it writes). The output path is checked first and the file written under a
+    temporary name, then renamed. Returns the exit status (0)."""
     from .model import DGD
 
     if not hasattr(DGD, "transform"):
         raise CLIError(f"this dgdcell ({__version__}) has no DGD.transform; 'dgdcell transform' needs a newer version")
+    src = _input_path(args.input)
+    dst = _output_path(args.output, src)
     model_dir = Path(args.model_dir)
     if not model_dir.is_dir():
         raise CLIError(f"model directory not found: {model_dir}")
-    src = _check_input(args.input)
-    dst = _check_output(args.output, args.overwrite)
+    _check_input_file(src)
+    _check_output_file(dst, args.overwrite, "-o/--output")
     _check_device(args.device)
     model = DGD.load(model_dir, device=args.device)
     adata = _read_h5ad(src)
@@ -365,9 +572,15 @@ def cmd_transform(args) -> int:
         for k in unsupported:
             kwargs.pop(k)
     t0 = time.perf_counter()
-    model.transform(adata, **kwargs)
+    with _library_stdout(args):
+        model.transform(adata, **kwargs)
     seconds = time.perf_counter() - t0
-    _write_h5ad(adata, dst)
+    with _Outputs() as out:
+        tmp_dst = out.temp_file(dst)
+        _write_h5ad(adata, tmp_dst)
+        out.move(tmp_dst, dst)
+        out.commit()
+    args.written = True
     _say(args, f"dgdcell {__version__}: embedded {adata.n_obs} cells with the model in {model_dir} ({seconds:.1f} s)")
     _say(args, f"  clusters: {_cluster_summary(adata, args.key_added)}")
     _say(args, f"  wrote {dst}")
@@ -489,9 +702,15 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=r"From 0\.4 \.update\(\) will not pull", category=FutureWarning)
         try:
             return args.func(args)
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt:  # outputs are written all-or-nothing: none unless the command got that far
+            print("interrupted" if getattr(args, "written", False) else "interrupted; nothing written",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except UsageError as err:  # argparse-style: the command's usage line, then the message
+            command = getattr(args, "parser", parser)
+            command.print_usage(sys.stderr)
+            print(f"{command.prog}: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
         except BrokenPipeError:  # e.g. `dgdcell info DIR | head`: stop quietly
             with contextlib.suppress(Exception):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -237,3 +237,265 @@ def test_console_script_and_python_m(data_file, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dgdcell", "info", str(tmp_path / "nope")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- output paths, interrupts, failures
+def _entries(folder: Path) -> set[str]:
+    """Every path under ``folder``, relative, hidden temporaries included."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.fixture
+def no_fit(monkeypatch):
+    """DGD.fit / DGD.load replaced by stand-ins that record the call: the checks must come first."""
+    calls = []
+
+    def fit(self, *a, **k):
+        calls.append("fit")
+        raise AssertionError("fit was called")
+
+    def load(cls, *a, **k):
+        calls.append("load")
+        raise AssertionError("load was called")
+
+    monkeypatch.setattr(DGD, "fit", fit)
+    monkeypatch.setattr(DGD, "load", classmethod(load))
+    return calls
+
+
+def _unwritable(folder: Path, monkeypatch) -> None:
+    """Make ``folder`` refuse new files: chmod, and for root (whom chmod does not stop) a
+    stand-in for the file creation that the CLI's write check tries."""
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        real = cli.tempfile.mkstemp
+
+        def mkstemp(*a, dir=None, **k):
+            if dir is not None and Path(dir).resolve() == folder.resolve():
+                raise PermissionError(13, "Permission denied")
+            return real(*a, dir=dir, **k)
+
+        monkeypatch.setattr(cli.tempfile, "mkstemp", mkstemp)
+
+
+@pytest.mark.parametrize(
+    "case, code, words",
+    [
+        ("output folder is a file", 1, ["-o/--output", "is not a folder"]),
+        ("output folder unwritable", 1, ["-o/--output", "cannot write in the folder"]),
+        ("output folder missing", 1, ["-o/--output", "does not exist"]),
+        ("model-dir equals output", 2, ["--model-dir", "-o/--output", "same path"]),
+        ("h5mu output for AnnData input", 2, ["-o/--output", "o.h5mu", "name the output o.h5ad"]),
+        ("h5ad output for MuData input", 2, ["-o/--output", "o.h5ad", "name the output o.h5mu"]),
+        ("model-dir not empty", 1, ["--model-dir", "not empty", "--overwrite"]),
+        ("model-dir under a file", 1, ["--model-dir", "is not a folder"]),
+        ("model-dir unwritable", 1, ["--model-dir", "cannot write in the folder"]),
+        ("plot folder unwritable", 1, ["--plot", "cannot write in the folder"]),
+        ("plot folder missing", 1, ["--plot", "does not exist"]),
+        ("plot exists", 1, ["--plot", "exists", "--overwrite"]),
+        ("plot extension", 2, ["--plot", ".png"]),
+    ],
+)
+def test_fit_checks_output_paths_before_reading_or_fitting(case, code, words, data_file, tmp_path, no_fit,
+                                                           monkeypatch):
+    src, out, model, plot = data_file, tmp_path / "o.h5ad", tmp_path / "m", None
+    if case == "output folder is a file":
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "o.h5ad"
+    elif case == "output folder unwritable":
+        _unwritable(tmp_path / "ro", monkeypatch)
+        out = tmp_path / "ro" / "o.h5ad"
+    elif case == "output folder missing":
+        out = tmp_path / "nope" / "o.h5ad"
+    elif case == "model-dir equals output":
+        model = out
+    elif case == "h5mu output for AnnData input":
+        out = tmp_path / "o.h5mu"
+    elif case == "h5ad output for MuData input":
+        src = tmp_path / "in.h5mu"
+        src.write_text("not read: the names are wrong already")
+    elif case == "model-dir not empty":
+        model.mkdir()
+        (model / "keep.txt").write_text("x")
+    elif case == "model-dir under a file":
+        (tmp_path / "f").write_text("x")
+        model = tmp_path / "f" / "m"
+    elif case == "model-dir unwritable":
+        _unwritable(tmp_path / "ro", monkeypatch)
+        model = tmp_path / "ro" / "m"
+    elif case == "plot folder unwritable":
+        _unwritable(tmp_path / "ro", monkeypatch)
+        plot = tmp_path / "ro" / "fig.png"
+    elif case == "plot folder missing":
+        plot = tmp_path / "nope" / "fig.png"
+    elif case == "plot exists":
+        plot = tmp_path / "fig.png"
+        plot.write_bytes(b"old")
+    elif case == "plot extension":
+        plot = tmp_path / "fig.jpg"
+    before = _entries(tmp_path)
+    try:
+        rc, stdout, err = run_main(["fit", src, "-o", out, "--model-dir", model, *(["--plot", plot] if plot else []),
+                                    *SMALL])
+    finally:
+        if (tmp_path / "ro").exists():
+            (tmp_path / "ro").chmod(0o755)
+    assert no_fit == []  # refused before the data were read and fitted
+    assert rc == code, err
+    for w in words:
+        assert w in err, (w, err)
+    if code == 2:
+        assert err.startswith("usage: dgdcell fit") and "dgdcell fit: error: " in err
+    else:
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err and stdout == ""
+    assert _entries(tmp_path) == before  # nothing created, the write check's probe file included
+
+
+@pytest.mark.parametrize(
+    "case, code, words",
+    [
+        ("h5mu output for AnnData input", 2, ["-o/--output", "name the output t.h5ad"]),
+        ("output folder unwritable", 1, ["-o/--output", "cannot write in the folder"]),
+        ("output folder is a file", 1, ["-o/--output", "is not a folder"]),
+        ("output exists", 1, ["-o/--output", "exists", "--overwrite"]),
+    ],
+)
+def test_transform_checks_output_path_before_loading(case, code, words, data_file, tmp_path, no_fit, monkeypatch):
+    monkeypatch.setattr(DGD, "transform", lambda self, *a, **k: self, raising=False)
+    (tmp_path / "model").mkdir()
+    out = tmp_path / "t.h5ad"
+    if case == "h5mu output for AnnData input":
+        out = tmp_path / "t.h5mu"
+    elif case == "output folder unwritable":
+        _unwritable(tmp_path / "ro", monkeypatch)
+        out = tmp_path / "ro" / "t.h5ad"
+    elif case == "output folder is a file":
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "t.h5ad"
+    elif case == "output exists":
+        out.write_bytes(b"old")
+    before = _entries(tmp_path)
+    try:
+        rc, _, err = run_main(["transform", tmp_path / "model", data_file, "-o", out, "--device", "cpu"])
+    finally:
+        if (tmp_path / "ro").exists():
+            (tmp_path / "ro").chmod(0o755)
+    assert no_fit == [] and rc == code, err
+    for w in words:
+        assert w in err, (w, err)
+    if code == 2:
+        assert err.startswith("usage: dgdcell transform")
+    assert _entries(tmp_path) == before
+
+
+def test_interrupt_during_fit_writes_nothing(data_file, tmp_path, monkeypatch):
+    def fit(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DGD, "fit", fit)
+    rc, out, err = run_main(["fit", data_file, "-o", tmp_path / "o.h5ad", "--model-dir", tmp_path / "m",
+                             "--plot", tmp_path / "fig.png", *SMALL])
+    assert rc == 130
+    assert err.splitlines()[-1] == "interrupted; nothing written" and "Traceback" not in err and out == ""
+    assert _entries(tmp_path) == set()
+
+
+@pytest.mark.parametrize("where", ["writing the output", "saving the model"])
+def test_interrupt_while_writing_leaves_nothing(where, data_file, tmp_path, monkeypatch):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    if where == "writing the output":
+        monkeypatch.setattr(ad.AnnData, "write_h5ad", interrupt)
+    else:
+        real_save = DGD.save
+
+        def save(self, path, overwrite=False):
+            real_save(self, path, overwrite=overwrite)
+            (Path(path) / ".weights.pt.tmp").write_bytes(b"half")  # as if cut off during the next file
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(DGD, "save", save)
+    rc, _, err = run_main(["fit", data_file, "-o", tmp_path / "o.h5ad", "--model-dir", tmp_path / "m", *SMALL])
+    assert rc == 130 and err.splitlines()[-1] == "interrupted; nothing written"
+    assert _entries(tmp_path) == set()
+
+
+@pytest.mark.parametrize("model_dir", ["new", "new with missing parents", "existing empty", "existing, --overwrite"])
+@pytest.mark.parametrize("failing", ["output write", "plot", "output move"])
+def test_failure_after_fit_leaves_nothing_new(model_dir, failing, data_file, tmp_path, monkeypatch):
+    out, plot, model = tmp_path / "o.h5ad", tmp_path / "fig.png", tmp_path / "m"
+    extra = []
+    if model_dir == "new with missing parents":
+        model = tmp_path / "a" / "b" / "m"
+    elif model_dir == "existing empty":
+        model.mkdir()
+    elif model_dir == "existing, --overwrite":
+        model.mkdir()
+        (model / "notes.txt").write_text("mine")
+        out.write_bytes(b"old output")
+        plot.write_bytes(b"old figure")
+        extra = ["--overwrite"]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    before_entries = _entries(tmp_path)
+
+    if failing == "output write":
+        def write(self, *a, **k):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(ad.AnnData, "write_h5ad", write)
+    elif failing == "plot":
+        def summary(*a, **k):
+            raise RuntimeError("plotting failed")
+
+        monkeypatch.setattr(dgdcell.pl, "summary", summary)
+    else:  # the model is already in place when moving the output fails
+        real_move = cli._Outputs.move
+
+        def move(self, tmp, final):
+            if final == out:
+                raise OSError(5, "Input/output error")
+            real_move(self, tmp, final)
+
+        monkeypatch.setattr(cli._Outputs, "move", move)
+    rc, stdout, err = run_main(["fit", data_file, "-o", out, "--model-dir", model, "--plot", plot, *extra, *SMALL])
+    assert rc == 1 and err.splitlines()[-1].startswith("error: ") and "Traceback" not in err, err
+    assert {"output write": "No space left", "plot": "plotting failed", "output move": "Input/output"}[failing] in err
+    assert stdout == ""
+    assert _entries(tmp_path) == before_entries  # no model folder, output, figure or temporary left
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing that was there is lost
+
+
+def test_fit_into_existing_model_dirs(data_file, tmp_path):
+    """An existing empty --model-dir, and with --overwrite a non-empty one, take the model."""
+    (tmp_path / "m").mkdir()
+    rc, _, err = run_main(["fit", data_file, "-o", tmp_path / "o.h5ad", "--model-dir", tmp_path / "m", *SMALL])
+    assert rc == 0, err
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    rc, _, err = run_main(["fit", data_file, "-o", tmp_path / "o.h5ad", "--model-dir", tmp_path / "m",
+                           "--plot", tmp_path / "f.png", "--overwrite", "--seed", "1", *SMALL])
+    assert rc == 0, err
+    assert DGD.load(tmp_path / "m", device="cpu").init_args["seed"] == 1
+    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.rglob(".*") if "partial" in p.name or "write-check" in p.name]
+    mode = (tmp_path / "m").stat().st_mode & 0o777
+    new = tmp_path / "new"
+    rc, _, err = run_main(["fit", data_file, "-o", tmp_path / "o2.h5ad", "--model-dir", new, *SMALL])
+    assert rc == 0, err
+    assert new.stat().st_mode & 0o777 == mode  # the new model folder gets the usual permissions
+
+
+def test_library_prints_stay_off_stdout(data_file, tmp_path, monkeypatch):
+    real_fit = DGD.fit
+
+    def fit(self, *a, **k):
+        result = real_fit(self, *a, **k)
+        print("library fit summary")
+        return result
+
+    monkeypatch.setattr(DGD, "fit", fit)
+    rc, out, err = run_main(["fit", data_file, "-o", tmp_path / "o.h5ad", "--model-dir", tmp_path / "m", *SMALL])
+    assert rc == 0, err
+    assert "library fit summary" not in out and out.startswith(f"dgdcell {dgdcell.__version__}: fitted 180 cells")
