@@ -415,13 +415,7 @@ def machine_description() -> str:
         import torch
 
         parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-        from dgdcell.train.matmul import ONEDNN_ON_CPU, onednn_is_exact
-
-        route = "oneDNN (checked exact)" if ONEDNN_ON_CPU and onednn_is_exact() else "PyTorch default"
-        parts.append(f"CPU float32 matrix products: {route}")
-        from dgdcell.nn.native import native_status
-
-        parts.append(f"native kernels (NB, mixture, Adam): {native_status()}")
+        parts.append("pure PyTorch (no compiled kernels)")
         if torch.cuda.is_available():
             parts.append(f"CUDA device: {torch.cuda.get_device_name(0)}")
         else:

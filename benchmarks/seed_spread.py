@@ -1,13 +1,11 @@
-"""How much one data set's cluster ARI moves between seeds, and with the CPU matrix-product route.
+"""How much one data set's cluster ARI moves between seeds.
 
     python benchmarks/seed_spread.py [--dataset cbmc_rna] [--seeds 0-9] [--out benchmarks/results]
 
 The quality table (``quality.py``) fits each set once, with seed 0. A fit's ARI also depends on
-where early stopping ends it, so a change that only alters float32 rounding (such as sending the
-matrix products through oneDNN instead of MKL, ``dgdcell.train.matmul``) acts like another seed.
-This script fits the default model with every seed on both routes (oneDNN where it is exact here,
-and PyTorch's default) and writes the ARI of ``obs['dgd_cluster']`` and the epochs per fit, with
-the means and the paired differences. Writes ``<out>/seed_spread.md`` and ``seed_spread.csv``.
+where early stopping ends it, so a change that only alters float32 rounding acts like another
+seed. This script fits the default model with every seed and writes the ARI of
+``obs['dgd_cluster']`` and the epochs per fit, with their mean and spread. Writes ``<out>/seed_spread.md`` and ``seed_spread.csv``.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import common  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 import dgdcell  # noqa: E402
-from dgdcell.train import matmul  # noqa: E402
 
 
 def _seeds(text: str) -> list[int]:
@@ -44,20 +41,17 @@ def main() -> None:
     args = p.parse_args()
     adata = common.LABELLED_SETS[args.dataset](verbose=False)
     k = adata.obs[common.LABEL_KEY].nunique()
-    exact = matmul.onednn_is_exact()
-    routes = {"oneDNN": True, "default": False} if exact else {"default": False}
+    routes = {"default": None}
     rows = []
     for seed in _seeds(args.seeds):
         row = {"seed": seed}
         for name, on in routes.items():
-            matmul.ONEDNN_ON_CPU = on
             data = adata.copy()
             t0 = time.perf_counter()
             model = dgdcell.DGD(n_components=k, seed=seed).fit(data, verbose=False)
             row[f"ARI {name}"] = adjusted_rand_score(data.obs[common.LABEL_KEY], data.obs["dgd_cluster"])
             row[f"epochs {name}"] = len(model.history["epoch"])
             row[f"s {name}"] = time.perf_counter() - t0
-        matmul.ONEDNN_ON_CPU = True
         rows.append(row)
         print({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
     footer = []

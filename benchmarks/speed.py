@@ -40,7 +40,8 @@ import numpy as np
 import scipy.sparse as sp
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+# a --epoch-worker process imports whichever dgdcell its PYTHONPATH names (see compare), not this tree's
+sys.path[:0] = [str(HERE)] if "--epoch-worker" in sys.argv else [str(HERE), str(HERE.parent)]
 
 import common  # noqa: E402
 
@@ -397,8 +398,115 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def epoch_worker(path: str, epochs: int, init: str, threads: int) -> None:
+    """Run in a subprocess by :func:`compare`: fit the h5ad at ``path`` with whatever
+    ``dgdcell`` is first on the path, print one JSON line with the per-epoch seconds,
+    the whole fit's seconds and the seconds before its first epoch."""
+    import json
+
+    import anndata as ad
+    import torch
+
+    torch.set_num_threads(threads)
+    import dgdcell
+
+    adata = ad.read_h5ad(path)
+    t0 = time.perf_counter()
+    model = dgdcell.DGD(n_components=N_TYPES, seed=0, device="cpu", init=init)
+    model.fit(adata, max_epochs=epochs, early_stopping=False, verbose=False, guide_epochs=0)
+    total = time.perf_counter() - t0
+    seconds = list(model.history["seconds"])
+    print(json.dumps({"epochs": list(np.diff([0.0] + seconds)), "fit": total, "loop": seconds[-1],
+                      "version": dgdcell.__version__, "file": dgdcell.__file__}), flush=True)
+
+
+def compare(args) -> None:
+    """This tree's dgdcell against git revision ``args.compare_with``, side by side in one
+    run: each round runs the same fit in a fresh process of each, alternating, on the same
+    simulated file. Writes ``<out>/speed_compare.md``."""
+    import json
+    import subprocess
+    import tarfile
+    import tempfile
+
+    repo = HERE.parent
+    work = Path(tempfile.mkdtemp(prefix="dgdcell-compare-"))
+    base = work / "baseline"
+    base.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", args.compare_with, "dgdcell"],
+                             check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+        tar.extractall(base, filter="data")
+    trees = {"this tree": repo, f"baseline {args.compare_with}": base}
+    jobs = [("loop", args.compare_cells, args.epochs, "zero"), ("start", args.start_cells, 5, "pca")]
+    rows = []
+    load_before = os.getloadavg()
+    for kind, n, epochs, init in jobs:
+        path = work / f"sim{n}.h5ad"
+        simulate_counts(n, args.genes, seed=0).write_h5ad(path)
+        results = {name: [] for name in trees}
+        for r in range(args.rounds):
+            for name, tree in trees.items():
+                env = {**os.environ, "PYTHONPATH": str(tree)}
+                done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--epoch-worker", str(path),
+                                       "--epochs", str(epochs), "--init", init, "--threads", str(args.threads or 2)],
+                                      env=env, capture_output=True, text=True, cwd=work)
+                if done.returncode:
+                    raise RuntimeError(f"{name}: {done.stderr[-2000:]}")
+                res = json.loads(done.stdout.strip().splitlines()[-1])
+                assert Path(res["file"]).resolve().is_relative_to(Path(tree).resolve()), res["file"]
+                results[name].append(res)
+                print(f"[compare] {kind} {n} cells, round {r + 1}, {name}: epochs "
+                      f"{[round(e, 2) for e in res['epochs']]}, fit {res['fit']:.1f} s", flush=True)
+        for name, res in results.items():
+            best = [min(x["epochs"]) for x in res]
+            before = [x["fit"] - x["loop"] for x in res]
+            rows.append({"measure": kind, "code": name, "cells": n, "epochs": epochs,
+                         "median of best s / epoch": float(np.median(best)),
+                         "cells / s": n / float(np.median(best)),
+                         "median fit s": float(np.median([x["fit"] for x in res])),
+                         "median s before the loop": float(np.median(before)),
+                         "share before the loop": float(np.median([b / x["fit"] for b, x in zip(before, res)]))})
+    mine = {r["measure"]: r for r in rows if r["code"] == "this tree"}
+    theirs = {r["measure"]: r for r in rows if r["code"] != "this tree"}
+    for r in rows:
+        r["throughput vs baseline"] = r["cells / s"] / theirs[r["measure"]]["cells / s"]
+    out = Path(args.out)
+    common.write_table(
+        rows, out / "speed_compare.md", out / "speed_compare.csv",
+        f"dgdcell speed: this tree against {args.compare_with}, side by side",
+        header_lines=[
+            f"- machine: {common.machine_description()}",
+            common.load_average_line(load_before),
+            f"- command: `python benchmarks/speed.py --compare-with {args.compare_with} --compare-cells "
+            f"{args.compare_cells} --start-cells {args.start_cells} --epochs {args.epochs} --rounds {args.rounds}`",
+            "- each round runs each code in a fresh process, alternating (this tree, baseline, this tree, ...), "
+            f"{args.threads or 2} torch threads, on the same simulated file (see `simulate_counts`; 2,000 genes)",
+            "- `loop`: `DGD(init='zero').fit(max_epochs=E, early_stopping=False)`; `median of best s / epoch`: the "
+            "median over rounds of each round's fastest epoch (training + validation cells)",
+            "- `start`: the default `DGD().fit(max_epochs=5)` (PCA + Leiden start, no guided phase); "
+            "`s before the loop` = the fit's seconds minus its training loop's (reading, checks, PCA, Leiden, "
+            "optimiser set-up; writing the outputs included)",
+        ],
+        footer_lines=[f"Throughput ratio at {args.compare_cells} cells (this tree / baseline): "
+                      f"{mine['loop']['cells / s'] / theirs['loop']['cells / s']:.2f}. Start: "
+                      f"{mine['start']['share before the loop']:.0%} of the 5-epoch fit before its first epoch "
+                      f"(baseline {theirs['start']['share before the loop']:.0%})."],
+        floatfmts={"cells / s": ",.0f", "share before the loop": ".2f", "throughput vs baseline": ".2f"},
+        floatfmt=".2f",
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compare-with", default=None, metavar="REV",
+                   help="instead of the size table: this tree against git revision REV, side by side "
+                        "(writes speed_compare.md)")
+    p.add_argument("--compare-cells", type=int, default=100000, help="cells of the --compare-with loop measurement")
+    p.add_argument("--start-cells", type=int, default=20000, help="cells of the --compare-with start measurement")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of --compare-with")
+    p.add_argument("--epoch-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--init", default="zero", help=argparse.SUPPRESS)
     p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated cell counts")
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=3,
@@ -410,6 +518,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
+    if args.epoch_worker:
+        return epoch_worker(args.epoch_worker, args.epochs, args.init, args.threads or 2)
+    if args.compare_with:
+        return compare(args)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     import torch
 

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ._checks import check_number
 from .data import read_new_data
 
 
@@ -137,9 +138,7 @@ class ExpressionMixin:
                 f"adata.obsm has no {name!r}; run dgd.fit(adata) or dgd.transform(adata) first "
                 f"(or pass key= the key_added used; obsm keys: {list(adata.obsm.keys())})."
             )
-        z = np.asarray(adata.obsm[name], dtype=np.float32)
-        if z.shape != (adata.n_obs, self.latent_dim):
-            raise ValueError(f"adata.obsm[{name!r}] has shape {z.shape}, expected ({adata.n_obs}, {self.latent_dim}).")
+        z = _stored(adata, name, self.latent_dim)
         cov = {}
         for k in self.cov_gmms:
             if k in skip:
@@ -148,7 +147,7 @@ class ExpressionMixin:
             if ck not in adata.obsm:
                 raise KeyError(f"adata.obsm has no {ck!r} (covariate {k!r}); run fit or transform first, "
                                "or pass transform_batch= to decode in a chosen class.")
-            cov[k] = torch.as_tensor(np.asarray(adata.obsm[ck], dtype=np.float32))
+            cov[k] = torch.as_tensor(_stored(adata, ck, 2))
         return torch.as_tensor(z), cov, [str(v) for v in adata.obs_names]
 
     def _transform_batch_inputs(self, transform_batch) -> dict[str, torch.Tensor]:
@@ -191,7 +190,19 @@ class ExpressionMixin:
             new = read_new_data(adata, {modality: self.features[modality]}, layer, None,
                                 modality_key=self.init_args.get("modality_key"), modality=modality)
             return new.data.library[modality], new.alignments[modality].feature_index
-        value = float(library_size)
-        if not value > 0:
-            raise ValueError(f"library_size must be > 0, got {library_size}.")
-        return value
+        return check_number("library_size", library_size)
+
+
+def _stored(adata, name: str, width: int) -> np.ndarray:
+    """``adata.obsm[name]`` as (n_obs, width) finite float32, or a ValueError naming the key."""
+    try:
+        value = np.asarray(adata.obsm[name], dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"adata.obsm[{name!r}] is not a numeric matrix ({err}); run fit or transform again.") from None
+    if value.shape != (adata.n_obs, width):
+        raise ValueError(f"adata.obsm[{name!r}] has shape {value.shape}, expected ({adata.n_obs}, {width}); "
+                         "run fit or transform again (or pass key= the key_added used).")
+    if not np.isfinite(value).all():
+        raise ValueError(f"adata.obsm[{name!r}] has {int((~np.isfinite(value)).sum())} non-finite values; "
+                         "decoding them would give non-finite expression. Run fit or transform again.")
+    return value

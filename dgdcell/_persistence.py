@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._checks import resolve_device
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -54,7 +55,10 @@ class PersistenceMixin:
     ) -> None:
         """Write the model with the given training-cell representations (n, L)
         and covariate representations to ``path`` (see :meth:`save`)."""
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"cannot create the model folder {path}: {err}") from err
         # the module's parameters under its state_dict names, the covariate mixtures as cov_gmm.<key>.*
         tensors = {_saved_name(k): v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
         tensors["representation"] = representation.detach().cpu().clone()
@@ -77,8 +81,14 @@ class PersistenceMixin:
         weights = WEIGHTS_FILE_ALT if current == WEIGHTS_FILE and (path / WEIGHTS_FILE).is_file() else WEIGHTS_FILE
         config["weights_file"] = weights
         tmp_weights, tmp_config = path / f".{weights}.tmp", path / f".{CONFIG_FILE}.tmp"
-        torch.save(tensors, tmp_weights)
-        tmp_config.write_text(json.dumps(config))
+        try:
+            torch.save(tensors, tmp_weights)
+            tmp_config.write_text(json.dumps(config))
+        except (OSError, RuntimeError) as err:  # torch reports an unwritable folder as a RuntimeError
+            for tmp in (tmp_weights, tmp_config):
+                tmp.unlink(missing_ok=True)
+            raise OSError(f"cannot write the model into {path} (is the folder writable, is the disk full?): "
+                          f"{err}") from err
         os.replace(tmp_weights, path / weights)
         os.replace(tmp_config, path / CONFIG_FILE)
         stale = path / (WEIGHTS_FILE_ALT if weights == WEIGHTS_FILE else WEIGHTS_FILE)
@@ -105,6 +115,7 @@ class PersistenceMixin:
         path = Path(path)
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a saved DGD (expected {CONFIG_FILE} and {WEIGHTS_FILE}).")
+        resolve_device(device)  # a bad device is the caller's mistake, not the files'
         try:
             config = json.loads((path / CONFIG_FILE).read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -131,9 +142,10 @@ class PersistenceMixin:
                 f"{path} holds settings this dgdcell ({__version__}) does not know: {unknown} (saved by dgdcell "
                 f"{saved_version}). Upgrade dgdcell to load it."
             )
+        _check_config(config, path / CONFIG_FILE)
         try:
             return cls._from_saved(config, tensors, device)
-        except (KeyError, TypeError, RuntimeError, AttributeError, ValueError) as err:
+        except (KeyError, TypeError, RuntimeError, AttributeError, ValueError, OverflowError) as err:
             raise ValueError(
                 f"{path} does not hold a consistent saved DGD ({type(err).__name__}: {err}); "
                 f"were {CONFIG_FILE} and the weights written by the same model?"
@@ -153,7 +165,9 @@ class PersistenceMixin:
         )
         names = {_saved_name(k): k for k in model.module.state_dict()}
         model.module.load_state_dict({names[k]: v for k, v in tensors.items() if k in names})
-        model.representation = tensors["representation"]
+        if not isinstance(tensors.get("representation"), torch.Tensor) or not tensors["representation"].is_floating_point():
+            raise ValueError("the weights file's representation is missing or not a float tensor")
+        model.representation = tensors["representation"].float()
         model.cov_representation = {k: tensors[f"cov_representation.{k}"] for k in config["covariate_categories"]}
         if model.representation.shape != (len(config["obs_names"]), model.latent_dim):
             raise ValueError(f"representation has shape {tuple(model.representation.shape)}, expected "
@@ -165,6 +179,34 @@ class PersistenceMixin:
         model.history = config["history"]
         model.fit_settings = config["fit_settings"]
         return model
+
+
+def _check_config(config: dict, where: Path) -> None:
+    """Raise one ValueError naming the field when a parsed ``config.json`` has a wrong type."""
+    def names(value) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    checks = {
+        "init_args": lambda v: isinstance(v, dict),
+        "fit_settings": lambda v: isinstance(v, dict),
+        "features": lambda v: isinstance(v, dict) and bool(v) and all(isinstance(k, str) and names(f) and f
+                                                                      for k, f in v.items()),
+        "covariate_categories": lambda v: isinstance(v, dict) and all(names(c) and c for c in v.values()),
+        "label_categories": lambda v: v is None or names(v),
+        "obs_names": names,
+        "history": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(h, list)
+                                                         for k, h in v.items()),
+    }
+    for field, ok in checks.items():
+        if field not in config:
+            raise ValueError(f"{where} is incomplete: it has no {field!r}; save the model again.")
+        if not ok(config[field]):
+            raise ValueError(f"{where}: field {field!r} has the wrong type or is empty ({str(config[field])[:80]}); "
+                             "the file was edited or corrupted: save the model again.")
+    covs = config["init_args"].get("covariate_keys") or []
+    if sorted(covs) != sorted(config["covariate_categories"]):
+        raise ValueError(f"{where}: init_args.covariate_keys {covs} do not match covariate_categories "
+                         f"{list(config['covariate_categories'])}.")
 
 
 def _weights_file(path: Path) -> str:

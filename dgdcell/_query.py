@@ -9,6 +9,7 @@ import time
 import numpy as np
 import torch
 
+from ._checks import check_int, check_number, check_not_view
 from .data import binarise, read_new_data
 from .latent import RepresentationLayer
 from .module import COVARIATE_DIM
@@ -140,13 +141,16 @@ def transform(
     self._check_fitted()
     if init not in INIT_TYPES:
         raise ValueError(f"init must be one of {INIT_TYPES}, got {init!r}.")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}.")
+    lr = check_number("lr", lr, high=10.0)
+    min_delta = check_number("min_delta", min_delta, open_low=False)
+    min_overlap = check_number("min_overlap", min_overlap, high=1.0)
     for name, value in (("n_samples", n_samples), ("n_starts", n_starts), ("max_epochs", max_epochs),
                         ("batch_size", batch_size), ("patience", patience), ("max_elements", max_elements)):
-        if int(value) < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}.")
+        check_int(name, value, 1)
+    if seed is not None:
+        seed = check_int("seed", seed, 0, 2**63 - 1)
     t0 = time.perf_counter()
+    check_not_view(adata_new, "transform")
     new = read_new_data(adata_new, self.features, layer, self.covariate_categories, min_overlap,
                         modality_key=self.init_args.get("modality_key"), modality=modality)
     kinds = {m: self.decoder.likelihoods[m] for m in new.data.modalities}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field, replace
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from . import _query
 from ._version import __version__
 from .data import CountData, binarise, read_data
 from .latent import COVARIANCE_TYPES, GaussianMixture, RepresentationLayer
+from ._checks import check_int, check_not_view, check_number, check_pair, check_widths, resolve_device
 from .module import COVARIATE_DIM, DGDModule
 from .nn import LIKELIHOODS, Decoder
 from .train import CellSet, DeviceCounts, TrainConfig, init_mixture, pca_scores, train
@@ -32,11 +32,25 @@ PROBABILITY_CHUNK = 65536
 
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``'auto'`` -> CUDA when available, else CPU; anything else as given."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+#: covariate names that would overwrite another output (``obsm[f"X_{key}_{name}"]``)
+RESERVED_COVARIATE_NAMES = ("cluster_probs", "std")
+
+
+def _check_keys(name: str, keys) -> list[str]:
+    """obs column names: a string or a list of distinct strings, none of them reserved."""
+    if keys is None:
+        return []
+    if isinstance(keys, str):
+        keys = [keys]
+    if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) and k for k in keys):
+        raise ValueError(f"{name} must be an obs column name or a list of them, got {keys!r}.")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{name} names a column twice: {list(keys)}.")
+    clash = [k for k in keys if k in RESERVED_COVARIATE_NAMES]
+    if clash:
+        raise ValueError(f"{name}: {clash} would overwrite the output obsm['X_dgd_{clash[0]}']; rename that obs "
+                         f"column (e.g. adata.obs['{clash[0]}_'] = adata.obs['{clash[0]}']).")
+    return list(keys)
 
 
 def default_max_epochs(n_cells: int) -> int:
@@ -129,33 +143,41 @@ class DGD(ExpressionMixin, PersistenceMixin):
         modality_weights: dict[str, float] | None = None,
         device: str = "auto",
     ):
-        if int(latent_dim) < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}.")
-        if n_components is not None and int(n_components) < 1:
-            raise ValueError(f"n_components must be >= 1, got {n_components}.")
+        latent_dim = check_int("latent_dim", latent_dim, 1)
+        if n_components is not None:
+            n_components = check_int("n_components", n_components, 1)
+        seed = check_int("seed", seed, 0, 2**63 - 1)
+        n_hidden, n_hidden_head = check_widths("n_hidden", n_hidden), check_widths("n_hidden_head", n_hidden_head)
+        mean_init, sd_init = check_pair("mean_init", mean_init), check_pair("sd_init", sd_init)
+        weight_alpha = check_number("weight_alpha", weight_alpha)
+        dispersion_init = check_number("dispersion_init", dispersion_init)
         if covariance_type not in COVARIANCE_TYPES:
             raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}.")
         if init not in ("pca", "zero"):
             raise ValueError(f"init must be 'pca' or 'zero', got {init!r}.")
         if init_clustering not in ("leiden", "kmeans"):
             raise ValueError(f"init_clustering must be 'leiden' or 'kmeans', got {init_clustering!r}.")
-        if isinstance(covariate_keys, str):
-            covariate_keys = [covariate_keys]
+        covariate_keys = _check_keys("covariate_keys", covariate_keys)
+        if label_key is not None and (not isinstance(label_key, str) or label_key in covariate_keys):
+            raise ValueError(f"label_key must be an obs column name that is not also a covariate, got {label_key!r}.")
+        if not isinstance(modality_weights or {}, dict):
+            raise ValueError(f"modality_weights must be a dict modality -> weight, got {modality_weights!r}.")
         for mod, w in (modality_weights or {}).items():
-            if not (math.isfinite(float(w)) and float(w) > 0):
-                raise ValueError(f"modality_weights[{mod!r}] must be a positive number, got {w}.")
+            check_number(f"modality_weights[{mod!r}]", w)
+        if not isinstance(likelihood, (str, dict)):
+            raise ValueError(f"likelihood must be a name or a dict modality -> name, got {likelihood!r}.")
         for kind in [likelihood] if isinstance(likelihood, str) else list(dict(likelihood).values()):
             if kind not in LIKELIHOODS:
                 raise ValueError(f"unknown likelihood {kind!r}; choose from {sorted(LIKELIHOODS)}.")
-        if mean_init[0] <= 0:
-            raise ValueError(f"mean_init radius must be > 0, got {mean_init[0]} (a radius of 0 is degenerate).")
+        if modality_key is not None and not isinstance(modality_key, str):
+            raise ValueError(f"modality_key must be a .var column name or None, got {modality_key!r}.")
         self.init_args: dict[str, Any] = dict(
-            latent_dim=int(latent_dim),
-            n_components=None if n_components is None else int(n_components),
+            latent_dim=latent_dim,
+            n_components=n_components,
             covariance_type=covariance_type,
             covariate_keys=list(covariate_keys or []),
             label_key=label_key,
-            seed=int(seed),
+            seed=seed,
             n_hidden=[int(h) for h in n_hidden],
             n_hidden_head=[int(h) for h in n_hidden_head],
             mean_init=[float(v) for v in mean_init],
@@ -364,7 +386,12 @@ class DGD(ExpressionMixin, PersistenceMixin):
             raise ValueError("warm_start=True continues a fitted model; fit first or load one with DGD.load(dir).")
         if checkpoint_dir is not None:
             _check_checkpoint_dir(Path(checkpoint_dir), warm_start)
+        check_not_view(adata, "fit")
         data = read_data(adata, layer, a["covariate_keys"], a["label_key"], a.get("modality_key"), modalities)
+        unknown = sorted(set(a.get("modality_weights") or {}) - set(data.modalities))
+        if unknown:
+            raise ValueError(f"modality_weights names modalities {unknown} that the data lack (modalities: "
+                             f"{data.modalities}).")
         binarise(data, [m for m, kind in self._likelihoods(data.modalities).items() if LIKELIHOODS[kind].binary])
         n = data.n_obs
         n_classes = data.labels.n_classes if data.labels is not None else None

@@ -278,7 +278,10 @@ def read_covariates(
         new = sorted(set(col[(cat.codes < 0) & col.notna().to_numpy()].astype(str)))
         if new:
             unseen[key] = new
-            logger.info("covariate %r: classes %s unseen in training are treated as unknown", key, new[:10])
+            n_unseen = int(((cat.codes < 0) & col.notna().to_numpy()).sum())
+            logger.warning("covariate %r: %d of %d cells have classes unseen in training (%s): they are treated as "
+                           "unknown (the full covariate mixture); the model's classes are %s", key, n_unseen,
+                           len(col), new[:10], list(cats)[:10])
         covariates[key] = cat
     return covariates, unseen, missing
 

@@ -81,6 +81,26 @@ def check_counts(X, where: str, available_layers: list[str] | None = None) -> No
             f"{where} contains non-integer values (e.g. {v[np.mod(v, 1) != 0][0]:g}); it looks normalised or "
             f"log-transformed, but the model needs raw integer counts.{hint}"
         )
+    if v.size and float(v.max()) > MAX_COUNT:
+        raise ValueError(
+            f"{where} contains a value of {v.max():g}, above {MAX_COUNT:g}: no single feature of one cell is counted "
+            "that often; the matrix is not raw counts (scaled, or corrupted). Pass the raw counts."
+        )
+
+
+#: the largest count accepted in one entry (float32 counts are exact up to 2^24; lgamma stays accurate far beyond)
+MAX_COUNT = 1e9
+
+
+def cells_identical(csr: sp.csr_matrix) -> bool:
+    """Whether every row of the canonical CSR matrix ``csr`` holds the same counts."""
+    n = csr.shape[0]
+    nnz = np.diff(csr.indptr)
+    if n < 2 or (nnz != nnz[0]).any():
+        return False
+    k = int(nnz[0])
+    idx, val = csr.indices.reshape(n, k), csr.data.reshape(n, k)
+    return bool((idx == idx[0]).all() and (val == val[0]).all())
 
 
 def _raw_counts_hint(where: str, layers: list[str]) -> str:

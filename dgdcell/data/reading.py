@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .checks import check_cell_totals, check_counts, check_data_object, check_obs_column
+from .checks import cells_identical, check_cell_totals, check_counts, check_data_object, check_obs_column
 
 DEFAULT_MODALITY = "rna"
 
@@ -89,6 +89,9 @@ class CountData:
 
 def get_matrix(adata, layer: str | None):
     """``adata.X`` or ``adata.layers[layer]`` with a clear KeyError when missing."""
+    if layer is not None and not isinstance(layer, str):
+        raise ValueError(f"layer must be None (adata.X) or the name of a layer of adata.layers, got {layer!r} "
+                         "(a dict modality -> layer is for a MuData).")
     if layer is None:
         if adata.X is None:
             raise ValueError("adata.X is empty; pass layer= naming the layer with the raw counts.")
@@ -156,7 +159,9 @@ def encode_categories(
         raise ValueError(
             f"{role} column {key!r} has {int(missing.sum())} missing values; fill them or drop those cells."
         )
-    as_str = col.astype("string")
+    as_str = _class_names(col)
+    if categories is None and role == "covariate":
+        _check_looks_categorical(col, key, int(as_str[~missing].nunique()), len(col))
     if categories is None:
         if isinstance(col.dtype, pd.CategoricalDtype):
             present = set(as_str[~missing])
@@ -167,6 +172,42 @@ def encode_categories(
         cats = [str(c) for c in categories]
     codes = pd.Categorical(as_str, categories=cats).codes.astype(np.int64)
     return Categories(codes=codes, categories=cats)
+
+
+#: a numeric covariate column with more distinct values than this is taken for a measurement, not classes
+MAX_NUMERIC_CLASSES = 100
+
+
+def _class_names(col: pd.Series) -> pd.Series:
+    """The class name of every value of ``col`` (pandas string dtype). Numeric values that are
+    integers are named without a decimal part whatever their dtype, so that a column read as
+    int in one file and as float in another (``1`` and ``1.0``) names the same classes."""
+    if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
+        values = pd.to_numeric(col, errors="coerce")
+        finite = values.dropna()
+        if len(finite) and np.isfinite(finite).all() and (finite == np.round(finite)).all():
+            return values.astype("Int64").astype("string")
+    return col.astype("string")
+
+
+def _check_looks_categorical(col: pd.Series, key: str, n_classes: int, n_cells: int) -> None:
+    """Raise when a numeric column passed as a categorical covariate looks like a measurement
+    (non-integer values, or more than :data:`MAX_NUMERIC_CLASSES` distinct values): one class per
+    value would give hundreds of classes of a few cells each."""
+    if isinstance(col.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(col.dtype):
+        return
+    if pd.api.types.is_bool_dtype(col.dtype):
+        return
+    values = pd.to_numeric(col, errors="coerce").dropna()
+    fractional = bool(len(values)) and not (values == np.round(values)).all()
+    if fractional or n_classes > MAX_NUMERIC_CLASSES:
+        why = "non-integer values" if fractional else f"{n_classes} distinct values"
+        raise ValueError(
+            f"covariate {key!r} is numeric with {why} ({n_cells} cells): as a categorical covariate every value "
+            f"would be its own class. Pass it in continuous_covariate_keys=[{key!r}] to model it as a "
+            f"measurement, or make it categorical first (e.g. adata.obs[{key!r}] = "
+            f"adata.obs[{key!r}].astype(str), or pd.cut for bins)."
+        )
 
 
 def is_mudata(data) -> bool:
@@ -316,6 +357,9 @@ def read_data(
     library = {m: np.asarray(c.sum(axis=1), dtype=np.float64).ravel() for m, c in counts.items()}
     total = sum(library.values())
     check_cell_totals(total, _totals_source(data, layer, list(counts)))
+    if all(cells_identical(c) for c in counts.values()):
+        raise ValueError(f"all {data.n_obs} cells have identical counts in every feature: there is nothing to learn "
+                         "about them. Check that the right matrix (or layer) is passed.")
     observed = {}
     for m in counts:
         observed[m] = present[m] & (library[m] > 0)

@@ -9,13 +9,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
-import numpy as np
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._checks import check_int
 from ..module import DGDModule
 from .cells import CellSet
 from .new_cells import frozen
@@ -91,13 +91,6 @@ class TrainConfig:
 
 #: the largest learning rate accepted
 MAX_LR = 1.0
-
-
-def check_int(name: str, value, low: int) -> int:
-    """``value`` as an int >= ``low``, or a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be >= {low} (an integer), got {value!r}.")
-    return int(value)
 
 
 def _batches(cells: CellSet, batch_size: int, generator: torch.Generator | None, device) -> list[torch.Tensor]:
