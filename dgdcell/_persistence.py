@@ -168,7 +168,7 @@ class PersistenceMixin:
         if not isinstance(tensors.get("representation"), torch.Tensor) or not tensors["representation"].is_floating_point():
             raise ValueError("the weights file's representation is missing or not a float tensor")
         model.representation = tensors["representation"].float()
-        model.cov_representation = {k: tensors[f"cov_representation.{k}"] for k in config["covariate_categories"]}
+        model.cov_representation = {k: tensors[f"cov_representation.{k}"].float() for k in config["covariate_categories"]}
         if model.representation.shape != (len(config["obs_names"]), model.latent_dim):
             raise ValueError(f"representation has shape {tuple(model.representation.shape)}, expected "
                              f"({len(config['obs_names'])}, {model.latent_dim})")

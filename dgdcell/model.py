@@ -400,6 +400,10 @@ class DGD(ExpressionMixin, PersistenceMixin):
         k, _ = self._n_components(n_classes)
         if k > n:
             raise ValueError(f"n_components={k} exceeds the number of cells ({n}); choose fewer components.")
+        n_train = n - _n_validation(n, train_size)
+        if n_train < max(2, k):
+            raise ValueError(f"train_size={train_size} leaves {n_train} of {n} cells to train on, too few for {k} "
+                             "components; use a larger train_size (default 0.9).")
         for m in data.modalities if data.mosaic else []:
             missing = int((~data.observed_mask(m)).sum())
             if missing:
@@ -516,8 +520,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
         a = self.init_args
         n = data.n_obs
         perm = torch.randperm(n, generator=generator).numpy()
-        n_val = int(round((1.0 - train_size) * n)) if train_size < 1.0 else 0
-        n_val = min(n_val, n - 1)
+        n_val = _n_validation(n, train_size)
         val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
 
         labels = torch.as_tensor(data.labels.codes) if data.labels is not None else None
@@ -680,6 +683,11 @@ class _FitRun:
     settings: dict = field(default_factory=dict)
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 10
+
+
+def _n_validation(n: int, train_size: float) -> int:
+    """Validation cells of ``n`` for ``train_size``: the rest, rounded, at most ``n - 1``."""
+    return min(int(round((1.0 - train_size) * n)) if train_size < 1.0 else 0, n - 1)
 
 
 def _check_train_size(train_size) -> float:
