@@ -25,6 +25,26 @@ print(f"main job OK: ARI {ari}")
 PY
 echo "main command: $((SECONDS - start)) s"
 
+echo "== README workflow at a realistic size: 12,000 cells, scanpy neighbours and UMAP on X_dgd"
+start=$SECONDS
+python - <<'PY'
+import numpy as np, scipy.sparse as sp, anndata as ad, scanpy as sc
+import dgdcell
+rng = np.random.default_rng(0)
+n, g, k = 12000, 500, 6
+profiles = rng.gamma(0.5, 1.0, (k, g)) + 0.05
+profiles /= profiles.sum(1, keepdims=True)
+types = rng.integers(0, k, n)
+mu = profiles[types] * rng.lognormal(np.log(1500), 0.4, n)[:, None]
+adata = ad.AnnData(sp.csr_matrix(rng.negative_binomial(2.0, 2.0 / (2.0 + mu)).astype(np.float32)))
+dgdcell.DGD(n_components=k).fit(adata, max_epochs=3, verbose=False)
+sc.pp.neighbors(adata, use_rep="X_dgd")
+sc.tl.umap(adata)
+assert adata.obsm["X_umap"].shape == (n, 2) and np.isfinite(adata.obsm["X_umap"]).all()
+print(f"{n} cells: fit, sc.pp.neighbors(use_rep='X_dgd') and sc.tl.umap OK")
+PY
+echo "README workflow at 12k cells: $((SECONDS - start)) s"
+
 echo "== command line round trip"
 start=$SECONDS
 python - <<'PY'

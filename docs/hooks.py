@@ -7,6 +7,7 @@ plugin turns them into pages.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from mkdocs.plugins import event_priority
@@ -20,6 +21,22 @@ def on_files(files, config):
     for notebook in sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.ipynb")):
         files.append(File(f"tutorials/{notebook.name}", str(ROOT), config["site_dir"], config["use_directory_urls"]))
     return files
+
+
+#: a Sphinx cross-reference role left in a docstring, as mkdocstrings renders it (":class:<code>X</code>")
+_ROLE = re.compile(r":(?:py:)?(?:class|meth|func|mod|attr|data|obj|exc|const|ref):(<code>)?`?(~?)([\w.]+)`?(</code>)?")
+
+
+def _role(match: re.Match) -> str:
+    name = match.group(3)
+    shown = name.rsplit(".", 1)[-1] if match.group(2) else name
+    return f"<code>{shown}</code>"
+
+
+def on_page_content(html, page, config, files):
+    """Docstrings use Sphinx roles (``:class:`X```), which the numpy docstring renderer leaves as
+    text: show each as the name in code font (``~a.b.C`` as ``C``)."""
+    return _ROLE.sub(_role, html)
 
 
 def _cli_help() -> str:
