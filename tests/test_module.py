@@ -113,3 +113,27 @@ def test_fit_prints_a_summary_unless_quiet(capsys):
     assert "fitted 60 cells in 3 epochs" in out and "cells per cluster" in out and "epoch cap (3)" in out
     DGD(latent_dim=2, n_components=2).fit(adata, max_epochs=3, verbose=False)
     assert capsys.readouterr().out == ""
+
+
+def test_adam_falls_back_when_fused_is_refused(monkeypatch):
+    # torch < 2.4 has no fused CPU Adam: the refusal must not leave "fused" in the groups of the fallback
+    from dgdcell.train.loop import adam
+
+    real = torch.optim.Adam
+
+    def no_fused(params, **kwargs):
+        if kwargs.get("fused"):
+            for group in params:
+                if isinstance(group, dict):
+                    group["fused"] = True  # what torch's constructor does before it refuses
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", no_fused)
+    w = torch.nn.Parameter(torch.ones(3))
+    groups = [{"params": [w], "lr": 0.1}]
+    opt = adam(groups, 0.1, (0.5, 0.7))
+    assert not opt.param_groups[0].get("fused") and "fused" not in groups[0]
+    w.grad = torch.ones(3)
+    opt.step()
+    assert (w < 1).all()

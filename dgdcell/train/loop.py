@@ -140,10 +140,13 @@ def adam(params: list[torch.Tensor] | list[dict], lr: float, betas: tuple[float,
     """``torch.optim.Adam`` over ``params`` (tensors, or parameter groups: dicts
     with ``params`` and optionally their own ``lr``), fused into one kernel
     per step where this PyTorch and device support it, else its default."""
+    # each attempt gets its own copies of the groups: the optimiser writes its defaults ("fused": True)
+    # into the dicts it is given, also when it then refuses them
+    fresh = lambda: [dict(p) if isinstance(p, dict) else p for p in params]  # noqa: E731
     try:
-        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # fused not available for this device / version
-        return torch.optim.Adam(params, lr=lr, betas=betas)
+        return torch.optim.Adam(fresh(), lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # fused not available for this device / version (torch < 2.4 on CPU)
+        return torch.optim.Adam(fresh(), lr=lr, betas=betas)
 
 
 def _snapshot(modules: dict) -> dict:
