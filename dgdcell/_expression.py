@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._checks import check_number
-from .data import read_new_data
+from ._checks import check_int, check_number
+from .data import read_continuous, read_new_data
 
 
 class ExpressionMixin:
@@ -56,22 +56,21 @@ class ExpressionMixin:
         self._check_fitted()
         if modality not in self.features:
             raise KeyError(f"modality {modality!r} is not in the model (modalities: {sorted(self.features)}).")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        batch_size = check_int("batch_size", batch_size, 1)
         fixed = self._transform_batch_inputs(transform_batch)
         z, cov, names = self._stored_representations(adata, key, skip=set(fixed))
         n = z.shape[0]
         scale = self._library_scale(adata, library_size, layer, n, modality)
+        continuous = self._stored_continuous(adata)
         out = np.empty((n, len(self.features[modality])), dtype=np.float32)
-        keys = list(self.cov_gmms)
         with torch.no_grad():
-            for start in range(0, n, int(batch_size)):
-                stop = min(start + int(batch_size), n)
-                parts = [z[start:stop]] + [
-                    fixed[k].expand(stop - start, -1) if k in fixed else cov[k][start:stop] for k in keys
-                ]
-                x_in = torch.cat(parts, dim=-1).to(self.device)
-                out[start:stop] = torch.exp(self.decoder(x_in, modalities=[modality])[modality]).cpu().numpy()
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                c = {k: (fixed[k].expand(stop - start, -1) if k in fixed else cov[k][start:stop]).to(self.device)
+                     for k in self.cov_gmms}
+                cont = None if continuous is None else continuous[start:stop].to(self.device)
+                log_frac = self.module.log_fractions(z[start:stop].to(self.device), c, [modality], continuous=cont)
+                out[start:stop] = torch.exp(log_frac[modality]).cpu().numpy()
         if isinstance(scale, tuple):  # 'latent': observed totals over the features present / their decoded share
             library, columns = scale
             scale = library / np.maximum(out[:, columns].sum(axis=1, dtype=np.float64), 1e-12)
@@ -126,6 +125,16 @@ class ExpressionMixin:
             raise ValueError("predict_modality takes library_size None or a number; the cells' own library size "
                              "in an unmeasured modality is unknown.")
         return self.get_normalized_expression(adata, library_size, modality, key, transform_batch, None, batch_size)
+
+    def _stored_continuous(self, adata) -> torch.Tensor | None:
+        """(n, C) standardised continuous covariates of the cells to decode: the training cells'
+        (``adata`` None) or read from ``adata.obs``; None when the model has none."""
+        keys = self.init_args.get("continuous_covariate_keys") or []
+        if not keys:
+            return None
+        if adata is None:
+            return self.continuous_input
+        return self._continuous_input(read_continuous(adata, keys))
 
     def _stored_representations(self, adata, key: str, skip: set[str]):
         """(n, L) representations, covariate key -> (n, 2), and the cell names:

@@ -64,6 +64,8 @@ class PersistenceMixin:
         tensors["representation"] = representation.detach().cpu().clone()
         for key, c in cov_representation.items():
             tensors[f"cov_representation.{key}"] = c.detach().cpu().clone()
+        if self.continuous_input is not None:
+            tensors["continuous_input"] = self.continuous_input.detach().cpu().clone()
         config = {
             "format_version": FORMAT_VERSION,
             "dgdcell_version": __version__,
@@ -74,6 +76,7 @@ class PersistenceMixin:
             "label_categories": self.label_categories,
             "obs_names": self.obs_names,
             "history": history,
+            "continuous_stats": self.continuous_stats,
         }
         # the weights alternate between two names and config.json names the current one, so that
         # at any moment config.json and the weights it names are a complete pair of one state
@@ -169,6 +172,11 @@ class PersistenceMixin:
             raise ValueError("the weights file's representation is missing or not a float tensor")
         model.representation = tensors["representation"].float()
         model.cov_representation = {k: tensors[f"cov_representation.{k}"].float() for k in config["covariate_categories"]}
+        model.continuous_stats = {k: [float(v) for v in s] for k, s in (config.get("continuous_stats") or {}).items()}
+        keys = config["init_args"].get("continuous_covariate_keys") or []
+        if sorted(keys) != sorted(model.continuous_stats):
+            raise ValueError(f"continuous_stats {list(model.continuous_stats)} do not match continuous_covariate_keys {keys}")
+        model.continuous_input = tensors["continuous_input"].float() if keys else None
         if model.representation.shape != (len(config["obs_names"]), model.latent_dim):
             raise ValueError(f"representation has shape {tuple(model.representation.shape)}, expected "
                              f"({len(config['obs_names'])}, {model.latent_dim})")

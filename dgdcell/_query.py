@@ -152,6 +152,7 @@ def transform(
     t0 = time.perf_counter()
     check_not_view(adata_new, "transform")
     new = read_new_data(adata_new, self.features, layer, self.covariate_categories, min_overlap,
+                        continuous_keys=self.init_args.get("continuous_covariate_keys"),
                         modality_key=self.init_args.get("modality_key"), modality=modality)
     kinds = {m: self.decoder.likelihoods[m] for m in new.data.modalities}
     binarise(new.data, [m for m, lik in kinds.items() if lik.binary])
@@ -184,7 +185,9 @@ def _new_cell_set(self, new):
             for m, a in new.alignments.items()
         },
         weight=self._cell_weights(d),
+        continuous=None if (c := self._continuous_input(d.continuous)) is None else c.to(self.device),
     )
+
 
 def _transform_record(new, config, layer, seed: int, history: dict, seconds: float) -> dict:
     """``uns[key]["transform"]``: settings, overlap, classes, history (h5ad-writable)."""

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--model-dir", metavar="DIR", required=True, help="where to save the fitted model (see 'dgdcell info')")
     fit.add_argument("--covariate", metavar="KEY", action="append", default=[],
                      help="obs column modelled as a covariate (batch, donor, ...); repeat or comma-separate for several")
+    fit.add_argument("--continuous-covariate", metavar="KEY", action="append", default=[],
+                     help="numeric obs column entering the decoder as a value (percent mitochondrial counts, "
+                          "cell-cycle scores, ...); repeat or comma-separate for several")
     fit.add_argument("--likelihood", metavar="MOD=KIND", action="append", default=[],
                      help="likelihood of a modality of a MuData input: nb (default) or bernoulli; repeatable")
     fit.add_argument("--label-key", metavar="KEY", help="obs column of known labels (semi-supervised mixture)")
@@ -455,6 +458,7 @@ def cmd_fit(args) -> int:
         latent_dim=args.latent_dim,
         n_components=args.n_components,
         covariate_keys=covariates,
+        continuous_covariate_keys=_covariates(args.continuous_covariate),
         label_key=args.label_key,
         seed=args.seed,
         likelihood=_likelihoods(args.likelihood),

@@ -74,6 +74,12 @@ class DGD(ExpressionMixin, PersistenceMixin):
     covariate_keys
         ``adata.obs`` columns (batch, donor, ...) each modelled by its own 2-D
         representation with a supervised mixture prior (one component per class).
+        ``categorical_covariate_keys`` is the same (the scvi-tools name).
+    continuous_covariate_keys
+        Numeric ``adata.obs`` columns (percent mitochondrial counts, cell-cycle
+        scores, ...) whose values, standardised with the training cells' mean
+        and standard deviation, enter the decoder directly. They must also be
+        columns of data passed to ``transform`` and to the decoding methods.
     label_key
         ``adata.obs`` column of known cell types making the mixture
         semi-supervised (missing values: unlabelled cells use the full mixture).
@@ -142,6 +148,8 @@ class DGD(ExpressionMixin, PersistenceMixin):
         modality_key: str | None = None,
         modality_weights: dict[str, float] | None = None,
         device: str = "auto",
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
     ):
         latent_dim = check_int("latent_dim", latent_dim, 1)
         if n_components is not None:
@@ -157,7 +165,15 @@ class DGD(ExpressionMixin, PersistenceMixin):
             raise ValueError(f"init must be 'pca' or 'zero', got {init!r}.")
         if init_clustering not in ("leiden", "kmeans"):
             raise ValueError(f"init_clustering must be 'leiden' or 'kmeans', got {init_clustering!r}.")
+        if categorical_covariate_keys is not None:
+            if covariate_keys is not None and list(covariate_keys) != list(categorical_covariate_keys):
+                raise ValueError("covariate_keys and categorical_covariate_keys are the same setting; pass one.")
+            covariate_keys = categorical_covariate_keys
         covariate_keys = _check_keys("covariate_keys", covariate_keys)
+        continuous = _check_keys("continuous_covariate_keys", continuous_covariate_keys)
+        if set(continuous) & set(covariate_keys):
+            raise ValueError(f"{sorted(set(continuous) & set(covariate_keys))} are both categorical and continuous "
+                             "covariates; choose one for each column.")
         if label_key is not None and (not isinstance(label_key, str) or label_key in covariate_keys):
             raise ValueError(f"label_key must be an obs column name that is not also a covariate, got {label_key!r}.")
         if not isinstance(modality_weights or {}, dict):
@@ -176,6 +192,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
             n_components=n_components,
             covariance_type=covariance_type,
             covariate_keys=list(covariate_keys or []),
+            continuous_covariate_keys=continuous,
             label_key=label_key,
             seed=seed,
             n_hidden=[int(h) for h in n_hidden],
@@ -194,6 +211,10 @@ class DGD(ExpressionMixin, PersistenceMixin):
         self.module: DGDModule | None = None
         self.representation: torch.Tensor | None = None  # (n_obs, L) for the training cells, in their order
         self.cov_representation: dict[str, torch.Tensor] = {}
+        #: continuous covariate -> (mean, sd) of the training cells (the decoder sees (x - mean) / sd)
+        self.continuous_stats: dict[str, list[float]] = {}
+        #: (n_obs, C) standardised continuous covariates of the training cells (None without any)
+        self.continuous_input: torch.Tensor | None = None
         self.features: dict[str, list[str]] = {}
         self.covariate_categories: dict[str, list[str]] = {}
         self.label_categories: list[str] | None = None
@@ -255,7 +276,8 @@ class DGD(ExpressionMixin, PersistenceMixin):
         a = self.init_args
         k, _ = self._n_components(n_classes)
         self.module = DGDModule(
-            a["latent_dim"], n_features, self._likelihoods(list(n_features)), cov_classes, k, n_classes,
+            a["latent_dim"], n_features, self._likelihoods(list(n_features)), cov_classes,
+            n_continuous=len(a.get("continuous_covariate_keys") or []), n_components=k, n_label_classes=n_classes,
             n_hidden=a["n_hidden"], n_hidden_head=a["n_hidden_head"], dispersion_init=a["dispersion_init"],
             covariance_type=a["covariance_type"], mean_init=tuple(a["mean_init"]), sd_init=tuple(a["sd_init"]),
             weight_alpha=a["weight_alpha"], generator=torch.Generator().manual_seed(a["seed"]),
@@ -387,7 +409,8 @@ class DGD(ExpressionMixin, PersistenceMixin):
         if checkpoint_dir is not None:
             _check_checkpoint_dir(Path(checkpoint_dir), warm_start)
         check_not_view(adata, "fit")
-        data = read_data(adata, layer, a["covariate_keys"], a["label_key"], a.get("modality_key"), modalities)
+        data = read_data(adata, layer, a["covariate_keys"], a["label_key"], a.get("modality_key"), modalities,
+                         continuous_keys=a.get("continuous_covariate_keys"))
         unknown = sorted(set(a.get("modality_weights") or {}) - set(data.modalities))
         if unknown:
             raise ValueError(f"modality_weights names modalities {unknown} that the data lack (modalities: "
@@ -401,7 +424,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
         if k > n:
             raise ValueError(f"n_components={k} exceeds the number of cells ({n}); choose fewer components.")
         n_train = n - _n_validation(n, train_size)
-        if n_train < max(2, k):
+        if n_train < k:
             raise ValueError(f"train_size={train_size} leaves {n_train} of {n} cells to train on, too few for {k} "
                              "components; use a larger train_size (default 0.9).")
         for m in data.modalities if data.mosaic else []:
@@ -437,7 +460,8 @@ class DGD(ExpressionMixin, PersistenceMixin):
     transform = _query.transform
 
     #: attributes that make up a fitted model
-    _STATE_ATTRS = ("module", "representation", "cov_representation", "features",
+    _STATE_ATTRS = ("module", "representation", "cov_representation", "continuous_stats", "continuous_input",
+                    "features",
                     "covariate_categories", "label_categories", "obs_names", "history", "fit_settings")
 
     def _state(self, copy_modules: bool) -> dict[str, Any]:
@@ -461,6 +485,9 @@ class DGD(ExpressionMixin, PersistenceMixin):
         self.covariate_categories = {key: cat.categories for key, cat in data.covariates.items()}
         self.label_categories = data.labels.categories if data.labels is not None else None
         self.obs_names = data.obs_names
+        if run.order is None:  # a warm start keeps the model's standardisation
+            self.continuous_stats = {k: [float(v.mean()), float(v.std())] for k, v in data.continuous.items()}
+        self.continuous_input = self._continuous_input(data.continuous)
         checkpoint = None
         if run.checkpoint_dir is not None:
             def checkpoint(z, cov, history):
@@ -554,6 +581,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
                 labels=None if labels is None else labels[rows_t].to(self.device),
                 guide=None if guide is None else guide[rows_t].to(self.device),
                 weight={m: w[rows] for m, w in weights.items()},
+                continuous=None if self.continuous_input is None else self.continuous_input[rows_t].to(self.device),
             )
 
         train_cells = cell_set(train_idx)
@@ -579,6 +607,15 @@ class DGD(ExpressionMixin, PersistenceMixin):
         history["n_train"] = [len(train_idx)]
         history["n_val"] = [int(n_val)]
         return (history, *gather())
+
+    def _continuous_input(self, values: dict[str, np.ndarray]) -> torch.Tensor | None:
+        """(n, C) float32 standardised continuous covariates (the model's order and
+        training mean / sd) from key -> (n,) values; None when the model has none."""
+        keys = self.init_args.get("continuous_covariate_keys") or []
+        if not keys:
+            return None
+        cols = [(values[k] - self.continuous_stats[k][0]) / self.continuous_stats[k][1] for k in keys]
+        return torch.as_tensor(np.stack(cols, 1), dtype=torch.float32)
 
     def _cell_weights(self, data: CountData) -> dict[str, torch.Tensor]:
         """modality -> (n,) weight of each cell's log-likelihood: the modality's

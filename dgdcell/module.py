@@ -86,6 +86,8 @@ class Minibatch:
     guide
         (B,) long: with ``guided`` in :meth:`DGDModule.loss`, each cell's prior is
         this component's density alone (the guided start), or None.
+    continuous
+        (B, C) standardised values of the continuous covariates (None without any).
     """
 
     z: torch.Tensor
@@ -94,6 +96,7 @@ class Minibatch:
     cov_codes: dict[str, torch.Tensor] = field(default_factory=dict)
     labels: torch.Tensor | None = None
     guide: torch.Tensor | None = None
+    continuous: torch.Tensor | None = None
 
 
 @dataclass
@@ -151,6 +154,9 @@ class DGDModule(nn.Module):
     covariate_classes
         covariate key -> number of classes (each gets a 2-D representation
         with a supervised mixture, one isotropic component per class).
+    n_continuous
+        Number of continuous covariates: their (standardised) values enter the
+        decoder directly, after ``z`` and the covariate representations.
     n_components
         Components K of the mixture prior on ``z``.
     n_label_classes
@@ -171,6 +177,7 @@ class DGDModule(nn.Module):
         n_features: Mapping[str, int],
         likelihoods: Mapping[str, str] | None = None,
         covariate_classes: Mapping[str, int] | None = None,
+        n_continuous: int = 0,
         n_components: int = 10,
         n_label_classes: int | None = None,
         n_hidden: Sequence[int] = (100, 100),
@@ -184,12 +191,14 @@ class DGDModule(nn.Module):
     ):
         super().__init__()
         self.latent_dim = int(latent_dim)
+        self.n_continuous = int(n_continuous)
         covariate_classes = dict(covariate_classes or {})
         # layers are built inside a forked global RNG (their constructors draw from it) and then
         # re-initialised from ``generator``: the caller's global random state is left as it was
         with torch.random.fork_rng(devices=[], enabled=generator is not None):
             self.decoder = Decoder(
-                self.latent_dim + COVARIATE_DIM * len(covariate_classes), dict(n_features), n_hidden, n_hidden_head,
+                self.latent_dim + COVARIATE_DIM * len(covariate_classes) + self.n_continuous, dict(n_features),
+                n_hidden, n_hidden_head,
                 likelihood=dict(likelihoods or {}), dispersion_init=dispersion_init,
             )
         kw = dict(covariance_type=covariance_type, mean_init=tuple(mean_init), sd_init=tuple(sd_init))
@@ -213,10 +222,15 @@ class DGDModule(nn.Module):
         return [self.gmm, *self.cov_gmms.values()]
 
     # ------------------------------------------------------------------ generative side
-    def decoder_input(self, z: torch.Tensor, cov: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``[z, c_1, ...]`` (B, L + 2 * n_covariates), covariates in :attr:`covariate_keys` order."""
-        keys = self.covariate_keys
-        return torch.cat([z] + [cov[k] for k in keys], dim=-1) if keys else z
+    def decoder_input(
+        self, z: torch.Tensor, cov: Mapping[str, torch.Tensor], continuous: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[z, c_1, ..., continuous]`` (B, L + 2 * n_covariates + n_continuous), covariates in
+        :attr:`covariate_keys` order; continuous values at 0 (their training mean) when None."""
+        parts = [z] + [cov[k] for k in self.covariate_keys]
+        if self.n_continuous:
+            parts.append(z.new_zeros(z.shape[0], self.n_continuous) if continuous is None else continuous)
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else z
 
     def log_fractions(
         self,
@@ -224,10 +238,11 @@ class DGDModule(nn.Module):
         cov: Mapping[str, torch.Tensor],
         modalities: Sequence[str] | None = None,
         feature_index: Mapping[str, torch.Tensor | None] | None = None,
+        continuous: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """modality -> (B, G_m) log fractions (each row's exp sums to 1 over
         the modality's, or the selected, features)."""
-        return self.decoder(self.decoder_input(z, cov), feature_index, modalities)
+        return self.decoder(self.decoder_input(z, cov, continuous), feature_index, modalities)
 
     # ------------------------------------------------------------------ objective
     def reconstruction_nll(self, x_in: torch.Tensor, counts: Mapping[str, SparseCounts]) -> dict[str, torch.Tensor]:
@@ -271,7 +286,7 @@ class DGDModule(nn.Module):
         ``prior_scale``: weight of the mixtures' parameter priors (training:
         ``n_batch / n_cells``; 0 when only representations are fitted, which
         then skips computing them). ``guided``: see :meth:`prior_nll`."""
-        recon = self.reconstruction_nll(self.decoder_input(batch.z, batch.cov), batch.counts)
+        recon = self.reconstruction_nll(self.decoder_input(batch.z, batch.cov, batch.continuous), batch.counts)
         prior = self.prior_nll(batch, guided)
         if prior_scale:
             param = self.parameter_prior_nll() * float(prior_scale)

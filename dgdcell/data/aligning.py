@@ -183,6 +183,7 @@ def read_new_data(
     min_overlap: float = 0.5,
     modality_key: str | None = None,
     modality: str | None = None,
+    continuous_keys: list[str] | None = None,
 ) -> NewCellData:
     """Check and read new cells (AnnData or MuData) against a model's features and classes.
 
@@ -197,9 +198,10 @@ def read_new_data(
     cell with no counts in a modality is unobserved there, and a cell with
     no counts in any is an error. Covariate columns are read as codes in the
     model's classes: unseen classes, missing values and missing columns give
-    -1. Never modifies ``data``.
+    -1. The continuous covariates ``continuous_keys`` must be columns of the
+    new data (:func:`~dgdcell.data.reading.read_continuous`). Never modifies ``data``.
     """
-    from .reading import is_mudata, obs_column
+    from .reading import is_mudata, obs_column, read_continuous
 
     check_data_object(data)
     counts, library, names, observed, alignments = {}, {}, {}, {}, {}
@@ -238,6 +240,7 @@ def read_new_data(
             labels=None,
             obs_names=[str(v) for v in data.obs_names],
             observed=observed if any(not o.all() for o in observed.values()) else {},
+            continuous=read_continuous(data, continuous_keys or []),
         ),
         alignments=alignments,
         unseen_classes=unseen,

@@ -58,6 +58,9 @@ class CountData:
         modality -> (n_obs,) bool: whether the cell was measured in the
         modality. Missing modalities are all observed. An unobserved cell has
         an empty row and library size 1 (a placeholder, never used).
+    continuous
+        continuous covariate key -> (n_obs,) float64 values (e.g. percent
+        mitochondrial counts), in the order of the keys given.
     """
 
     counts: dict[str, sp.csr_matrix]
@@ -67,6 +70,7 @@ class CountData:
     labels: Categories | None = None
     obs_names: list[str] = field(default_factory=list)
     observed: dict[str, np.ndarray] = field(default_factory=dict)
+    continuous: dict[str, np.ndarray] = field(default_factory=dict)
 
     def observed_mask(self, modality: str) -> np.ndarray:
         """(n_obs,) bool: cells measured in ``modality``."""
@@ -326,8 +330,12 @@ def read_data(
     label_key: str | None = None,
     modality_key: str | None = None,
     modalities: list[str] | None = None,
+    continuous_keys: list[str] | None = None,
 ) -> CountData:
     """Check and read an AnnData or a MuData into :class:`CountData`.
+
+    ``continuous_keys`` name numeric obs columns read as continuous covariates
+    (:func:`read_continuous`).
 
     Parameters
     ----------
@@ -384,7 +392,34 @@ def read_data(
         labels=labels,
         obs_names=[str(v) for v in data.obs_names],
         observed=observed if len(counts) > 1 else {},
+        continuous=read_continuous(data, continuous_keys or [], require_spread=True),
     )
+
+
+def read_continuous(data, keys: list[str], require_spread: bool = False) -> dict[str, np.ndarray]:
+    """key -> (n_obs,) float64 values of the numeric obs columns ``keys`` (an AnnData's or a MuData's).
+
+    Each must exist, be numeric (not boolean or categorical) and finite; with
+    ``require_spread`` (training) it must also vary between cells."""
+    out = {}
+    for key in keys:
+        frame = obs_column(data, key)
+        check_obs_column(frame, key, "continuous covariate")
+        col = frame[key]
+        if (isinstance(col.dtype, pd.CategoricalDtype) or pd.api.types.is_bool_dtype(col.dtype)
+                or not pd.api.types.is_numeric_dtype(col.dtype)):
+            raise ValueError(f"continuous covariate {key!r} has dtype {col.dtype}; it must be numeric (a measurement "
+                             f"such as a percentage). Pass a class column in covariate_keys instead.")
+        values = col.to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise ValueError(f"continuous covariate {key!r} has {int(bad.sum())} missing or infinite values; fill "
+                             "them (e.g. with the column's median) or drop those cells.")
+        if require_spread and values.size > 1 and not values.std() > 0:
+            raise ValueError(f"continuous covariate {key!r} has the same value in every cell; it carries no "
+                             "information. Drop it from continuous_covariate_keys.")
+        out[key] = values
+    return out
 
 
 def read_anndata(

@@ -39,6 +39,8 @@ class CellSet:
         modality: 0 where the cell was not measured in it (mosaic data), else
         the modality's weight (1 unless the model says otherwise); a modality
         not listed has weight 1 everywhere.
+    continuous
+        (n, C) standardised continuous covariates, or None.
     """
 
     rep: RepresentationLayer
@@ -49,6 +51,7 @@ class CellSet:
     feature_index: dict[str, torch.Tensor | None] = field(default_factory=dict)
     guide: torch.Tensor | None = None
     weight: dict[str, torch.Tensor] = field(default_factory=dict)
+    continuous: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -78,4 +81,5 @@ class CellSet:
             cov_codes={k: v.index_select(0, idx) for k, v in self.cov_codes.items()},
             labels=None if self.labels is None else self.labels.index_select(0, idx),
             guide=None if self.guide is None else self.guide.index_select(0, idx),
+            continuous=None if self.continuous is None else self.continuous.index_select(0, idx),
         )

@@ -353,7 +353,10 @@ def _iter_scores(
         counts_g = {m: RowView(cells.counts[m], rows_g) for m in mods}
         for c0 in range(0, cands_g.shape[0], width):
             ci = cands_g[c0 : c0 + width]
-            log_frac = decoder(cand.decoder_input(ci), fidx or None, mods)  # mod -> (C', G)
+            # candidates are decoded once for all cells, so continuous covariates sit at their mean (0) here;
+            # the optimisation that follows uses each cell's own values
+            log_frac = module.log_fractions(cand.z[ci], {k: v[ci] for k, v in cand.cov.items()}, mods,
+                                            fidx or None)  # mod -> (C', G)
             tabs = {}
             for m in nb_mods if not exact else []:
                 grid, h = grids[m]
@@ -399,8 +402,9 @@ def candidate_scores(
 ) -> torch.Tensor:
     """Total NLL (nats) of every cell at every candidate: (n, C).
 
-    Equals ``recon + prior`` of :func:`~dgdcell.train.objective.batch_loss`
-    (``prior_scale=0``) with the cell placed at the candidate; candidates
+    Equals ``per_cell`` of :meth:`~dgdcell.module.DGDModule.loss`
+    (``prior_scale=0``) with the cell placed at the candidate (continuous
+    covariates at their mean, 0); candidates
     outside a cell's known covariate class are +inf (never scored).
     ``cells.rep`` is not read. Materialises (n, C): for many cells use
     :func:`top_candidates`.
@@ -480,6 +484,7 @@ def _row_cell_set(cells: CellSet, rows: torch.Tensor) -> CellSet:
         labels=None if cells.labels is None else cells.labels[rows],
         feature_index=cells.feature_index,
         weight={m: v[rows] for m, v in cells.weight.items()},
+        continuous=None if cells.continuous is None else cells.continuous[rows],
     )
 
 
