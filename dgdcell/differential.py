@@ -254,8 +254,8 @@ def differential_expression(
     credible intervals), with ``all_stats`` and counts the raw statistics
     above, ``is_de_fdr_<fdr_target>`` (change mode), ``comparison``,
     ``group1``, ``group2``, ``n_cells1``, ``n_cells2`` (cells in each group;
-    counterfactual: cells decoded, and ``covariate`` and ``population``
-    columns). ``DataFrame.attrs["dgdcell_de"]`` records the settings
+    counterfactual: the population's cells, on both sides, and the columns
+    ``covariate`` and ``population``). ``DataFrame.attrs["dgdcell_de"]`` records the settings
     (``groupby`` when it is a column name, used by
     :func:`dgdcell.pl.de_heatmap`).
 

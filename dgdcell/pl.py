@@ -769,16 +769,45 @@ def volcano(
         else:
             chosen = list(dict.fromkeys(frame.index[: int(n_labels)]))
         position = {f: i for i, f in enumerate(frame.index)}
-        for f in chosen:
-            i = position[f]
-            if np.isfinite(xv[i]) and np.isfinite(yv[i]):
-                ax.annotate(str(f), (xv[i], yv[i]), xytext=(3, 3), textcoords="offset points", fontsize="x-small")
+        _label_points(ax, [(str(f), xv[position[f]], yv[position[f]]) for f in chosen
+                           if np.isfinite(xv[position[f]]) and np.isfinite(yv[position[f]])])
         ax.set_xlabel(x if x != "lfc_mean" else "log2 fold change (lfc_mean)")
         ax.set_ylabel({"bayes_factor": "Bayes factor (log odds of DE)", "proba_de": "P(|LFC| >= delta)"}.get(y, y))
         ax.set_title(title if title is not None else (name or "differential expression"))
         if flag_col:
             ax.legend(frameon=False, fontsize="small", title=flag_col, title_fontsize="small")
     return _finish(ax.figure, save, show, created)
+
+
+def _label_points(ax, items: list[tuple[str, float, float]]) -> None:
+    """Label points without overlapping labels: each label tries offsets away from the nearer
+    horizontal edge, then towards it (in points, greedily, in order), and points to it with a thin line
+    when moved. Labels of points in the right half of the axes go to the left of the point."""
+    if not items:
+        return
+    ax.autoscale_view()
+    fig = ax.figure
+    to_px = fig.dpi / 72.0
+    x0, x1 = ax.get_xlim()
+    y0, y1 = ax.get_ylim()
+    placed: list[tuple[float, float, float, float]] = []  # display-space boxes
+    for text, x, y in items:
+        px, py = ax.transData.transform((x, y))
+        left = x > 0.5 * (x0 + x1)
+        away = -1 if y > 0.5 * (y0 + y1) else 1  # move labels away from the nearer horizontal edge first
+        steps = [0] + [away * k for k in range(1, 16)] + [-away * k for k in range(1, 8)]
+        width, height = 5.2 * len(text) * to_px, 9.0 * to_px
+        for step in steps:
+            dx, dy = (-4.0 if left else 4.0), 2.0 + 10.0 * step
+            bx0 = px + dx * to_px - (width if left else 0.0)
+            by0 = py + dy * to_px
+            box = (bx0, by0, bx0 + width, by0 + height)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize="x-small",
+                    ha="right" if left else "left", va="bottom",
+                    arrowprops=dict(arrowstyle="-", color="0.5", linewidth=0.5) if step else None)
 
 
 def de_heatmap(
@@ -905,8 +934,9 @@ def de_heatmap(
     groups = [str(g) for g in dict.fromkeys(de["group1"].astype(str))]
     unknown = [g for g in groups if not (labels == g).any()]
     if unknown:
-        raise KeyError(f"groups {unknown[:10]} of de are not labels of groupby {groupby if isinstance(groupby, str) else ''!s}; "
-                       "pass the groupby the result was computed with.")
+        what = f"groupby {groupby!r}" if isinstance(groupby, str) else "groupby"
+        raise KeyError(f"groups {unknown[:10]} of de are not labels of {what}; pass the groupby the result was "
+                       "computed with.")
     blocks: list[tuple[str, list[str]]] = []
     seen: set[str] = set()
     for g in groups:

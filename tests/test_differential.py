@@ -297,6 +297,24 @@ def test_counterfactual_within_populations(fitted):
     assert one.attrs["dgdcell_de"]["mode"] == "counterfactual"
 
 
+def test_mudata_modalities():
+    import dgdcell
+
+    mdata = dgdcell.datasets.cite_cbmc_small()
+    model = DGD(latent_dim=3, n_components=3, n_hidden=(16,), n_hidden_head=(16,), seed=0).fit(
+        mdata, max_epochs=3, verbose=False)
+    group = str(mdata.obs["cell_type"].iloc[0])
+    adt = differential_expression(model, mdata, groupby="cell_type", group1=group, modality="adt", n_samples=200)
+    assert set(adt.index) == set(model.features["adt"]) and (adt["group2"] == "Rest").all()
+    counts = mdata.mod["adt"]
+    in_group = (mdata.obs["cell_type"].astype(str) == group).to_numpy()
+    X = counts.X.toarray() if sp.issparse(counts.X) else np.asarray(counts.X)
+    cols = counts.var_names.get_indexer(adt.index)
+    np.testing.assert_allclose(adt["raw_mean1"], X[in_group][:, cols].mean(0), rtol=1e-6)
+    rna = differential_expression(model, mdata, groupby="cell_type", group1=group, n_samples=200)
+    assert len(rna) == len(model.features["rna"])
+
+
 # --------------------------------------------------------------------------- sampler hook
 def test_sampler_hook_gets_distinct_cells_and_shared_draws(fitted):
     adata, model = fitted
