@@ -126,6 +126,19 @@ class ExpressionMixin:
                              "in an unmeasured modality is unknown.")
         return self.get_normalized_expression(adata, library_size, modality, key, transform_batch, None, batch_size)
 
+    def differential_expression(self, adata=None, groupby=None, group1=None, group2=None, **kwargs):
+        """Differential expression from decoded expression, between groups of cells or between two
+        classes of a covariate for the same cells (counterfactual): one row per feature with
+        scvi-tools' columns (``lfc_mean``, ``proba_de``, ``bayes_factor``, ``is_de_fdr_<fdr>``, ...).
+
+        The same as :func:`dgdcell.differential.differential_expression` with this model first; see
+        there for every keyword (``covariate``, ``restrict_to``, ``delta``, ``fdr_target``,
+        ``mode``, ``pseudocount``, ``transform_batch``, ``sampler``, ...).
+        """
+        from .differential import differential_expression
+
+        return differential_expression(self, adata, groupby=groupby, group1=group1, group2=group2, **kwargs)
+
     def _stored_continuous(self, adata) -> torch.Tensor | None:
         """(n, C) standardised continuous covariates of the cells to decode: the training cells'
         (``adata`` None) or read from ``adata.obs``; None when the model has none."""
