@@ -411,12 +411,15 @@ def epoch_worker(path: str, epochs: int, init: str, threads: int) -> None:
     import dgdcell
 
     adata = ad.read_h5ad(path)
-    t0 = time.perf_counter()
-    model = dgdcell.DGD(n_components=N_TYPES, seed=0, device="cpu", init=init)
-    model.fit(adata, max_epochs=epochs, early_stopping=False, verbose=False, guide_epochs=0)
-    total = time.perf_counter() - t0
-    seconds = list(model.history["seconds"])
+    fits = []
+    for _ in range(2 if init == "pca" else 1):  # the start: also a second fit in the same (warm) process
+        t0 = time.perf_counter()
+        model = dgdcell.DGD(n_components=N_TYPES, seed=0, device="cpu", init=init)
+        model.fit(adata, max_epochs=epochs, early_stopping=False, verbose=False, guide_epochs=0)
+        fits.append((time.perf_counter() - t0, list(model.history["seconds"])))
+    (total, seconds), (total2, seconds2) = fits[0], fits[-1]
     print(json.dumps({"epochs": list(np.diff([0.0] + seconds)), "fit": total, "loop": seconds[-1],
+                      "fit2": total2, "loop2": seconds2[-1],
                       "version": dgdcell.__version__, "file": dgdcell.__file__}), flush=True)
 
 
@@ -466,7 +469,9 @@ def compare(args) -> None:
                          "cells / s": n / float(np.median(best)),
                          "median fit s": float(np.median([x["fit"] for x in res])),
                          "median s before the loop": float(np.median(before)),
-                         "share before the loop": float(np.median([b / x["fit"] for b, x in zip(before, res)]))})
+                         "share before the loop": float(np.median([b / x["fit"] for b, x in zip(before, res)])),
+                         "share before the loop, 2nd fit": float(np.median([(x["fit2"] - x["loop2"]) / x["fit2"]
+                                                                            for x in res]))})
     mine = {r["measure"]: r for r in rows if r["code"] == "this tree"}
     theirs = {r["measure"]: r for r in rows if r["code"] != "this tree"}
     for r in rows:
@@ -486,13 +491,18 @@ def compare(args) -> None:
             "median over rounds of each round's fastest epoch (training + validation cells)",
             "- `start`: the default `DGD().fit(max_epochs=5)` (PCA + Leiden start, no guided phase); "
             "`s before the loop` = the fit's seconds minus its training loop's (reading, checks, PCA, Leiden, "
-            "optimiser set-up; writing the outputs included)",
+            "optimiser set-up; writing the outputs included); the first fit in a fresh process pays one-time "
+            "imports (torch.optim's first optimiser imports torch._dynamo, igraph imports matplotlib), the 2nd "
+            "fit in the same process does not",
         ],
         footer_lines=[f"Throughput ratio at {args.compare_cells} cells (this tree / baseline): "
                       f"{mine['loop']['cells / s'] / theirs['loop']['cells / s']:.2f}. Start: "
                       f"{mine['start']['share before the loop']:.0%} of the 5-epoch fit before its first epoch "
-                      f"(baseline {theirs['start']['share before the loop']:.0%})."],
-        floatfmts={"cells / s": ",.0f", "share before the loop": ".2f", "throughput vs baseline": ".2f"},
+                      f"(baseline {theirs['start']['share before the loop']:.0%}); a second fit in the same process "
+                      f"{mine['start']['share before the loop, 2nd fit']:.0%} (baseline "
+                      f"{theirs['start']['share before the loop, 2nd fit']:.0%})."],
+        floatfmts={"cells / s": ",.0f", "share before the loop": ".2f", "share before the loop, 2nd fit": ".2f",
+                   "throughput vs baseline": ".2f"},
         floatfmt=".2f",
     )
 

@@ -54,7 +54,7 @@ def pca_scores(
     matrices: list[sp.csr_matrix],
     libraries: list[np.ndarray],
     n_components: int,
-    n_fit: int = 20000,
+    n_fit: int = 10000,
     generator: torch.Generator | None = None,
     groups: np.ndarray | None = None,
     observed: list[np.ndarray | None] | None = None,
@@ -243,7 +243,7 @@ def graph_clusters(
     z: np.ndarray,
     n_clusters: int,
     n_neighbors: int = 15,
-    n_fit: int = 20000,
+    n_fit: int = 10000,
     seed: int = 0,
     n_steps: int = 20,
 ) -> np.ndarray:
