@@ -854,6 +854,100 @@ def _():
     return _mfit(m)
 
 
+# ----- settings and covariates (the reliability review)
+@case("settings", "numeric covariate with 120 distinct values (a percentage)", (ValueError, r"continuous_covariate_keys"))
+def _():
+    a = make_adata()
+    a.obs["pct"] = np.random.default_rng(0).uniform(0, 10, a.n_obs)
+    return a, fit_with(covariate_keys=["pct"])()
+
+
+@case("settings", "all cells identical", (ValueError, r"identical counts"))
+def _():
+    a = make_adata()
+    a.X = sp.csr_matrix(np.tile(_dense(a.X)[:1], (a.n_obs, 1)))
+    return _fit(a)
+
+
+@case("settings", "lr_decoder=-1e-3", (ValueError, r"lr_decoder must be a number in \(0, 1.0\]"))
+def _():
+    return _fit(make_adata(), lr_decoder=-1e-3)
+
+
+@case("settings", "lr_representation=1e6", (ValueError, r"lr_representation must be"))
+def _():
+    return _fit(make_adata(), lr_representation=1e6)
+
+
+@case("settings", "train_size=1e-9 (one training cell for 3 components)", (ValueError, r"too few for 3 components"))
+def _():
+    return _fit(make_adata(), train_size=1e-9)
+
+
+@case("settings", "train_size='0.5' (a string)", (ValueError, r"train_size must be a number"))
+def _():
+    return _fit(make_adata(), train_size="0.5")
+
+
+@case("settings", "n_components=2.5", (ValueError, r"n_components must be >= 1 \(an integer\)"))
+def _():
+    return make_adata(), fit_with(n_components=2.5)()
+
+
+@case("settings", "n_hidden=(0,)", (ValueError, r"n_hidden\[0\] must be >= 1"))
+def _():
+    return make_adata(), fit_with(n_hidden=(0,))()
+
+
+@case("settings", "seed=-1", (ValueError, r"seed must be in \[0, "))
+def _():
+    return make_adata(), fit_with(seed=-1)()
+
+
+@case("settings", "dispersion_init=0", (ValueError, r"dispersion_init must be a finite number"))
+def _():
+    return make_adata(), fit_with(dispersion_init=0)()
+
+
+@case("settings", "device='meta'", (ValueError, r"device must be 'auto', 'cpu'"))
+def _():
+    return make_adata(), fit_with(device="meta")()
+
+
+@case("settings", "modality_weights naming a modality the data lack", (ValueError, r"modality_weights names modalities"))
+def _():
+    return make_adata(), fit_with(modality_weights={"adt": 0.5})()
+
+
+@case("settings", "a covariate named cluster_probs", (ValueError, r"would overwrite the output"))
+def _():
+    a = make_adata()
+    a.obs["cluster_probs"] = a.obs["batch"]
+    return a, fit_with(covariate_keys=["cluster_probs"])()
+
+
+@case("settings", "layer={'rna': 'counts'} on an AnnData", (ValueError, r"layer must be None"))
+def _():
+    a = make_adata()
+    a.layers["counts"] = a.X.copy()
+    return _fit(a, layer={"rna": "counts"})
+
+
+@case("settings", "a count of 1e300 (float64)", (ValueError, r"not raw counts"))
+def _():
+    a = make_adata()
+    a.X = a.X.astype(np.float64)
+    a.X.data[0] = 1e300
+    return _fit(a)
+
+
+@case("settings", "checkpoint_dir holding another saved model", (FileExistsError, r"checkpoint_dir .* is not empty"))
+def _():
+    folder = Path(tempfile.mkdtemp()) / "saved"
+    fitted_model().save(folder)
+    return make_adata(), FIT_DEFAULT(checkpoint_dir=folder)
+
+
 @case("MuData", "cells with no counts in any modality", (ValueError, r"2 cells have no counts in any of the modalities.*mdata\[keep\]"))
 def _():
     m = make_mudata()

@@ -88,8 +88,8 @@ def check_counts(X, where: str, available_layers: list[str] | None = None) -> No
         )
 
 
-#: the largest count accepted in one entry (float32 counts are exact up to 2^24; lgamma stays accurate far beyond)
-MAX_COUNT = 1e9
+#: the largest count accepted in one entry (far above any real count, well inside float32 and the float64 lgamma)
+MAX_COUNT = 1e15
 
 
 def cells_identical(csr: sp.csr_matrix) -> bool:
