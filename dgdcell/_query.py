@@ -150,6 +150,8 @@ def transform(
     if seed is not None:
         seed = check_int("seed", seed, 0, 2**63 - 1)
     t0 = time.perf_counter()
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must be a non-empty string (the prefix of the keys written), got {key_added!r}.")
     check_not_view(adata_new, "transform")
     new = read_new_data(adata_new, self.features, layer, self.covariate_categories, min_overlap,
                         continuous_keys=self.init_args.get("continuous_covariate_keys"),

@@ -402,6 +402,10 @@ class DGD(ExpressionMixin, PersistenceMixin):
             verbose=verbose,
         ).checked()
         train_size = _check_train_size(train_size)
+        if not isinstance(key_added, str) or not key_added:
+            raise ValueError(f"key_added must be a non-empty string (the prefix of the keys written), got {key_added!r}.")
+        if modalities is not None and (isinstance(modalities, str) or not all(isinstance(m, str) for m in modalities)):
+            raise ValueError(f"modalities must be a list of modality names, got {modalities!r}.")
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 (an integer), got {checkpoint_every!r}.")
         if warm_start and not self.is_fitted:

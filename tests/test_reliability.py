@@ -228,3 +228,22 @@ def test_saving_into_an_unwritable_folder_names_the_path(tmp_path, fitted, monke
     with pytest.raises(OSError, match=str(tmp_path / "m")):
         fitted[1].save(tmp_path / "m")
     assert not [p for p in (tmp_path / "m").iterdir() if p.name.startswith(".")]
+
+
+def test_mudata_layer_errors_name_the_modality():
+    import mudata as md
+
+    a = make_counts(n_per_group=(20, 20), n_genes=15)
+    b = make_counts(n_per_group=(20, 20), n_genes=6, seed=3)
+    b.obs_names = a.obs_names
+    a.layers["counts"] = a.X.copy()
+    m = md.MuData({"rna": a, "adt": b})
+    with pytest.raises(KeyError, match=r"mdata.mod\['adt'\]"):
+        DGD(**MODEL).fit(m, layer="counts", **FIT)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"key_added": ""}, "key_added must be"),
+                                           ({"modalities": "rna"}, "modalities must be a list")])
+def test_more_fit_settings_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DGD(**MODEL).fit(make_counts(n_per_group=(20, 20), n_genes=15), **{**FIT, **kwargs})

@@ -224,8 +224,14 @@ def _layer_for(layer: str | dict | None, modality: str) -> str | None:
 
 
 def _read_modality(adata, layer: str | None, where_prefix: str) -> sp.csr_matrix:
-    """Checked CSR counts of one AnnData (``.X`` or ``layer``)."""
-    X, where = get_matrix(adata, layer)
+    """Checked CSR counts of one AnnData (``.X`` or ``layer``); errors name ``where_prefix``
+    (e.g. ``mdata.mod['adt']``) instead of ``adata``."""
+    try:
+        X, where = get_matrix(adata, layer)
+    except KeyError as err:
+        raise KeyError(str(err.args[0]).replace("adata", where_prefix, 1)) from None
+    except ValueError as err:
+        raise ValueError(str(err).replace("adata", where_prefix, 1)) from None
     where = where.replace("adata", where_prefix, 1)
     check_counts(X, where, available_layers=list(adata.layers.keys()))
     return to_csr(X)
