@@ -131,9 +131,28 @@ class ExpressionMixin:
         classes of a covariate for the same cells (counterfactual): one row per feature with
         scvi-tools' columns (``lfc_mean``, ``proba_de``, ``bayes_factor``, ``is_de_fdr_<fdr>``, ...).
 
-        The same as :func:`dgdcell.differential.differential_expression` with this model first; see
-        there for every keyword (``covariate``, ``restrict_to``, ``delta``, ``fdr_target``,
-        ``mode``, ``pseudocount``, ``transform_batch``, ``sampler``, ...).
+        The same as :func:`dgdcell.differential.differential_expression` with this model first.
+
+        Parameters
+        ----------
+        adata
+            Cells carrying ``obsm["X_dgd"]`` (from :meth:`fit` or :meth:`transform`) and the
+            ``groupby`` column; None: the training cells (``groupby`` then an array in
+            ``obs_names`` order).
+        groupby
+            obs column (or array) of the groups; with ``covariate=``, the cell populations.
+        group1, group2
+            The groups compared (``group2=None``: the rest; ``group1=None``: every group
+            against the rest); with ``covariate=``, the two classes of the covariate.
+        **kwargs
+            Every other keyword of :func:`dgdcell.differential.differential_expression`
+            (``covariate``, ``restrict_to``, ``idx1`` / ``idx2``, ``mode``, ``delta``,
+            ``fdr_target``, ``pseudocount``, ``transform_batch``, ``n_samples``, ``seed``,
+            ``sampler``, ...).
+
+        Returns
+        -------
+        DataFrame, one row per feature (see :func:`dgdcell.differential.differential_expression`).
         """
         from .differential import differential_expression
 
