@@ -49,6 +49,11 @@ import common  # noqa: E402
 NOTES = [
     "## Where the time goes (development notes)",
     "",
+    "History of the speed rounds. The native C kernels, the oneDNN matrix-product switch and the native Adam "
+    "described below were removed in the one-module redesign (everything is PyTorch now); "
+    "`python benchmarks/speed.py --compare-with db16e32` measures the PyTorch version against the last native "
+    "one side by side (`speed_compare.md`: 1.09x its throughput at 100k cells on this machine).",
+    "",
     "Measured on the 2-core AMD EPYC (Zen 4) above with torch 2.13, simulated data as here, minibatch 256. "
     "Per minibatch of 256 cells x 2,000 genes, by timers inside the loop (ms): decoder forward 1.1 (the "
     "output layer's GEMM most of it), slicing the counts 0.7, the NB likelihood 1.8 forward and 1.5 backward "
