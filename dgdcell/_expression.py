@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
 import torch
@@ -193,25 +195,8 @@ class ExpressionMixin:
 
     def _transform_batch_inputs(self, transform_batch) -> dict[str, torch.Tensor]:
         """covariate key -> (1, 2) component mean of the requested class (weights within the class)."""
-        if transform_batch is None:
-            return {}
-        if isinstance(transform_batch, dict):
-            wanted = {str(k): str(v) for k, v in transform_batch.items()}
-        else:
-            keys = [k for k, cats in self.covariate_categories.items() if str(transform_batch) in cats]
-            if not keys:
-                raise KeyError(f"transform_batch {transform_batch!r} is not a class of any covariate "
-                               f"({self.covariate_categories}).")
-            if len(keys) > 1:
-                raise ValueError(f"transform_batch {transform_batch!r} is a class of several covariates {keys}; "
-                                 "pass a dict {covariate: class}.")
-            wanted = {keys[0]: str(transform_batch)}
         out = {}
-        for k, cls in wanted.items():
-            if k not in self.covariate_categories:
-                raise KeyError(f"{k!r} is not a covariate of the model (covariates: {list(self.covariate_categories)}).")
-            if cls not in self.covariate_categories[k]:
-                raise KeyError(f"class {cls!r} is not a class of covariate {k!r} ({self.covariate_categories[k]}).")
+        for k, cls in resolve_transform_batch(self.covariate_categories, transform_batch).items():
             g = self.cov_gmms[k]
             label = torch.tensor([self.covariate_categories[k].index(cls)], device=g.mean.device)
             with torch.no_grad():
@@ -247,3 +232,28 @@ def _stored(adata, name: str, width: int) -> np.ndarray:
         raise ValueError(f"adata.obsm[{name!r}] has {int((~np.isfinite(value)).sum())} non-finite values; "
                          "decoding them would give non-finite expression. Run fit or transform again.")
     return value
+
+
+def resolve_transform_batch(covariate_categories: dict[str, list[str]], transform_batch) -> dict[str, str]:
+    """``transform_batch`` (None, a class name, or a dict covariate -> class) as a checked dict
+    covariate -> class name ({} for None): a bare class name must belong to exactly one covariate."""
+    cats = {str(k): [str(c) for c in v] for k, v in covariate_categories.items()}
+    if transform_batch is None:
+        return {}
+    if isinstance(transform_batch, Mapping):
+        out = {}
+        for k, v in transform_batch.items():
+            if str(k) not in cats:
+                raise KeyError(f"transform_batch: {k!r} is not a covariate of the model (covariates: {list(cats)}).")
+            if str(v) not in cats[str(k)]:
+                raise KeyError(f"transform_batch: {v!r} is not a class of covariate {k!r} (classes: {cats[str(k)]}).")
+            out[str(k)] = str(v)
+        return out
+    owners = [k for k, c in cats.items() if str(transform_batch) in c]
+    if not owners:
+        raise KeyError(f"transform_batch {transform_batch!r} is not a class of any covariate of the model "
+                       f"({cats or 'the model has no covariates'}).")
+    if len(owners) > 1:
+        raise ValueError(f"transform_batch {transform_batch!r} is a class of several covariates {owners}; "
+                         "pass a dict {covariate: class}.")
+    return {owners[0]: str(transform_batch)}

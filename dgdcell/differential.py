@@ -407,26 +407,9 @@ def _check_options(mode, delta, fdr_target, n_samples, batch_size, pseudocount, 
 
 def _check_transform_batch(model, transform_batch) -> dict[str, str]:
     """``transform_batch`` as a checked dict covariate -> class ({} for None)."""
-    cats = {str(k): [str(c) for c in v] for k, v in model.covariate_categories.items()}
-    if transform_batch is None:
-        return {}
-    if isinstance(transform_batch, Mapping):
-        out = {}
-        for k, v in transform_batch.items():
-            if str(k) not in cats:
-                raise KeyError(f"transform_batch: {k!r} is not a covariate of the model (covariates: {list(cats)}).")
-            if str(v) not in cats[str(k)]:
-                raise KeyError(f"transform_batch: {v!r} is not a class of covariate {k!r} (classes: {cats[str(k)]}).")
-            out[str(k)] = str(v)
-        return out
-    owners = [k for k, c in cats.items() if str(transform_batch) in c]
-    if not owners:
-        raise KeyError(f"transform_batch {transform_batch!r} is not a class of any covariate of the model "
-                       f"({cats or 'the model has no covariates'}).")
-    if len(owners) > 1:
-        raise ValueError(f"transform_batch {transform_batch!r} is a class of several covariates {owners}; "
-                         "pass a dict {covariate: class}.")
-    return {owners[0]: str(transform_batch)}
+    from ._expression import resolve_transform_batch
+
+    return resolve_transform_batch(model.covariate_categories, transform_batch)
 
 
 def _group_labels(groupby, source: "_Source") -> pd.Categorical:
