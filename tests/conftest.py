@@ -29,18 +29,37 @@ def make_counts(n_per_group=(80, 60, 40), n_genes=60, n_batches=1, seed=0, batch
     n = groups.size
     batches = rng.integers(0, n_batches, size=n)
     batch_profiles = np.exp(rng.normal(0, batch_effect, size=(n_batches, n_genes)))
-    frac = profiles[groups] * batch_profiles[batches]
-    frac /= frac.sum(1, keepdims=True)
-    lib = rng.lognormal(np.log(800), 0.3, size=n)
-    mu = frac * lib[:, None]
+    return nb_anndata(rng, profiles[groups] * batch_profiles[batches], 800, groups, batches)
+
+
+def nb_anndata(rng, frac, library, groups, batches, var=None) -> ad.AnnData:
+    """NB counts (dispersion 5) of cells with expression ``frac`` (n, G; normalised here) at log-normal
+    library sizes around ``library`` (sd 0.3 in log space), as CSR float32 with ``obs['group']`` and
+    ``obs['batch']`` from the codes ``groups`` / ``batches`` and ``var`` (default: gene names only)."""
+    frac = frac / frac.sum(1, keepdims=True)
+    n, n_genes = frac.shape
+    mu = frac * rng.lognormal(np.log(library), 0.3, size=n)[:, None]
     r = 5.0
     counts = rng.negative_binomial(r, r / (r + mu)).astype(np.float32)
     obs = pd.DataFrame(
         {"group": pd.Categorical([f"g{g}" for g in groups]), "batch": pd.Categorical([f"b{b}" for b in batches])},
         index=[f"cell{i}" for i in range(n)],
     )
-    var = pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)])
+    if var is None:
+        var = pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)])
     return ad.AnnData(sp.csr_matrix(counts), obs=obs, var=var)
+
+
+@pytest.fixture
+def no_figure_leak():
+    """Fails a test whose plotting left a figure open in pyplot (use with ``pytest.mark.usefixtures``)."""
+    import matplotlib.pyplot as plt
+
+    before = set(plt.get_fignums())
+    yield
+    leaked = set(plt.get_fignums()) - before
+    plt.close("all")
+    assert not leaked, "a pl function left a figure open in pyplot"
 
 
 @pytest.fixture

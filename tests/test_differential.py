@@ -4,7 +4,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import anndata as ad  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -14,6 +13,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from dgdcell import DGD, pl  # noqa: E402
 from dgdcell.differential import differential_expression, fdr_de_prediction  # noqa: E402
+
+from .conftest import nb_anndata  # noqa: E402
 
 SCVI_COLUMNS = [
     "proba_de", "proba_not_de", "bayes_factor", "scale1", "scale2", "pseudocounts", "delta",
@@ -50,19 +51,9 @@ def make_de_counts(n_per_group=(120, 120), n_genes=120, n_de=16, lfcs=(1.5, 2.5)
     batches = rng.integers(0, n_batches, size=n)
     logp = np.log(base)[None, :] + np.log(2.0) * (true_lfc[None, :] * (groups[:, None] == 1)
                                                   + batch_lfc_g[None, :] * (batches[:, None] == 1))
-    frac = np.exp(logp)
-    frac /= frac.sum(1, keepdims=True)
-    lib = rng.lognormal(np.log(1500), 0.3, size=n)
-    mu = frac * lib[:, None]
-    r = 5.0
-    counts = rng.negative_binomial(r, r / (r + mu)).astype(np.float32)
-    obs = pd.DataFrame(
-        {"group": pd.Categorical([f"g{g}" for g in groups]), "batch": pd.Categorical([f"b{b}" for b in batches])},
-        index=[f"cell{i}" for i in range(n)],
-    )
     var = pd.DataFrame({"de": true_lfc != 0, "true_lfc": true_lfc, "batch_gene": batch_lfc_g != 0,
                         "batch_lfc": batch_lfc_g}, index=[f"gene{j}" for j in range(n_genes)])
-    return ad.AnnData(sp.csr_matrix(counts), obs=obs, var=var)
+    return nb_anndata(rng, np.exp(logp), 1500, groups, batches, var)
 
 
 def average_precision(truth: np.ndarray, ranking_score: np.ndarray) -> float:
@@ -81,13 +72,7 @@ def fitted():
     return adata, model
 
 
-@pytest.fixture(autouse=True)
-def _no_figure_leak():
-    before = set(plt.get_fignums())
-    yield
-    leaked = set(plt.get_fignums()) - before
-    plt.close("all")
-    assert not leaked, "a pl function left a figure open in pyplot"
+pytestmark = pytest.mark.usefixtures("no_figure_leak")
 
 
 def _snapshot(adata):

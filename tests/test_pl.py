@@ -26,13 +26,7 @@ def fitted():
     return adata, model
 
 
-@pytest.fixture(autouse=True)
-def _no_figure_leak():
-    before = set(plt.get_fignums())
-    yield
-    leaked = set(plt.get_fignums()) - before
-    plt.close("all")
-    assert not leaked, "a pl function left a figure open in pyplot"
+pytestmark = pytest.mark.usefixtures("no_figure_leak")
 
 
 def _is_png(path):
