@@ -159,7 +159,8 @@ class PersistenceMixin:
         """A model from a parsed ``config.json`` and its tensors (KeyError / RuntimeError when they do not match)."""
         if not isinstance(tensors, dict):
             raise TypeError(f"the weights file holds a {type(tensors).__name__}, not a dict of tensors")
-        model = cls(device=device, **config["init_args"])
+        # models saved before component_variance existed learned their variances
+        model = cls(device=device, **{"component_variance": "learned", **config["init_args"]})
         labels = config["label_categories"]
         model._build(
             {m: len(f) for m, f in config["features"].items()},

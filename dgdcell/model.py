@@ -23,7 +23,7 @@ from ._checks import check_int, check_not_view, check_number, check_pair, check_
 from .module import COVARIATE_DIM, DGDModule
 from .nn import LIKELIHOODS, Decoder
 from .train import CellSet, DeviceCounts, TrainConfig, init_mixture, pca_scores, train
-from .train.initialisation import graph_clusters, init_mixture_from_labels
+from .train.initialisation import graph_clusters, init_mixture_from_labels, pool_variances
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ def _check_keys(name: str, keys) -> list[str]:
         raise ValueError(f"{name}: {clash} would overwrite the output obsm['X_dgd_{clash[0]}']; rename that obs "
                          f"column (e.g. adata.obs['{clash[0]}_'] = adata.obs['{clash[0]}']).")
     return list(keys)
+
+
+#: how the mixture's component variances are set (see ``DGD(component_variance=...)``)
+COMPONENT_VARIANCES = ("pooled", "learned")
 
 
 def default_max_epochs(n_cells: int) -> int:
@@ -96,6 +100,20 @@ class DGD(ExpressionMixin, PersistenceMixin):
         variances (see :class:`dgdcell.latent.GaussianMixture`).
     weight_alpha
         Dirichlet concentration on mixture weights.
+    component_variance
+        ``'pooled'`` (default): every component has the same variances, the
+        pooled within-cluster variances of the start (of the data-driven
+        start's clusters, weighted by their sizes; ``sd_init`` with
+        ``init='zero'``), fixed while the means and weights are learned.
+        ``'learned'``: each component learns its own. With point (MAP)
+        representations learned variances are degenerate: shrinking a
+        component raises the prior density of its cells without bound while
+        the decoder rescales, so components shrink onto their means (median
+        sd 0.005 on PBMC 4k), cells lose their within-cluster differences and
+        one broad component catches the cells the others do not fit. Fixed
+        variances per component keep such a broad component (it grew to 64%
+        of the cells on CITE-seq PBMC); one shared variance has none.
+        ``benchmarks/results/tuning.md`` has the measurements.
     init
         ``'pca'`` (default: representations start at scaled PCA scores of the
         log-normalised counts and the mixture at a GMM fit of them) or
@@ -141,6 +159,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
         mean_init: tuple[float, float] = (5.0, 5.0),
         sd_init: tuple[float, float] = (0.5, 1.0),
         weight_alpha: float = 1.0,
+        component_variance: str = "pooled",
         init: str = "pca",
         init_clustering: str = "leiden",
         dispersion_init: float = 2.0,
@@ -161,6 +180,9 @@ class DGD(ExpressionMixin, PersistenceMixin):
         dispersion_init = check_number("dispersion_init", dispersion_init)
         if covariance_type not in COVARIANCE_TYPES:
             raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}.")
+        if component_variance not in COMPONENT_VARIANCES:
+            raise ValueError(f"component_variance must be one of {COMPONENT_VARIANCES} ('pooled': one fixed variance "
+                             f"shared by the components, the default; 'learned'), got {component_variance!r}.")
         if init not in ("pca", "zero"):
             raise ValueError(f"init must be 'pca' or 'zero', got {init!r}.")
         if init_clustering not in ("leiden", "kmeans"):
@@ -200,6 +222,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
             mean_init=[float(v) for v in mean_init],
             sd_init=[float(v) for v in sd_init],
             weight_alpha=float(weight_alpha),
+            component_variance=component_variance,
             init=init,
             init_clustering=init_clustering,
             dispersion_init=float(dispersion_init),
@@ -563,7 +586,8 @@ class DGD(ExpressionMixin, PersistenceMixin):
         else:
             z0 = self._start(data, generator)
             if a["init"] == "pca" and labels is None and a.get("init_clustering", "leiden") == "leiden":
-                guide = torch.as_tensor(graph_clusters(z0.numpy(), self.gmm.n_mix_comp, seed=a["seed"]))
+                groups = _joint_codes([cat.codes for cat in data.covariates.values()], n)
+                guide = torch.as_tensor(graph_clusters(z0.numpy(), self.gmm.n_mix_comp, seed=a["seed"], groups=groups))
                 init_mixture_from_labels(self.gmm, z0[train_idx].to(self.device), guide[train_idx])
             elif a["init"] == "pca":
                 init_mixture(self.gmm, z0[train_idx].to(self.device),
@@ -571,6 +595,11 @@ class DGD(ExpressionMixin, PersistenceMixin):
             cov_init = {key: self.cov_gmms[key].mean.detach().cpu()[torch.as_tensor(cat.codes)]
                         for key, cat in data.covariates.items()}
 
+        # 'pooled': one fixed variance shared by the components (learned ones collapse under MAP)
+        learned = a.get("component_variance", "learned") == "learned"
+        if not learned and order is None:
+            pool_variances(self.gmm)
+        self.gmm.neglogvar.requires_grad_(a["covariance_type"] != "fixed" and learned)
         weights = self._cell_weights(data)
         # one copy of the counts on the device; the training and validation sets are row views of it
         all_counts = {m: DeviceCounts(c, data.library[m], self.device) for m, c in data.counts.items()}

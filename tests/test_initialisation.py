@@ -77,3 +77,25 @@ def test_init_mixture_from_labels_and_em():
         g2 = GaussianMixture(4, 5, cov)
         init_mixture(g2, zt, generator=torch.Generator().manual_seed(0))
         assert adjusted_rand_score(truth, g2.clustering(zt).numpy()) > 0.95
+
+
+def test_knn_graph_balanced_across_groups():
+    rng = np.random.default_rng(0)
+    z = np.vstack([rng.normal(0, 1, (40, 3)), rng.normal(20, 1, (30, 3))]).astype(np.float32)
+    groups = np.repeat([0, 1], [40, 30])
+    src, tgt = knn_graph(z, 6)
+    assert (groups[src] == groups[tgt]).all()  # the plain graph never crosses the gap between the groups
+    src, tgt = knn_graph(z, 6, groups=groups)
+    assert (src != tgt).all()
+    for g in (0, 1):  # every point has ceil(6 / 2) = 3 neighbours in each group
+        np.testing.assert_array_equal(np.bincount(src[groups[tgt] == g], minlength=70), np.full(70, 3))
+
+
+def test_graph_clusters_with_groups_follow_what_the_groups_share():
+    # two cell types (apart along axis 0) measured in two batches (apart further, along axis 1)
+    rng = np.random.default_rng(1)
+    kind = np.repeat([0, 1, 0, 1], 50)
+    batch = np.repeat([0, 0, 1, 1], 50)
+    z = np.stack([6.0 * kind, 10.0 * batch], 1) + rng.normal(0, 0.5, (200, 2))
+    labels = graph_clusters(z.astype(np.float32), 2, n_neighbors=10, groups=batch)
+    assert adjusted_rand_score(kind, labels) > 0.95

@@ -176,3 +176,41 @@ def test_embedded_cellbench():
 def test_unfitted_model_errors():
     with pytest.raises(RuntimeError, match="not fitted"):
         DGD().get_latent_representation()
+
+
+@pytest.mark.parametrize("setting", ["pooled", "learned"])
+def test_component_variance_pooled_is_shared_and_kept_learned_moves(synthetic, setting, monkeypatch):
+    import dgdcell.model as model_module
+
+    started = {}
+    original = model_module.init_mixture_from_labels
+
+    def spy(gmm, z, labels):
+        original(gmm, z, labels)
+        w = torch.bincount(labels, minlength=gmm.n_mix_comp).float()
+        started["pooled"] = -torch.log((w[:, None] * torch.exp(-gmm.neglogvar)).sum(0) / w.sum())
+        started["own"] = gmm.neglogvar.detach().clone()
+
+    monkeypatch.setattr(model_module, "init_mixture_from_labels", spy)
+    m = DGD(latent_dim=3, n_components=3, component_variance=setting).fit(synthetic, max_epochs=25, verbose=False)
+    nlv = m.gmm.neglogvar.detach()
+    if setting == "pooled":  # the start clusters' pooled variance, in every component, unchanged by the fit
+        torch.testing.assert_close(nlv, started["pooled"].expand_as(nlv))
+    else:
+        assert not torch.equal(nlv, started["own"])
+    assert m.init_args["component_variance"] == setting
+
+
+def test_component_variance_is_validated():
+    with pytest.raises(ValueError, match="component_variance"):
+        DGD(component_variance="free")
+
+
+def test_models_saved_before_component_variance_load_as_learned(fitted, tmp_path):
+    _, model = fitted
+    model.save(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    cfg = json.loads(path.read_text())
+    assert cfg["init_args"].pop("component_variance") == "pooled"
+    path.write_text(json.dumps(cfg))
+    assert DGD.load(tmp_path / "m", device="cpu").init_args["component_variance"] == "learned"

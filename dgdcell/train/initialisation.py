@@ -209,16 +209,42 @@ def _em_sums(gmm: GaussianMixture, z: torch.Tensor, labels: torch.Tensor | None)
     return nk, sum_z, sum_z2
 
 
-def knn_graph(z, n_neighbors: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def knn_graph(z, n_neighbors: int, chunk: int = 4096, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact k-nearest-neighbour edges of points ``z`` ((n, dim) array or tensor;
     self excluded; scikit-learn, queried in chunks of ``chunk`` rows):
-    ``(sources, targets)``, each (n * n_neighbors,)."""
+    ``(sources, targets)``.
+
+    With ``groups`` ((n,) codes, e.g. batches) the neighbours are balanced
+    across the groups (as BBKNN does): each point gets its
+    ``ceil(n_neighbors / n_groups)`` nearest points of every group, so a
+    neighbourhood cannot consist of one batch only."""
     z = np.ascontiguousarray(np.asarray(z, dtype=np.float32))
     n = z.shape[0]
-    k = min(n_neighbors, n - 1)
-    nn_ = NearestNeighbors(n_neighbors=k + 1).fit(z)
-    idx = np.concatenate([nn_.kneighbors(z[s : s + chunk], return_distance=False) for s in range(0, n, chunk)])
-    # drop each point itself (the first neighbour, or wherever a duplicate point put it)
+    if groups is not None and np.unique(groups).size > 1:
+        groups = np.asarray(groups)
+        levels = np.unique(groups)
+        per = -(-int(n_neighbors) // levels.size)
+        src, tgt = [], []
+        for g in levels:
+            members = np.flatnonzero(groups == g)
+            s_g, t_g = _neighbours_in(z, members, per, chunk)
+            src.append(s_g)
+            tgt.append(t_g)
+        return np.concatenate(src), np.concatenate(tgt)
+    return _neighbours_in(z, np.arange(n), n_neighbors, chunk)
+
+
+def _neighbours_in(z: np.ndarray, members: np.ndarray, k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every point of ``z`` (n, dim) its ``k`` nearest points among rows
+    ``members`` (itself excluded): ``(sources, targets)``, each (n * k',) with
+    ``k' = min(k, len(members) - 1)``."""
+    n = z.shape[0]
+    k = max(1, min(int(k), members.size - 1))
+    nn_ = NearestNeighbors(n_neighbors=k + 1).fit(z[members])
+    idx = members[np.concatenate([nn_.kneighbors(z[s : s + chunk], return_distance=False)
+                                  for s in range(0, n, chunk)])]
+    # drop each point itself (the first neighbour, or wherever a duplicate point put it); a point of
+    # another group has no self entry: drop its farthest neighbour
     own = idx == np.arange(n)[:, None]
     own[~own.any(1), -1] = True
     tgt = idx[~own].reshape(n, k).reshape(-1)
@@ -246,6 +272,7 @@ def graph_clusters(
     n_fit: int = 10000,
     seed: int = 0,
     n_steps: int = 20,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """Leiden clusters of points ``z`` (n, dim), resolution tuned to ``n_clusters``.
 
@@ -254,7 +281,10 @@ def graph_clusters(
     edge weights, bisects the resolution of igraph's Leiden (modularity) until it finds ``n_clusters`` clusters (or the closest
     count), keeps the ``n_clusters`` largest clusters, and gives every other
     cell the label of the nearest kept cluster centre. Returns (n,) int64
-    labels in ``0..n_clusters-1``.
+    labels in ``0..n_clusters-1``. With ``groups`` ((n,) codes of the
+    covariate classes) the neighbours are balanced across the classes (see
+    :func:`knn_graph`), so that clusters follow what the classes share rather
+    than split by class.
     """
     import igraph
 
@@ -262,7 +292,7 @@ def graph_clusters(
     rng = np.random.default_rng(seed)
     sub = np.sort(rng.permutation(n)[: min(n, n_fit)])
     zs = np.ascontiguousarray(z[sub], dtype=np.float32)
-    src, tgt = knn_graph(zs, n_neighbors)
+    src, tgt = knn_graph(zs, n_neighbors, groups=None if groups is None else np.asarray(groups)[sub])
     # shared-nearest-neighbour (Jaccard) weights on the symmetrised kNN graph
     m = sub.size
     knn = sp.csr_matrix((np.ones(src.size, dtype=np.float32), (src, tgt)), shape=(m, m))
@@ -321,3 +351,13 @@ def init_mixture_from_labels(gmm: GaussianMixture, z: torch.Tensor, labels: torc
     resp[torch.arange(z.shape[0], device=z.device), labels.to(z.device)] = 1.0
     floor = 1e-3 * z.var(0, correction=0).mean().clamp_min(1e-8)
     _m_step(gmm, resp.sum(0), resp.T @ z, resp.T @ z.square(), floor)
+
+
+@torch.no_grad()
+def pool_variances(gmm: GaussianMixture) -> None:
+    """Give every component of ``gmm`` the same variances: the average of the
+    components' variances weighted by the mixture weights (for a start from a
+    hard partition: the pooled within-cluster variance)."""
+    w = gmm.mixture_probs().unsqueeze(-1)  # (K, 1)
+    pooled = (w * torch.exp(-gmm.neglogvar)).sum(0, keepdim=True) / w.sum()
+    gmm.neglogvar.copy_(-torch.log(pooled).expand_as(gmm.neglogvar))
