@@ -24,7 +24,7 @@ from ._checks import check_int, check_not_view, check_number, check_pair, check_
 from .module import COVARIATE_DIM, DGDModule
 from .nn import LIKELIHOODS, Decoder
 from .train import CellSet, DeviceCounts, TrainConfig, init_mixture, pca_scores, train
-from .train.distributed import Comm, close_comm, open_comm
+from .train.distributed import Comm, abort_comm, open_comm
 from .train.initialisation import graph_clusters, init_mixture_from_labels
 
 logger = logging.getLogger(__name__)
@@ -479,9 +479,8 @@ class DGD(ExpressionMixin, PersistenceMixin):
         except BaseException:  # also KeyboardInterrupt: a failed or interrupted fit leaves the model as it was
             self._restore_state(backup)
             self.device = device
+            abort_comm(run.comm)  # the other processes stop at once
             raise
-        finally:
-            close_comm(run.comm)
         if verbose and (run.comm is None or run.comm.rank == 0):
             print(self._fit_summary(adata, key_added))
         return self

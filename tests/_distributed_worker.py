@@ -16,6 +16,11 @@ from pathlib import Path
 
 import torch
 
+#: the settings of the 'fit' task (the test fits the same in one process)
+EPOCHS = 15
+FIT = {"guide_epochs": 5}
+TRANSFORM = {"max_epochs": 20}
+
 
 def main(task: str, out: Path) -> None:
     torch.set_num_threads(1)
@@ -26,8 +31,11 @@ def main(task: str, out: Path) -> None:
     if task == "fit":
         adata = dgdcell.datasets.cellbench()
         model = dgdcell.DGD(n_components=5, seed=0, device="cpu")
-        model.fit(adata, max_epochs=int(os.environ.get("DGD_TEST_EPOCHS", "25")), verbose=False)
-        torch.save({"history": model.history, "z": model.representation,
+        model.fit(adata, max_epochs=EPOCHS, verbose=False, **FIT)
+        query = dgdcell.datasets.cellbench()[::4].copy()
+        model.transform(query, verbose=False, **TRANSFORM)
+        torch.save({"history": model.history, "z": model.representation, "query_z": torch.tensor(query.obsm["X_dgd"]),
+                    "query_history": dict(query.uns["dgd"]["transform"]["history"]),
                     "cluster": torch.tensor(adata.obs["dgd_cluster"].cat.codes.to_numpy()),
                     "module": model.module.state_dict(), "fit_settings": model.fit_settings}, out / f"rank{rank}.pt")
     elif task == "kill":

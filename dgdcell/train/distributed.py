@@ -25,6 +25,7 @@ one process they get ``comm=None`` and run exactly the code they ran before.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Callable
@@ -41,6 +42,10 @@ logger = logging.getLogger(__name__)
 TIMEOUT = timedelta(minutes=30)
 #: the environment variables torchrun sets that ``init_process_group(init_method='env://')`` reads
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+#: whether the default process group is one that :func:`open_comm` initialised (kept for later calls)
+_OURS = {"group": False, "atexit": False}
 
 
 class DistributedError(RuntimeError):
@@ -60,8 +65,9 @@ class Comm:
     model_device
         Where this rank's model and cells live (see :func:`model_device`).
     owned
-        True when :func:`open_comm` initialised the process group (and
-        :func:`close_comm` destroys it); False for a group the caller made.
+        True when :func:`open_comm` initialised the process group (it stays
+        open for later calls, is destroyed at exit, or at once by
+        :func:`abort_comm` after an error); False for a group the caller made.
     """
 
     rank: int
@@ -165,6 +171,59 @@ class Comm:
         return result
 
 
+def merge_histories(comm: Comm, history: dict[str, list], n_local: int) -> dict[str, list]:
+    """One history of :func:`~dgdcell.train.new_cells.fit_new_cells` for the
+    cells of all ranks from each rank's own (``n_local`` cells each): per
+    epoch the cell-weighted mean of the ranks' losses (a rank that stopped
+    earlier counts with its last values) and the sum of their active rows;
+    ``candidate`` concatenated in rank order; ``start_loss`` weighted;
+    ``seconds_init`` the slowest rank's."""
+    n_epochs = len(history["epoch"])
+    table = torch.tensor([[float(n_local), float(n_epochs), float(history["start_loss"][0]),
+                           float(history["seconds_init"][0])]], dtype=torch.float64)
+    ranks = torch.cat(comm.gather(table))
+    sizes, epochs = ranks[:, 0], ranks[:, 1].long()
+    n_max = int(epochs.max())
+    per_epoch = torch.zeros(n_max, 3, dtype=torch.float64)  # loss, reconstruction, active rows
+    if n_epochs:
+        per_epoch[:n_epochs] = torch.tensor(list(zip(history["loss"], history["reconstruction"], history["n_active"])),
+                                            dtype=torch.float64)
+        per_epoch[n_epochs:, :2] = per_epoch[n_epochs - 1, :2]
+    parts = comm.gather(per_epoch)
+    weights = (sizes / sizes.sum()).reshape(-1, 1)
+    loss = sum(w * p[:, 0] for w, p in zip(weights, parts))
+    recon = sum(w * p[:, 1] for w, p in zip(weights, parts))
+    active = sum(p[:, 2] for p in parts)
+    out = dict(history)
+    out["epoch"] = list(range(1, n_max + 1))
+    out["loss"] = [float(v) for v in loss] if n_max else []
+    out["reconstruction"] = [float(v) for v in recon] if n_max else []
+    out["n_active"] = [int(v) for v in active] if n_max else []
+    out["candidate"] = torch.cat(comm.gather(torch.as_tensor(history["candidate"], dtype=torch.int64))).tolist()
+    out["start_loss"] = [float((weights[:, 0] * ranks[:, 2]).sum())]
+    out["seconds_init"] = [float(ranks[:, 3].max())]
+    return out
+
+
+def world_size() -> int:
+    """The number of processes of the default process group, or else of torchrun's environment."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return _env_world_size()
+
+
+def process_rank() -> int:
+    """This process's rank: in the default process group, or else in torchrun's environment (0 alone)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0") or 0) if _env_world_size() > 1 else 0
+    except ValueError:
+        return 0
+
+
 def _env_world_size() -> int:
     try:
         return int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -196,17 +255,19 @@ def open_comm(distributed, device: torch.device) -> Comm | None:
 
     Uses the default process group when one is initialised; otherwise
     initialises it from torchrun's environment (``env://``; NCCL when
-    ``device`` is CUDA, gloo otherwise; timeout :data:`TIMEOUT`), and
-    :func:`close_comm` destroys it again."""
+    ``device`` is CUDA, gloo otherwise; timeout :data:`TIMEOUT`). A group
+    initialised here stays open for later calls (``fit`` then ``transform``)
+    and is destroyed when the process exits, or by :func:`abort_comm` after
+    an error: initialising the default group a second time in one process
+    can meet the first one's rendezvous keys in torchrun's store and hang."""
     if not resolve_distributed(distributed):
         return None
     dist = torch.distributed
     if not dist.is_available():
         raise RuntimeError("distributed=True, but this PyTorch build has no torch.distributed; install a PyTorch "
                            "with distributed support or fit with distributed=False.")
-    owned = not dist.is_initialized()
     device = torch.device(device)
-    if owned:
+    if not dist.is_initialized():
         missing = [k for k in TORCHRUN_ENV if not os.environ.get(k)]
         if missing:
             raise ValueError(
@@ -216,25 +277,35 @@ def open_comm(distributed, device: torch.device) -> Comm | None:
             )
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=TIMEOUT)
+        _OURS["group"] = True
+        if not _OURS["atexit"]:
+            atexit.register(_destroy_ours)
+            _OURS["atexit"] = True
+    owned = _OURS["group"]
     backend = dist.get_backend()
     here = model_device(device)
     if backend == "nccl" and here.type != "cuda":
-        if owned:
-            dist.destroy_process_group()
         raise ValueError(f"the process group uses NCCL, which needs CUDA tensors, but the model's device is "
                          f"{device}; use device='cuda' or a gloo process group.")
     comm = Comm(dist.get_rank(), dist.get_world_size(), here if backend == "nccl" else torch.device("cpu"), owned,
                 here)
-    logger.info("data-parallel: rank %d of %d (%s)", comm.rank, comm.world_size, backend)
+    logger.info("data-parallel: rank %d of %d (%s, %s process group)", comm.rank, comm.world_size, backend,
+                "a new" if owned else "the caller's")
     return comm
 
 
-def close_comm(comm: Comm | None) -> None:
-    """Destroy the process group if :func:`open_comm` made it (also after an
-    error: the other ranks' pending collectives then fail at once instead of
-    waiting for the timeout)."""
-    if comm is not None and comm.owned and torch.distributed.is_initialized():
+def abort_comm(comm: Comm | None) -> None:
+    """After an error: destroy the process group if :func:`open_comm` made it,
+    so that the other ranks' pending collectives fail at once instead of
+    waiting for :data:`TIMEOUT` (a caller's group is left to the caller)."""
+    if comm is not None and comm.owned:
+        _destroy_ours()
+
+
+def _destroy_ours() -> None:
+    if _OURS["group"] and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    _OURS["group"] = False
 
 
 def model_device(device: torch.device) -> torch.device:
