@@ -397,7 +397,10 @@ class DGD(ExpressionMixin, PersistenceMixin):
             ``docs/distributed.md``): every process calls ``fit`` with the
             same data and settings; each owns a shard of the cells, the
             decoder and mixture gradients are summed over the processes, and
-            every process ends with the same complete model and outputs.
+            every process ends with the same complete model and outputs;
+            ``batch_size`` is then the global minibatch (each process decodes
+            about ``batch_size / N`` cells per step) and the fit equals the
+            one-process fit up to the order of floating-point sums.
             None (default): data-parallel when launched by ``torchrun``
             (``WORLD_SIZE`` > 1) or when a process group of more than one
             process is initialised; True: require it; False: never (each
