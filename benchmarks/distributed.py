@@ -167,6 +167,8 @@ def write(rows: list[dict], args, info: dict, path: Path) -> None:
         f"process has one torch thread; the machine ({platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores) is shared with other jobs, so the figures vary from run to run.",
         "",
+        f"Load average (1 min) before / after: {args.load[0]:.1f} / {args.load[1]:.1f}.",
+        "",
         "Reproduce: `OMP_NUM_THREADS=1 python benchmarks/distributed.py " + " ".join(args.argv) + "`",
         "",
         "| processes | s / epoch | cells / s | speed-up | communication share | of which gradient all_reduce "
@@ -224,9 +226,11 @@ def main(argv: list[str] | None = None) -> None:
         simulate(args.data, args.cells, args.genes, args.groups)
         print(f"simulated {args.data} in {time.perf_counter() - t:.0f} s", flush=True)
     runs = {}
+    args.load = [os.getloadavg()[0]]
     for world in args.processes:
         runs[world] = run(args, world, Path(tempfile.mkdtemp(prefix=f"dgdcell_distributed_{world}_")))
         print(f"{world} process(es): epochs {[round(s, 1) for s in runs[world][0]['epoch_s']]} s", flush=True)
+    args.load.append(os.getloadavg()[0])
     rows = summarise(runs)
     info = runs[args.processes[0]][0]
     write(rows, args, info, args.out)
