@@ -287,6 +287,20 @@ def read_shards(path: Path, names: list[str], n_obs: int) -> dict[str, torch.Ten
     return out
 
 
+def discard_shard(path: Path, name: str) -> None:
+    """After a failed data-parallel checkpoint: remove this rank's shard ``name``
+    unless ``path / config.json`` lists it (then it belongs to a complete checkpoint)."""
+    try:
+        listed = json.loads((path / CONFIG_FILE).read_text()).get("shards") or []
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    if name not in listed:
+        (path / SHARDS_DIR / name).unlink(missing_ok=True)
+        folder = path / SHARDS_DIR
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def _remove_stale_shards(path: Path, keep: list[str]) -> None:
     """Remove the shard files (and then the folder, when empty) that ``keep`` does not name."""
     folder = path / SHARDS_DIR

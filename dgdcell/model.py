@@ -15,7 +15,7 @@ from torch import nn
 
 from ._expression import ExpressionMixin
 from ._persistence import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, PersistenceMixin  # noqa: F401 (re-exported)
-from ._persistence import shard_names, write_shard
+from ._persistence import discard_shard, shard_names, write_shard
 from . import _query
 from ._version import __version__
 from .data import CountData, binarise, read_data
@@ -530,11 +530,15 @@ class DGD(ExpressionMixin, PersistenceMixin):
                     return
                 # data-parallel: each rank writes its shard, then rank 0 the module and config.json naming them
                 comm, names = run.comm, shard_names(len(merged["epoch"]), run.comm.world_size)
-                comm.agree("writing its checkpoint shard",
-                           lambda: write_shard(run.checkpoint_dir, names[comm.rank], rows, z, cov))
-                comm.agree("writing the checkpoint's module and config.json",
-                           (lambda: self._write_model(run.checkpoint_dir, None, {}, merged, fit, shards=names))
-                           if comm.rank == 0 else None)
+                try:
+                    comm.agree("writing its checkpoint shard",
+                               lambda: write_shard(run.checkpoint_dir, names[comm.rank], rows, z, cov))
+                    comm.agree("writing the checkpoint's module and config.json",
+                               (lambda: self._write_model(run.checkpoint_dir, None, {}, merged, fit, shards=names))
+                               if comm.rank == 0 else None)
+                except BaseException:  # the folder keeps the last complete checkpoint, nothing of this one
+                    discard_shard(run.checkpoint_dir, names[comm.rank])
+                    raise
         return self._fit_data(run, torch.Generator().manual_seed(self.init_args["seed"]), checkpoint)
 
     def _fit_summary(self, adata, key: str) -> str:

@@ -173,3 +173,31 @@ def test_cli_under_torchrun(tmp_path):
     out = ad.read_h5ad(dst)
     assert out.obsm["X_dgd"].shape == (180, 3) and out.uns["dgd"]["fit"]["world_size"] == 2
     assert dgdcell.DGD.load(model_dir).representation.shape == (180, 3)
+
+
+def test_failed_shard_write_keeps_the_last_checkpoint(one_thread, tmp_path, monkeypatch):
+    """A rank that cannot write its checkpoint shard stops the fit with its own error; the folder
+    keeps the last complete checkpoint and nothing of the failed one; the model is as it was."""
+    import dgdcell.model as model_module
+
+    write = model_module.write_shard
+
+    def failing(path, name, *args, **kwargs):
+        if name.startswith("representation.3."):
+            raise OSError("disk full (simulated)")
+        return write(path, name, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "write_shard", failing)
+    adata = make_counts()
+    model = dgdcell.DGD(n_components=3, latent_dim=3, seed=0, device="cpu")
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                         world_size=1)
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            model.fit(adata, max_epochs=6, batch_size=64, verbose=False, distributed=True,
+                      checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert model.module is None and "X_dgd" not in adata.obsm
+    assert [p.name for p in (tmp_path / "ckpt" / "shards").iterdir()] == ["representation.2.0-of-1.pt"]
+    assert dgdcell.DGD.load(tmp_path / "ckpt").history["epoch"] == [1, 2]
