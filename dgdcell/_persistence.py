@@ -23,6 +23,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.pt"
 WEIGHTS_FILE_ALT = "weights.1.pt"  # every other write of a checkpoint directory (see PersistenceMixin._write_model)
+#: folder of a data-parallel checkpoint's representation shards (one file per rank, see :func:`write_shard`)
+SHARDS_DIR = "shards"
 
 
 class PersistenceMixin:
@@ -50,18 +52,25 @@ class PersistenceMixin:
         self._write_model(path, self.representation, self.cov_representation, self.history, self.fit_settings)
 
     def _write_model(
-        self, path: Path, representation: torch.Tensor, cov_representation: dict[str, torch.Tensor],
-        history: dict[str, list], fit_settings: dict[str, Any],
+        self, path: Path, representation: torch.Tensor | None, cov_representation: dict[str, torch.Tensor],
+        history: dict[str, list], fit_settings: dict[str, Any], shards: list[str] | None = None,
     ) -> None:
         """Write the model with the given training-cell representations (n, L)
-        and covariate representations to ``path`` (see :meth:`save`)."""
+        and covariate representations to ``path`` (see :meth:`save`).
+
+        A data-parallel checkpoint passes ``shards`` instead of the
+        representations: the names (in ``path / SHARDS_DIR``) of the files the
+        ranks wrote with :func:`write_shard`; ``config.json`` then lists them and
+        :meth:`load` assembles them. Shard files that the new ``config.json``
+        does not list are removed after it is in place."""
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise OSError(f"cannot create the model folder {path}: {err}") from err
         # the module's parameters under its state_dict names, the covariate mixtures as cov_gmm.<key>.*
         tensors = {_saved_name(k): v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-        tensors["representation"] = representation.detach().cpu().clone()
+        if representation is not None:
+            tensors["representation"] = representation.detach().cpu().clone()
         for key, c in cov_representation.items():
             tensors[f"cov_representation.{key}"] = c.detach().cpu().clone()
         if self.continuous_input is not None:
@@ -80,6 +89,8 @@ class PersistenceMixin:
         }
         # the weights alternate between two names and config.json names the current one, so that
         # at any moment config.json and the weights it names are a complete pair of one state
+        if shards is not None:
+            config["shards"] = list(shards)
         current = _weights_file(path)
         weights = WEIGHTS_FILE_ALT if current == WEIGHTS_FILE and (path / WEIGHTS_FILE).is_file() else WEIGHTS_FILE
         config["weights_file"] = weights
@@ -97,6 +108,7 @@ class PersistenceMixin:
         stale = path / (WEIGHTS_FILE_ALT if weights == WEIGHTS_FILE else WEIGHTS_FILE)
         if stale.is_file():
             stale.unlink()
+        _remove_stale_shards(path, shards or [])
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> "DGD":
@@ -138,6 +150,8 @@ class PersistenceMixin:
             tensors = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated / corrupted file, or a pickle of arbitrary objects
             raise ValueError(f"{weights} could not be read (corrupted or truncated?): {err}") from err
+        if config.get("shards") is not None and isinstance(tensors, dict):
+            tensors.update(read_shards(path, config["shards"], len(config.get("obs_names") or [])))
         known = set(inspect.signature(cls.__init__).parameters) - {"self", "device"}
         unknown = sorted(set(config.get("init_args") or {}) - known)
         if unknown:
@@ -216,6 +230,88 @@ def _check_config(config: dict, where: Path) -> None:
     if sorted(covs) != sorted(config["covariate_categories"]):
         raise ValueError(f"{where}: init_args.covariate_keys {covs} do not match covariate_categories "
                          f"{list(config['covariate_categories'])}.")
+
+
+def shard_names(generation: int, world_size: int) -> list[str]:
+    """File names (in ``SHARDS_DIR``) of the ``world_size`` shards of checkpoint number ``generation``
+    (the epochs so far: a new checkpoint never writes over the files ``config.json`` names)."""
+    return [f"representation.{int(generation)}.{rank}-of-{world_size}.pt" for rank in range(world_size)]
+
+
+def write_shard(path: Path, name: str, rows: torch.Tensor, representation: torch.Tensor,
+                cov_representation: dict[str, torch.Tensor]) -> None:
+    """Write one rank's part of a checkpoint to ``path / SHARDS_DIR / name``
+    (to a temporary name, then renamed): its cells' positions ``rows`` (n_r,)
+    in the data, their (n_r, L) representations and (n_r, 2) covariate
+    representations."""
+    folder = path / SHARDS_DIR
+    tensors = {"rows": torch.as_tensor(rows).long().cpu(), "representation": representation.detach().cpu()}
+    tensors.update({f"cov_representation.{k}": v.detach().cpu() for k, v in cov_representation.items()})
+    tmp = folder / f".{name}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(tensors, tmp)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write the checkpoint shard {folder / name} (is the folder writable, is the disk "
+                      f"full?): {err}") from err
+    os.replace(tmp, folder / name)
+
+
+def read_shards(path: Path, names: list[str], n_obs: int) -> dict[str, torch.Tensor]:
+    """The ``representation`` and ``cov_representation.*`` tensors (n_obs rows,
+    in the data's order) assembled from the shards ``names`` of a data-parallel
+    checkpoint in ``path``; a ValueError when they are missing, unreadable or
+    do not cover each cell exactly once."""
+    if not isinstance(names, list) or not all(isinstance(x, str) for x in names) or not names:
+        raise ValueError(f"{path / CONFIG_FILE}: field 'shards' must be a list of file names, got {names!r}.")
+    parts = []
+    for name in names:
+        file = path / SHARDS_DIR / name
+        try:
+            parts.append(torch.load(file, map_location="cpu", weights_only=True))
+        except Exception as err:
+            raise ValueError(f"the checkpoint shard {file} could not be read (missing, corrupted or truncated?): "
+                             f"{err}") from err
+    try:
+        rows = torch.cat([p["rows"] for p in parts])
+        if rows.shape != (n_obs,) or not torch.equal(torch.sort(rows).values, torch.arange(n_obs)):
+            raise ValueError(f"they hold {rows.numel()} rows, not each of the {n_obs} cells once")
+        out = {}
+        for key in (k for k in parts[0] if k != "rows"):
+            values = torch.cat([p[key] for p in parts])
+            out[key] = values.new_empty(values.shape)
+            out[key][rows] = values
+    except (KeyError, TypeError, RuntimeError, ValueError) as err:
+        raise ValueError(f"the checkpoint shards {names} in {path / SHARDS_DIR} do not fit together ({err}); "
+                         "were they written by one checkpoint?") from err
+    return out
+
+
+def discard_shard(path: Path, name: str) -> None:
+    """After a failed data-parallel checkpoint: remove this rank's shard ``name``
+    unless ``path / config.json`` lists it (then it belongs to a complete checkpoint)."""
+    try:
+        listed = json.loads((path / CONFIG_FILE).read_text()).get("shards") or []
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    if name not in listed:
+        (path / SHARDS_DIR / name).unlink(missing_ok=True)
+        folder = path / SHARDS_DIR
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _remove_stale_shards(path: Path, keep: list[str]) -> None:
+    """Remove the shard files (and then the folder, when empty) that ``keep`` does not name."""
+    folder = path / SHARDS_DIR
+    if not folder.is_dir():
+        return
+    for file in folder.iterdir():
+        if file.name not in keep and file.name.startswith("representation.") and file.suffix == ".pt":
+            file.unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _weights_file(path: Path) -> str:

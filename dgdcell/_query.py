@@ -14,6 +14,7 @@ from .data import binarise, read_new_data
 from .latent import RepresentationLayer
 from .module import COVARIATE_DIM
 from .train import CellSet, DeviceCounts
+from .train.distributed import abort_comm, merge_histories, open_comm
 from .train.new_cells import INIT_TYPES, NewCellConfig, fit_new_cells
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ def transform(
     min_overlap: float = 0.5,
     max_elements: int = 20_000_000,
     modality: str | None = None,
+    distributed: bool | None = None,
 ) -> "DGD":
     """Embed new cells: fit fresh representations against the frozen decoder and mixtures.
 
@@ -133,6 +135,14 @@ def transform(
         Memory bound of the candidate scoring, in floats.
     modality
         For a plain AnnData of a multi-modal model: which modality it holds.
+    distributed
+        Shard the new cells across the processes of a ``torch.distributed``
+        run (see ``docs/distributed.md``): every process calls ``transform``
+        with the same data, fits its contiguous block of the cells against its
+        copy of the frozen model, and every process ends with all the cells'
+        outputs. None (default): when launched by ``torchrun`` or under an
+        initialised process group of more than one process; False: never.
+        With fewer cells than processes every process fits them all.
 
     Returns
     -------
@@ -165,29 +175,59 @@ def transform(
         patience=int(patience), min_delta=float(min_delta), max_elements=int(max_elements), verbose=verbose,
     )
     seed = self.init_args["seed"] if seed is None else int(seed)
-    cells = _new_cell_set(self, new)
-    history = fit_new_cells(self.module, cells, config, torch.Generator().manual_seed(seed))
-    z = cells.rep.z.detach().cpu()
-    cov = {k: r.z.detach().cpu() for k, r in cells.cov_reps.items()}
+    comm = open_comm(distributed, self.device) if new.data.n_obs >= _world_size(distributed) else None
+    try:
+        rows = None if comm is None else comm.shard(np.arange(new.data.n_obs))
+        if comm is not None and comm.rank != 0:
+            config.verbose = False
+        cells = _new_cell_set(self, new, rows)
+
+        def fit() -> dict:  # every rank draws the same candidates (init='sample') from the same seed
+            return fit_new_cells(self.module, cells, config, torch.Generator().manual_seed(seed))
+
+        history = fit() if comm is None else comm.agree("fitting its new cells", fit)
+        z = cells.rep.z.detach().cpu()
+        cov = {k: r.z.detach().cpu() for k, r in cells.cov_reps.items()}
+        if comm is not None:  # every rank gets every cell's results, in the data's order
+            z, cov = torch.cat(comm.gather(z)), {k: torch.cat(comm.gather(v)) for k, v in cov.items()}
+            history = merge_histories(comm, history, len(rows))
+    except BaseException:
+        abort_comm(comm)  # the other processes stop at once
+        raise
     record = _transform_record(new, config, layer, seed, history, time.perf_counter() - t0)
     self._write_outputs(adata_new, z, cov, key_added, extra_uns={"transform": record})
     return self
 
-def _new_cell_set(self, new):
-    """A CellSet (representations at zero) for new cells read by ``read_new_data``."""
+def _world_size(distributed) -> int:
+    """The number of processes a ``transform`` with ``distributed`` would shard over (1: none)."""
+    from .train.distributed import resolve_distributed, world_size
+
+    return world_size() if resolve_distributed(distributed) else 1
+
+
+def _new_cell_set(self, new, rows: np.ndarray | None = None):
+    """A CellSet (representations at zero) for new cells read by ``read_new_data``
+    (only the cells ``rows``, e.g. a rank's shard, when given)."""
     d = new.data
+
+    def pick(x):
+        return x if rows is None else x[rows]
+
+    n = d.n_obs if rows is None else len(rows)
+    weight = {m: pick(w) for m, w in self._cell_weights(d).items()}
+    continuous = self._continuous_input(d.continuous)
     return CellSet(
-        rep=RepresentationLayer(self.latent_dim, d.n_obs).to(self.device),
-        cov_reps={k: RepresentationLayer(COVARIATE_DIM, d.n_obs).to(self.device) for k in self.cov_gmms},
-        counts={m: DeviceCounts(c, d.library[m], self.device) for m, c in d.counts.items()},
-        cov_codes={k: torch.as_tensor(cat.codes, device=self.device) for k, cat in d.covariates.items()},
+        rep=RepresentationLayer(self.latent_dim, n).to(self.device),
+        cov_reps={k: RepresentationLayer(COVARIATE_DIM, n).to(self.device) for k in self.cov_gmms},
+        counts={m: DeviceCounts(pick(c), pick(d.library[m]), self.device) for m, c in d.counts.items()},
+        cov_codes={k: torch.as_tensor(pick(cat.codes), device=self.device) for k, cat in d.covariates.items()},
         labels=None,
         feature_index={
             m: None if a.complete else torch.as_tensor(a.feature_index, device=self.device)
             for m, a in new.alignments.items()
         },
-        weight=self._cell_weights(d),
-        continuous=None if (c := self._continuous_input(d.continuous)) is None else c.to(self.device),
+        weight=weight,
+        continuous=None if continuous is None else pick(continuous).to(self.device),
     )
 
 

@@ -21,6 +21,10 @@ left behind (nothing that existed before is removed).
 
 The progress bar is shown only when stderr is a terminal; ``--quiet`` silences it, the
 summary and informational log messages.
+
+Under ``torchrun`` (``torchrun --nproc-per-node N -m dgdcell fit ...``) ``fit`` and
+``transform`` run data-parallel (see ``docs/distributed.md``): every process reads the
+input and fits its shard of the cells; only rank 0 reports and writes the outputs.
 """
 
 from __future__ import annotations
@@ -162,6 +166,15 @@ def _logging(quiet: bool, debug: bool):
         lib.removeHandler(handler)
         lib.setLevel(saved[0])
         lib.propagate = saved[1]
+
+
+def _rank() -> int:
+    """This process's rank under ``torchrun`` (0 when run alone; torch is not imported then)."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+        return 0
+    from .train.distributed import process_rank
+
+    return process_rank()
 
 
 def _progress(args) -> bool:
@@ -479,6 +492,8 @@ def cmd_fit(args) -> int:
             verbose=_progress(args),
         )
     seconds = time.perf_counter() - t0
+    if _rank() != 0:  # under torchrun every process fitted its shard; rank 0 (holding the whole model) writes
+        return EXIT_OK
 
     with _Outputs() as out:
         tmp_model = None
@@ -578,6 +593,8 @@ def cmd_transform(args) -> int:
     t0 = time.perf_counter()
     with _library_stdout(args):
         model.transform(adata, **kwargs)
+    if _rank() != 0:  # under torchrun every process embedded its shard; rank 0 (holding all cells) writes
+        return EXIT_OK
     seconds = time.perf_counter() - t0
     with _Outputs() as out:
         tmp_dst = out.temp_file(dst)
@@ -701,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    with _logging(args.quiet, args.debug), warnings.catch_warnings():
+    # under torchrun only rank 0 reports progress (warnings and errors come from every rank)
+    with _logging(args.quiet or _rank() != 0, args.debug), warnings.catch_warnings():
         # mudata announces a future change of MuData.update() on every read and subset; not the user's concern here
         warnings.filterwarnings("ignore", message=r"From 0\.4 \.update\(\) will not pull", category=FutureWarning)
         try:

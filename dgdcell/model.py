@@ -15,6 +15,7 @@ from torch import nn
 
 from ._expression import ExpressionMixin
 from ._persistence import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, PersistenceMixin  # noqa: F401 (re-exported)
+from ._persistence import discard_shard, shard_names, write_shard
 from . import _query
 from ._version import __version__
 from .data import CountData, binarise, read_data
@@ -23,6 +24,7 @@ from ._checks import check_int, check_not_view, check_number, check_pair, check_
 from .module import COVARIATE_DIM, DGDModule
 from .nn import LIKELIHOODS, Decoder
 from .train import CellSet, DeviceCounts, TrainConfig, init_mixture, pca_scores, train
+from .train.distributed import Comm, abort_comm, open_comm
 from .train.initialisation import graph_clusters, init_mixture_from_labels, pool_variances
 
 logger = logging.getLogger(__name__)
@@ -329,6 +331,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int = 10,
         warm_start: bool = False,
+        distributed: bool | None = None,
     ) -> "DGD":
         """Fit the model to the raw counts of ``adata`` and write the results into it.
 
@@ -412,6 +415,19 @@ class DGD(ExpressionMixin, PersistenceMixin):
             Modalities of a MuData or var-keyed AnnData to use (default: all).
         checkpoint_dir, checkpoint_every, warm_start
             Checkpoints and resuming (see above).
+        distributed
+            Data-parallel fit on ``torch.distributed`` (see
+            ``docs/distributed.md``): every process calls ``fit`` with the
+            same data and settings; each owns a shard of the cells, the
+            decoder and mixture gradients are summed over the processes, and
+            every process ends with the same complete model and outputs;
+            ``batch_size`` is then the global minibatch (each process decodes
+            about ``batch_size / N`` cells per step) and the fit equals the
+            one-process fit up to the order of floating-point sums.
+            None (default): data-parallel when launched by ``torchrun``
+            (``WORLD_SIZE`` > 1) or when a process group of more than one
+            process is initialised; True: require it; False: never (each
+            process fits on its own).
 
         Returns
         -------
@@ -467,19 +483,31 @@ class DGD(ExpressionMixin, PersistenceMixin):
                       settings=settings, checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
                       checkpoint_every=int(checkpoint_every))
         backup = self._state(copy_modules=warm_start)
+        device = self.device
         try:
+            run.comm = open_comm(distributed, self.device)  # None in one process
+            if run.comm is not None:
+                self.device = run.comm.model_device
+                settings["world_size"] = run.comm.world_size
             history, z_all, cov_all = self._fit_run(run)
             stop = {key: history.pop(key)[0] for key in ("stopped", "best_epoch")}
             self.representation, self.cov_representation = z_all, cov_all
             self.history = _continue_history(run.previous, history)
             self.fit_settings = {**settings, "n_epochs": len(self.history["epoch"]), **stop}
             if run.checkpoint_dir is not None:
-                self._write_model(run.checkpoint_dir, z_all, cov_all, self.history, self.fit_settings)
+                def write() -> None:
+                    self._write_model(run.checkpoint_dir, z_all, cov_all, self.history, self.fit_settings)
+                if run.comm is None:
+                    write()
+                else:  # rank 0 writes the complete model; every rank learns whether it could
+                    run.comm.agree("writing the final checkpoint", write if run.comm.rank == 0 else None)
             self._write_outputs(adata, z_all, cov_all, key_added)
         except BaseException:  # also KeyboardInterrupt: a failed or interrupted fit leaves the model as it was
             self._restore_state(backup)
+            self.device = device
+            abort_comm(run.comm)  # the other processes stop at once
             raise
-        if verbose:
+        if verbose and (run.comm is None or run.comm.rank == 0):
             print(self._fit_summary(adata, key_added))
         return self
 
@@ -517,10 +545,23 @@ class DGD(ExpressionMixin, PersistenceMixin):
         self.continuous_input = self._continuous_input(data.continuous)
         checkpoint = None
         if run.checkpoint_dir is not None:
-            def checkpoint(z, cov, history):
+            def checkpoint(z, cov, history, rows=None):
                 merged = _continue_history(run.previous, history)
-                self._write_model(run.checkpoint_dir, z, cov, merged,
-                                  {**run.settings, "n_epochs": len(merged["epoch"])})
+                fit = {**run.settings, "n_epochs": len(merged["epoch"])}
+                if rows is None:
+                    self._write_model(run.checkpoint_dir, z, cov, merged, fit)
+                    return
+                # data-parallel: each rank writes its shard, then rank 0 the module and config.json naming them
+                comm, names = run.comm, shard_names(len(merged["epoch"]), run.comm.world_size)
+                try:
+                    comm.agree("writing its checkpoint shard",
+                               lambda: write_shard(run.checkpoint_dir, names[comm.rank], rows, z, cov))
+                    comm.agree("writing the checkpoint's module and config.json",
+                               (lambda: self._write_model(run.checkpoint_dir, None, {}, merged, fit, shards=names))
+                               if comm.rank == 0 else None)
+                except BaseException:  # the folder keeps the last complete checkpoint, nothing of this one
+                    discard_shard(run.checkpoint_dir, names[comm.rank])
+                    raise
         return self._fit_data(run, torch.Generator().manual_seed(self.init_args["seed"]), checkpoint)
 
     def _fit_summary(self, adata, key: str) -> str:
@@ -568,30 +609,53 @@ class DGD(ExpressionMixin, PersistenceMixin):
         """Split, start and train; returns (history, (n, L) representations,
         covariate key -> (n, 2)). ``run.order`` (warm start): rows of the stored
         representations to start from. ``checkpoint(z, cov, history)`` is
-        called every ``run.checkpoint_every`` epochs."""
+        called every ``run.checkpoint_every`` epochs.
+
+        Data-parallel (``run.comm``): rank 0 computes the start (PCA, Leiden,
+        mixture) and broadcasts it with the module's initial state and the
+        generator's state (so that every rank draws one process's minibatch
+        permutations, see :func:`dgdcell.train.loop.train`); each rank
+        then trains its shard of the training and of the validation cells
+        (contiguous blocks of each), holds only their counts on its device,
+        and all ranks gather the representations at the end."""
         data, config, train_size, order, checkpoint_every = (run.data, run.config, run.train_size, run.order,
                                                              run.checkpoint_every)
+        comm = run.comm
         a = self.init_args
         n = data.n_obs
         perm = torch.randperm(n, generator=generator).numpy()
         n_val = _n_validation(n, train_size)
         val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        if comm is not None and 0 < n_val < comm.world_size:
+            raise ValueError(f"train_size={train_size} leaves {n_val} validation cells for {comm.world_size} "
+                             "processes, each of which needs one; use a smaller train_size (or 1.0: no validation).")
+        if comm is not None and n - n_val < comm.world_size:
+            raise ValueError(f"{n - n_val} training cells cannot be shared by {comm.world_size} processes; use fewer "
+                             "processes.")
 
         labels = torch.as_tensor(data.labels.codes) if data.labels is not None else None
         guide = None
+        leiden = order is None and a["init"] == "pca" and labels is None and a.get("init_clustering", "leiden") == "leiden"
         if order is not None:
             rows = torch.as_tensor(order)
             z0 = self.representation[rows].clone()
             cov_init = {k: self.cov_representation[k][rows].clone() for k in data.covariates}
+        elif comm is not None and comm.rank != 0:  # rank 0's start arrives below
+            z0, guide = torch.empty(n, a["latent_dim"]), torch.empty(n, dtype=torch.long) if leiden else None
         else:
             z0 = self._start(data, generator)
-            if a["init"] == "pca" and labels is None and a.get("init_clustering", "leiden") == "leiden":
+            if leiden:
                 groups = _joint_codes([cat.codes for cat in data.covariates.values()], n)
                 guide = torch.as_tensor(graph_clusters(z0.numpy(), self.gmm.n_mix_comp, seed=a["seed"], groups=groups))
                 init_mixture_from_labels(self.gmm, z0[train_idx].to(self.device), guide[train_idx])
             elif a["init"] == "pca":
                 init_mixture(self.gmm, z0[train_idx].to(self.device),
                              None if labels is None else labels[train_idx].to(self.device), generator=None)
+        if comm is not None:  # one start, one module and one generator state on every rank: rank 0's
+            state = generator.get_state()
+            comm.broadcast([z0, *([] if guide is None else [guide]), state, *self.module.state_dict().values()])
+            generator.set_state(state)
+        if order is None:
             cov_init = {key: self.cov_gmms[key].mean.detach().cpu()[torch.as_tensor(cat.codes)]
                         for key, cat in data.covariates.items()}
 
@@ -601,15 +665,21 @@ class DGD(ExpressionMixin, PersistenceMixin):
             pool_variances(self.gmm)
         self.gmm.neglogvar.requires_grad_(a["covariance_type"] != "fixed" and learned)
         weights = self._cell_weights(data)
-        # one copy of the counts on the device; the training and validation sets are row views of it
-        all_counts = {m: DeviceCounts(c, data.library[m], self.device) for m, c in data.counts.items()}
+        if comm is None:
+            # one copy of the counts on the device; the training and validation sets are row views of it
+            all_counts = {m: DeviceCounts(c, data.library[m], self.device) for m, c in data.counts.items()}
+        else:  # this rank's cells only: its training shard, then its validation shard
+            train_idx, val_idx = comm.shard(train_idx), comm.shard(val_idx)
+            local = np.concatenate([train_idx, val_idx])
+            all_counts = {m: DeviceCounts(c[local], data.library[m][local], self.device) for m, c in data.counts.items()}
 
-        def cell_set(rows: np.ndarray) -> CellSet:
+        def cell_set(rows: np.ndarray, count_rows: np.ndarray) -> CellSet:
+            """The cells ``rows`` of the data, whose counts are rows ``count_rows`` of ``all_counts``."""
             rows_t = torch.as_tensor(rows)
             return CellSet(
                 rep=RepresentationLayer(a["latent_dim"], len(rows), z0[rows_t]).to(self.device),
                 cov_reps={k: RepresentationLayer(COVARIATE_DIM, len(rows), v[rows_t]).to(self.device) for k, v in cov_init.items()},
-                counts={m: c.subset(rows) for m, c in all_counts.items()},
+                counts={m: c.subset(count_rows) for m, c in all_counts.items()},
                 cov_codes={k: torch.as_tensor(cat.codes[rows], device=self.device) for k, cat in data.covariates.items()},
                 labels=None if labels is None else labels[rows_t].to(self.device),
                 guide=None if guide is None else guide[rows_t].to(self.device),
@@ -617,10 +687,21 @@ class DGD(ExpressionMixin, PersistenceMixin):
                 continuous=None if self.continuous_input is None else self.continuous_input[rows_t].to(self.device),
             )
 
-        train_cells = cell_set(train_idx)
-        val_cells = cell_set(val_idx) if n_val > 0 else None
+        n_local = None if comm is None else len(train_idx)  # rows of all_counts: the data's, or this rank's
+        train_cells = cell_set(train_idx, train_idx if comm is None else np.arange(n_local))
+        val_cells = cell_set(val_idx, val_idx if comm is None else n_local + np.arange(len(val_idx))) if n_val > 0 else None
+
+        def local() -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+            """This rank's cells, their representations and covariate representations (on the host)."""
+            sets = [c for c in (train_cells, val_cells) if c is not None]
+            return (torch.as_tensor(np.concatenate([train_idx, val_idx])),
+                    torch.cat([c.rep.z.detach().cpu() for c in sets]),
+                    {k: torch.cat([c.cov_reps[k].z.detach().cpu() for c in sets]) for k in data.covariates})
 
         def gather() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            if comm is not None:
+                rows, z, cov = local()
+                return comm.gather_rows(n, rows, z), {k: comm.gather_rows(n, rows, v) for k, v in cov.items()}
             z_all = torch.empty(n, a["latent_dim"])
             cov_all = {k: torch.empty(n, COVARIATE_DIM) for k in data.covariates}
             for idx, cells in ((train_idx, train_cells), (val_idx, val_cells)):
@@ -633,11 +714,16 @@ class DGD(ExpressionMixin, PersistenceMixin):
 
         def on_epoch_end(epoch: int, history: dict[str, list]) -> None:
             if epoch % checkpoint_every == 0:
-                checkpoint(*gather(), {**history, "n_train": [len(train_idx)], "n_val": [int(n_val)]})
+                counts = {"n_train": [n - int(n_val)], "n_val": [int(n_val)]}
+                if comm is None:
+                    checkpoint(*gather(), {**history, **counts})
+                else:
+                    rows, z, cov = local()
+                    checkpoint(z, cov, {**history, **counts}, rows=rows)
 
         history = train(self.module, train_cells, val_cells, config, generator,
-                        on_epoch_end=None if checkpoint is None else on_epoch_end)
-        history["n_train"] = [len(train_idx)]
+                        on_epoch_end=None if checkpoint is None else on_epoch_end, comm=comm)
+        history["n_train"] = [n - int(n_val)]
         history["n_val"] = [int(n_val)]
         return (history, *gather())
 
@@ -753,6 +839,7 @@ class _FitRun:
     settings: dict = field(default_factory=dict)
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 10
+    comm: Comm | None = None
 
 
 def _n_validation(n: int, train_size: float) -> int:

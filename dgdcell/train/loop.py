@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 
 import torch
@@ -19,6 +20,9 @@ from .._checks import check_int
 from ..module import DGDModule
 from .cells import CellSet
 from .new_cells import frozen
+
+if TYPE_CHECKING:
+    from .distributed import Comm
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +97,31 @@ class TrainConfig:
 MAX_LR = 1.0
 
 
-def _batches(cells: CellSet, batch_size: int, generator: torch.Generator | None, device) -> list[torch.Tensor]:
+
+def _batches(cells: CellSet, batch_size: int, generator: torch.Generator | None, device,
+             shard: tuple[int, int] | None = None) -> list[torch.Tensor]:
     """One epoch's minibatches of ``cells``: a random permutation (drawn on the
     host from ``generator``; identity order when None) sent to ``device`` once
     and split into (batch_size,) long index tensors. The counts are prepared
-    for these batches, so slicing them needs no per-batch synchronisation."""
-    n = cells.n
+    for these batches, so slicing them needs no per-batch synchronisation.
+
+    ``shard = (start, n_total)`` (a data-parallel fit): ``cells`` are cells
+    ``start .. start + n - 1`` of a set of ``n_total`` spread over the ranks.
+    The permutation is then of all ``n_total`` (every rank draws the same one
+    from the same generator state, as one process would) and each of its
+    batches keeps this rank's cells, renumbered from 0: the ranks' batches
+    ``k`` together are one process's batch ``k``. A rank's batch may be empty."""
+    n = cells.n if shard is None else shard[1]
     perm = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    batches = list(perm.to(device).split(batch_size))
+    if shard is None:
+        batches = list(perm.to(device).split(batch_size))
+    else:
+        start = shard[0]
+        mine = (perm >= start) & (perm < start + cells.n)
+        sizes = torch.bincount(torch.arange(n)[mine] // batch_size, minlength=-(-n // batch_size))
+        batches = list((perm[mine] - start).to(device).split(sizes.tolist()))
     for counts in cells.counts.values():
-        counts.prepare(batches)
+        counts.prepare([b for b in batches if b.numel()])
     return batches
 
 
@@ -158,6 +177,12 @@ def _restore(modules: dict, state: dict) -> None:
         m.load_state_dict(state[name])
 
 
+def _totals(comm: Comm | None, *values: torch.Tensor | float) -> list[float]:
+    """The values as floats: summed over the ranks of a data-parallel fit (one
+    ``all_reduce``), this process's own otherwise."""
+    return [float(v) for v in values] if comm is None else comm.sum(*values)
+
+
 def representation_epoch(
     module: DGDModule,
     cells: CellSet,
@@ -166,10 +191,14 @@ def representation_epoch(
     generator: torch.Generator | None,
     step: bool = True,
     guided: bool = False,
+    comm: Comm | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[float, float]:
     """One pass over ``cells`` stepping only their representations (decoder and
     mixtures untouched; no step when ``step`` is False). Returns the mean
-    per-cell loss and reconstruction NLL before the step.
+    per-cell loss and reconstruction NLL before the step (over the cells of
+    every rank with ``comm``, whose ``cells`` are the ``shard`` of
+    :func:`_batches`; the pass itself stays local).
 
     Each cell's gradient is its own and the step comes once, after the pass,
     so the minibatch size does not change the result: the pass uses
@@ -184,7 +213,9 @@ def representation_epoch(
     n_values = max(sum(c.n_features for c in cells.counts.values()), 1)
     size = max(int(batch_size), REPRESENTATION_BATCH_ELEMENTS // n_values)
     with frozen(module):
-        for idx in _batches(cells, size, generator, cells.rep.z.device):
+        for idx in _batches(cells, size, generator, cells.rep.z.device, shard):
+            if not idx.numel():  # a rank's part of a global batch can be empty
+                continue
             out = module.loss(view.minibatch(idx), prior_scale=0.0, guided=guided)
             loss = out.loss
             loss.backward(inputs=params)
@@ -192,7 +223,8 @@ def representation_epoch(
             recon_total += out.reconstruction_total.detach().sum()
     if step:
         optimizer.step()
-    return total.item() / cells.n, recon_total.item() / cells.n
+    total, recon_total, n = _totals(comm, total, recon_total, cells.n)
+    return total / n, recon_total / n
 
 
 def train(
@@ -202,6 +234,7 @@ def train(
     config: TrainConfig,
     generator: torch.Generator | None = None,
     on_epoch_end: Callable[[int, dict[str, list]], None] | None = None,
+    comm: Comm | None = None,
 ) -> dict[str, list]:
     """Fit the module (decoder, mixtures) and the representations by MAP; returns the history.
 
@@ -223,6 +256,19 @@ def train(
     ``on_epoch_end(epoch, history)`` (epoch counted from 1), when given, is
     called after every completed epoch with finite losses (e.g. to write a
     checkpoint); it sees the current, not the best, state.
+
+    Data-parallel (``comm``, see :mod:`dgdcell.train.distributed`): the cell
+    sets are this rank's shards (contiguous blocks, :meth:`Comm.block`) and
+    the module a replica; ``generator`` must be in the same state on every
+    rank. Every rank draws the permutation one process would draw and keeps
+    its own cells of each batch (:func:`_batches`), so the ranks' batches
+    ``k`` together are one process's batch ``k``; the module's gradients are
+    summed over the ranks after each backward pass and the parameter prior
+    is scaled by global counts, so every replica takes one process's step
+    (up to the order of floating-point sums). The losses (hence early
+    stopping, the best epoch and the history) are totals over all ranks, so
+    every rank takes the same decisions. An interrupt propagates (there is no
+    agreed state to keep).
     """
     device = train_cells.rep.z.device
     mixture_params = [p for g in module.mixtures() for p in g.parameters() if p.requires_grad]
@@ -245,10 +291,16 @@ def train(
     stopped = "max_epochs"
     stale = 0
     n_train = train_cells.n
+    shard = val_shard = None
+    if comm is not None:
+        shard = comm.block(n_train)
+        n_train = shard[1]
+        val_shard = None if val_cells is None else comm.block(val_cells.n)
+    model_params = [p for g in groups for p in g["params"]]
     train_view = _sparse_view(train_cells)
     t0 = time.perf_counter()
-    bar = tqdm(range(config.max_epochs), disable=True if not config.verbose else None, desc="dgd", unit="epoch",
-               leave=False)
+    quiet = not config.verbose or (comm is not None and comm.rank != 0)
+    bar = tqdm(range(config.max_epochs), disable=True if quiet else None, desc="dgd", unit="epoch", leave=False)
     try:
         for epoch in bar:
             module.train()
@@ -256,24 +308,29 @@ def train(
             total = torch.zeros((), device=device)
             recon_total = torch.zeros((), device=device)
             guided = epoch < config.guide_epochs
-            for idx in _batches(train_cells, config.batch_size, generator, device):
+            for idx in _batches(train_cells, config.batch_size, generator, device, shard):
                 opt_model.zero_grad(set_to_none=True)
-                out = module.loss(train_view.minibatch(idx), prior_scale=idx.shape[0] / n_train, guided=guided)
-                loss = out.loss
-                loss.backward()
+                if idx.numel():  # (a rank's part of a global batch can be empty; it still takes part below)
+                    out = module.loss(train_view.minibatch(idx), prior_scale=idx.shape[0] / n_train, guided=guided)
+                    loss = out.loss
+                    loss.backward()
+                    total += loss.detach()
+                    recon_total += out.reconstruction_total.detach().sum()
+                if comm is not None:
+                    comm.reduce_gradients(model_params)
                 opt_model.step()
-                total += loss.detach()
-                recon_total += out.reconstruction_total.detach().sum()
             warm = epoch < config.warmup_epochs
             if not warm:
                 opt_rep.step()
-            train_loss = total.item() / n_train
+            total, recon_total = _totals(comm, total, recon_total)
+            train_loss = total / n_train
             history["epoch"].append(epoch + 1)
             history["train_loss"].append(train_loss)
-            history["train_reconstruction"].append(recon_total.item() / n_train)
+            history["train_reconstruction"].append(recon_total / n_train)
             if val_cells is not None:
                 val_loss, val_recon = representation_epoch(
-                    module, val_cells, opt_val, config.batch_size, generator, step=not warm, guided=guided
+                    module, val_cells, opt_val, config.batch_size, generator, step=not warm, guided=guided, comm=comm,
+                    shard=val_shard,
                 )
             else:
                 val_loss, val_recon = train_loss, history["train_reconstruction"][-1]
@@ -304,7 +361,7 @@ def train(
                     stopped = "early_stopping"
                     break
     except KeyboardInterrupt:
-        if best_state is None:
+        if best_state is None or comm is not None:
             raise
         done = min(len(v) for v in history.values())  # drop the half-recorded epoch
         for v in history.values():
