@@ -9,6 +9,7 @@ import time
 import numpy as np
 import torch
 
+from . import _evidence
 from ._checks import check_int, check_number, check_not_view
 from .data import binarise, read_new_data
 from .latent import RepresentationLayer
@@ -166,11 +167,17 @@ def transform(
     )
     seed = self.init_args["seed"] if seed is None else int(seed)
     cells = _new_cell_set(self, new)
-    history = fit_new_cells(self.module, cells, config, torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    history = fit_new_cells(self.module, cells, config, gen)
+    std = None
+    if self.variational:  # Normal posteriors from the points found: Laplace start, then the ELBO
+        std, post = _evidence.fit_new_posteriors(self, cells, config, gen)
     z = cells.rep.z.detach().cpu()
     cov = {k: r.z.detach().cpu() for k, r in cells.cov_reps.items()}
     record = _transform_record(new, config, layer, seed, history, time.perf_counter() - t0)
-    self._write_outputs(adata_new, z, cov, key_added, extra_uns={"transform": record})
+    if std is not None:
+        record["posterior_history"] = {k: np.asarray(v, dtype=np.float64) for k, v in post.items()}
+    self._write_outputs(adata_new, z, cov, key_added, extra_uns={"transform": record}, std=std)
     return self
 
 def _new_cell_set(self, new):
