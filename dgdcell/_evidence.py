@@ -17,7 +17,9 @@ AnnData-facing helpers of :class:`~dgdcell.DGD` (bound there); the maths is in
 
 from __future__ import annotations
 
+import copy
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,8 +49,20 @@ logger = logging.getLogger(__name__)
 CURVE_SAMPLES = 32
 #: epochs (at most) of the ELBO fit of new cells' posteriors after the MAP search of ``transform``
 POSTERIOR_EPOCHS = 50
-#: the screening fit of ``n_components='auto'`` uses the largest candidate up to this many components
-SCREEN_MAX = 20
+#: a mean held-out evidence gain per cell smaller than this (nats) does not justify more components
+MIN_GAIN = 0.05
+#: how ``n_components='auto'`` compares K: 'mixture' (held-out evidence of mixtures fitted to the
+#: screening latent space) or 'refit' (held-out evidence of the validation cells after training on
+#: with each K)
+AUTO_METHOD = "refit"
+#: epochs each candidate K trains on from the screening state (AUTO_METHOD 'refit')
+ADAPT_EPOCHS = 15
+#: draws per cell from its proposal that the candidate mixtures are fitted to
+EM_DRAWS = 4
+#: folds of the cross-validated mixture evidence of ``n_components='auto'``
+CV_FOLDS = 5
+#: components of the screening fit of ``n_components='auto'``
+SCREEN_COMPONENTS = 1
 
 
 def _cells(self: "DGD", data, rows: np.ndarray | None, z: torch.Tensor, cov: dict[str, torch.Tensor],
@@ -185,46 +199,126 @@ def _candidates(spec, n_train: int) -> list[int]:
     return ks
 
 
-def one_se_choice(per_cell: np.ndarray, ks: list[int]) -> tuple[int, np.ndarray, np.ndarray]:
+def one_se_choice(per_cell: np.ndarray, ks: list[int], min_gain: float | None = None
+                  ) -> tuple[int, np.ndarray, np.ndarray]:
     """K from a (n_K, n_cells) held-out evidence table: the smallest K whose
     mean is within one standard error of the best (the error of the paired
-    per-cell difference to the best). Returns (K, means, standard errors)."""
+    per-cell difference to the best), or within ``min_gain`` nats per cell
+    (default :data:`MIN_GAIN`) of it, whichever is wider: a redundant extra
+    component changes every cell's evidence alike, so its standard error can
+    be tiny while the gain is of no consequence. Returns (K, means, standard errors)."""
+    min_gain = MIN_GAIN if min_gain is None else float(min_gain)
     means = per_cell.mean(1)
     best = int(np.argmax(means))
     diff = per_cell - per_cell[best]
     se = diff.std(1, ddof=1) / np.sqrt(per_cell.shape[1]) if per_cell.shape[1] > 1 else np.zeros(len(ks))
-    ok = np.flatnonzero(means >= means[best] - se)
+    ok = np.flatnonzero(means >= means[best] - np.maximum(se, min_gain))
     return int(ks[int(ok[0])]), means, se
 
 
-def auto_components(self: "DGD", adata, run: "_FitRun", layer) -> tuple[int, dict[str, Any]]:
+def _auto_by_mixture(self: "DGD", adata, run: "_FitRun", layer) -> tuple[int, dict[str, Any]]:
     """Resolve ``n_components='auto'`` (or a list) for ``fit``: returns (K, the ``uns`` record).
 
-    A screening fit with the largest candidate (at most :data:`SCREEN_MAX`) components; then,
-    for every candidate K, a K-component mixture is fitted by k-means + EM to the
-    training cells' latent means, and each validation cell's evidence under it is
-    estimated by importance sampling (its posterior, or the Laplace approximation of
-    a MAP model, as proposal; :data:`CURVE_SAMPLES` draws shared by all K)."""
+    1. A screening fit with :data:`SCREEN_COMPONENTS` component (a single
+       Gaussian prior: no clustering pressure on the latent space).
+    2. Every cell's held-out evidence under each candidate K: the cells are
+       split into :data:`CV_FOLDS` folds; a K-component mixture is fitted by
+       k-means + EM to the latent means of the other folds, and the cell's
+       ``log p(x)`` under the screening decoder with that mixture as prior is
+       estimated by importance sampling (its posterior, or for a MAP model the
+       Laplace approximation, as proposal; :data:`CURVE_SAMPLES` draws shared by
+       every K and fold, so the decoder runs once per draw). The decoder term is
+       common to every K, so held-out-ness of the mixture is what matters.
+    3. K is the smallest candidate whose mean held-out evidence is within one
+       standard error (of the paired per-cell difference) of the best.
+    """
+    ks = _candidates(self.init_args["n_components"], run.data.n_obs - int(round((1 - run.train_size) * run.data.n_obs)))
+    self._k_auto = SCREEN_COMPONENTS
+    _, z_all, cov_all, std_all = self._fit_run(run)
+    n = run.data.n_obs
+    cells, proposal = _proposal(self, _cells(self, run.data, None, z_all, cov_all), std_all)
+    gen = torch.Generator().manual_seed(self.init_args["seed"])
+    fold = torch.randperm(n, generator=gen) % CV_FOLDS
+    # the mixtures are fitted to draws from the cells' proposals (EM on uncertain points): a
+    # component cannot become narrower than the cells' own uncertainty
+    mean, std = cells.rep.z.detach().cpu(), cells.rep.std.detach().cpu()
+    draws = mean + std * torch.randn((EM_DRAWS, *mean.shape), generator=gen)
+    gmms = [fit_mixture(self.gmm, draws[:, fold != f].reshape(-1, mean.shape[1]).to(self.device), k, generator=gen)
+            for f in range(CV_FOLDS) for k in ks]
+    log_w = importance_log_weights(self.module, cells, CURVE_SAMPLES, gen, gmms=gmms)  # (folds * K, S, n)
+    table = evidence_summary(log_w)["log_evidence"].view(CV_FOLDS, len(ks), n).cpu()
+    per_cell = table.gather(0, fold.view(1, 1, n).expand(1, len(ks), n))[0].numpy().astype(np.float64)
+    k, means, se = one_se_choice(per_cell, ks)
+    logger.info("n_components='auto': chose K=%d by held-out evidence", k)
+    record = {"chosen": k, "candidates": np.asarray(ks), "log_evidence": means, "se": se,
+              "screening_components": SCREEN_COMPONENTS, "n_folds": CV_FOLDS, "n_samples": CURVE_SAMPLES,
+              "proposal": proposal, "rule": "smallest K within one standard error (at least MIN_GAIN nats) of the best held-out evidence",
+              "method": "mixture", "min_gain": MIN_GAIN}
+    return k, record
+
+
+def _auto_by_refit(self: "DGD", adata, run: "_FitRun", layer) -> tuple[int, dict[str, Any]]:
+    """Resolve ``n_components='auto'`` (or a list) for ``fit``: returns (K, the ``uns`` record).
+
+    1. A screening fit with :data:`SCREEN_COMPONENTS` component (a single
+       Gaussian prior: no clustering pressure on the latent space yet).
+    2. For every candidate K, from the screening state: a K-component mixture
+       fitted by k-means + EM to the training cells' latent means replaces the
+       prior, and decoder, mixture and representations train on for
+       :data:`ADAPT_EPOCHS` epochs (so the latent space can take the shape a
+       K-component prior gives it); the validation cells' representations are
+       fitted alongside against the frozen decoder, as in ``fit``.
+    3. Each validation cell's ``log p(x)`` under that K-component model, by
+       importance sampling (its posterior, or for a MAP model the Laplace
+       approximation, as proposal; :data:`CURVE_SAMPLES` draws).
+    4. K is the smallest candidate whose mean held-out evidence is within one
+       standard error (of the paired per-cell difference) of the best.
+    """
     from .model import _split
+    from .train import train
 
     ks = _candidates(self.init_args["n_components"], run.data.n_obs - int(round((1 - run.train_size) * run.data.n_obs)))
-    screen = min(max(ks), SCREEN_MAX)
-    self._k_auto = screen
+    self._k_auto = SCREEN_COMPONENTS
     _, z_all, cov_all, std_all = self._fit_run(run)
-    val_idx, train_idx = _split(run.data.n_obs, run.train_size, torch.Generator().manual_seed(self.init_args["seed"]))
-    cells = _cells(self, run.data, val_idx, z_all, cov_all)
-    cells, proposal = _proposal(self, cells, None if std_all is None else std_all[torch.as_tensor(val_idx)])
-    z_train = z_all[torch.as_tensor(train_idx)].to(self.device)
-    gen = torch.Generator().manual_seed(self.init_args["seed"])
-    gmms = [fit_mixture(self.gmm, z_train, k, generator=gen) for k in ks]
-    log_w = importance_log_weights(self.module, cells, CURVE_SAMPLES, gen, gmms=gmms)
-    per_cell = evidence_summary(log_w)["log_evidence"].cpu().numpy().astype(np.float64)
-    k, means, se = one_se_choice(per_cell, ks)
-    logger.info("n_components='auto': chose K=%d by held-out evidence (screening fit with K=%d)", k, screen)
+    seed = self.init_args["seed"]
+    val_idx, train_idx = _split(run.data.n_obs, run.train_size, torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    config = replace(run.config, max_epochs=ADAPT_EPOCHS, guide_epochs=0, warmup_epochs=0, early_stopping=False,
+                     verbose=False)
+    screen_module = self.module
+    per_cell, proposal = [], ""
+    try:
+        for k in ks:
+            sets = []
+            for rows in (train_idx, val_idx):
+                cells = _cells(self, run.data, rows, z_all, cov_all)
+                if std_all is not None:
+                    cells = with_posterior(cells, cells.rep.z, std_all[torch.as_tensor(rows)].log())
+                sets.append(cells)
+            module = copy.deepcopy(screen_module)
+            module.gmm = fit_mixture(screen_module.gmm, sets[0].rep.z.detach(), k, generator=gen)
+            train(module, sets[0], sets[1], config, gen)
+            self.module = module
+            val = sets[1]
+            val, proposal = _proposal(self, val, val.rep.std.detach() if val.variational else None)
+            log_w = importance_log_weights(module, val, CURVE_SAMPLES, gen)[0]
+            per_cell.append(evidence_summary(log_w)["log_evidence"].cpu().numpy().astype(np.float64))
+    finally:
+        self.module = screen_module
+    k, means, se = one_se_choice(np.stack(per_cell), ks)
+    logger.info("n_components='auto': chose K=%d by held-out evidence", k)
     record = {"chosen": k, "candidates": np.asarray(ks), "log_evidence": means, "se": se,
-              "screening_components": screen, "n_validation": int(len(val_idx)), "n_samples": CURVE_SAMPLES,
-              "proposal": proposal, "rule": "smallest K within one standard error of the best held-out evidence"}
+              "screening_components": SCREEN_COMPONENTS, "adapt_epochs": ADAPT_EPOCHS, "n_validation": len(val_idx),
+              "n_samples": CURVE_SAMPLES, "proposal": proposal,
+              "rule": "smallest K within one standard error (at least MIN_GAIN nats) of the best held-out evidence",
+              "method": "refit", "min_gain": MIN_GAIN}
     return k, record
+
+
+def auto_components(self: "DGD", adata, run: "_FitRun", layer) -> tuple[int, dict[str, Any]]:
+    """Resolve ``n_components='auto'`` (or a list) for ``fit``: returns (K, the ``uns`` record),
+    by :data:`AUTO_METHOD` (see :func:`_auto_by_mixture` and :func:`_auto_by_refit`)."""
+    return (_auto_by_refit if AUTO_METHOD == "refit" else _auto_by_mixture)(self, adata, run, layer)
 
 
 def evidence_frame(record: dict) -> pd.DataFrame:
@@ -246,7 +340,11 @@ def select_n_components(self: "DGD", adata, n_components=None, key_added: str = 
     """
     from .model import DGD
 
-    spec = "auto" if n_components is None else n_components
+    if n_components is None:
+        own = self.init_args["n_components"]
+        spec = own if isinstance(own, (str, list)) else "auto"
+    else:
+        spec = n_components
     DGD(n_components=spec)  # validates the candidates before anything changes
     saved = self.init_args["n_components"]
     self.init_args["n_components"] = spec if spec == "auto" else sorted({int(k) for k in spec})

@@ -216,6 +216,23 @@ def representation_epoch(
     return total.item() / cells.n, recon_total.item() / cells.n
 
 
+#: the log stds of Normal posteriors step this many times the representations' learning rate
+LOG_STD_LR_FACTOR = 10.0
+
+
+def representation_groups(cells: CellSet, lr: float) -> list[dict]:
+    """Adam parameter groups of ``cells``: the points (means) at ``lr``; the log
+    stds of Normal posteriors at ``LOG_STD_LR_FACTOR * lr`` (a once-per-epoch
+    step of size ``lr`` in log space would need hundreds of epochs to move a
+    standard deviation by the factor of ten that library sizes spread it)."""
+    params = cells.parameters()
+    if not cells.variational:
+        return [{"params": params, "lr": lr}]
+    log_std = cells.rep.log_std
+    return [{"params": [p for p in params if p is not log_std], "lr": lr},
+            {"params": [log_std], "lr": lr * LOG_STD_LR_FACTOR}]
+
+
 def noise_generator(generator: torch.Generator | None, device) -> torch.Generator | None:
     """A generator for posterior samples on ``device``: ``generator`` itself on the
     CPU, else a device generator seeded from one draw of it (None: None)."""
@@ -265,8 +282,10 @@ def train(
     if mixture_params:
         groups.append({"params": mixture_params, "lr": config.lr_mixture})
     opt_model = adam(groups, config.lr_decoder, config.betas)
-    opt_rep = adam(train_cells.parameters(), config.lr_representation, config.betas)
-    opt_val = adam(val_cells.parameters(), config.lr_representation, config.betas) if val_cells is not None else None
+    opt_rep = adam(representation_groups(train_cells, config.lr_representation), config.lr_representation,
+                   config.betas)
+    opt_val = adam(representation_groups(val_cells, config.lr_representation), config.lr_representation,
+                   config.betas) if val_cells is not None else None
     modules: dict[str, nn.Module] = {"module": module, "train_rep": train_cells.rep}
     modules.update({f"train_cov/{k}": r for k, r in train_cells.cov_reps.items()})
     if val_cells is not None:

@@ -28,7 +28,7 @@ from ..latent import GaussianMixture, NormalRepresentation
 from ..module import DGDModule
 from .cells import CellSet
 from .initialisation import init_mixture
-from .loop import REPRESENTATION_BATCH_ELEMENTS, adam, noise_generator, representation_epoch
+from .loop import REPRESENTATION_BATCH_ELEMENTS, adam, noise_generator, representation_epoch, representation_groups
 from .new_cells import frozen
 
 #: half-width of the central differences of :func:`laplace_log_std`
@@ -155,13 +155,18 @@ def fit_posteriors(
     n_samples: int = 1,
     patience: int = 5,
     generator: torch.Generator | None = None,
+    lr_decay: float = 0.97,
 ) -> dict[str, list]:
     """Fit ``cells``' Normal posteriors (means, log stds and covariate points)
     to the negative ELBO against the frozen module: one Adam step per epoch,
+    the ``t``-th of size ``lr * lr_decay ** t`` (Adam's steps do not shrink as
+    the gradient does, and a constant step larger than a well-measured cell's
+    posterior std would leave its mean jittering by more than that std),
     stopping after ``patience`` epochs without improvement; the best state is
     kept (written into ``cells``). Returns the history (``epoch``, ``loss``,
     ``reconstruction``, ``rate`` per cell)."""
-    opt = adam(cells.parameters(), lr, betas)
+    opt = adam(representation_groups(cells, lr), lr, betas)
+    base_lr = [group["lr"] for group in opt.param_groups]
     gen = noise_generator(generator, cells.rep.z.device)
     history: dict[str, list] = {"epoch": [], "loss": [], "reconstruction": [], "rate": []}
     best, stale = math.inf, 0
@@ -181,6 +186,8 @@ def fit_posteriors(
             stale += 1
             if stale >= int(patience):
                 break
+        for group, lr0 in zip(opt.param_groups, base_lr):
+            group["lr"] = lr0 * float(lr_decay) ** epoch
         opt.step()
     with torch.no_grad():
         for p, v in zip(cells.parameters(), state):
