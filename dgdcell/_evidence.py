@@ -337,6 +337,22 @@ def select_n_components(self: "DGD", adata, n_components=None, key_added: str = 
     DataFrame with ``n_components``, ``log_evidence`` (mean held-out
     ``log p(x)`` per validation cell, nats), ``se`` (standard error of its
     difference to the best K) and ``chosen``; also in ``uns[key]["n_components"]``.
+
+    Parameters
+    ----------
+    adata
+        AnnData or MuData with raw counts (as for :meth:`fit`).
+    n_components
+        Candidate numbers of components (default: the model's own list, or ``'auto'``).
+    key_added
+        Prefix of the keys written (as for :meth:`fit`).
+    **fit_kwargs
+        Passed to :meth:`fit` (``max_epochs``, ``train_size``, ``layer``, ...).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The evidence curve, one row per candidate K.
     """
     from .model import DGD
 

@@ -20,6 +20,8 @@ import scipy.stats as st
 import torch
 import torch.distributions as D
 
+import dgdcell
+import dgdcell._evidence
 from dgdcell import DGD
 from dgdcell.latent import NormalRepresentation, RepresentationLayer
 from dgdcell.module import DGDModule, Minibatch, SparseCounts
@@ -32,7 +34,7 @@ from dgdcell.train.variational import (
     with_posterior,
 )
 
-from .conftest import make_counts, nb_anndata
+from .conftest import make_counts
 from .reference import nb_log_prob
 
 
@@ -267,6 +269,7 @@ def test_transform_normal_with_covariates_and_two_modalities():
     assert (new.obs["dgd_log_evidence"] >= new.obs["dgd_elbo"] - 1e-4).all()
 
 
+@pytest.mark.usefixtures("no_figure_leak")
 def test_n_components_auto_writes_the_curve_and_the_chosen_k():
     a = _clustered(3, seed=0)
     model = DGD(latent_dim=4, n_components=[2, 3, 4, 5]).fit(a, max_epochs=40, verbose=False)
@@ -274,7 +277,20 @@ def test_n_components_auto_writes_the_curve_and_the_chosen_k():
     assert model.gmm.n_mix_comp == rec["chosen"] == model.fit_settings["n_components"] == 3
     assert list(rec["candidates"]) == [2, 3, 4, 5] and len(rec["log_evidence"]) == 4
     assert a.obs["dgd_cluster"].cat.categories.size == rec["chosen"]
-    assert "dgd_cluster" not in a.obs or a.obs.columns.tolist().count("dgd_cluster") == 1
+    fig = dgdcell.pl.evidence_curve(a)
+    assert len(fig.axes) == 1 and fig.axes[0].get_xlabel() == "components K"
+    curve = dgdcell._evidence.evidence_frame(rec)
+    assert curve.chosen.sum() == 1 and int(curve.loc[curve.chosen, "n_components"].iloc[0]) == rec["chosen"]
+    with pytest.raises(ValueError, match="n_components='auto'"):
+        dgdcell.pl.evidence_curve(_clustered(3, seed=1))
+
+
+def test_tl_evidence_curve_returns_the_curve():
+    a = _clustered(3, seed=2)
+    curve = dgdcell.tl.evidence_curve(a, n_components=[2, 4], latent_dim=3, max_epochs=5, guide_epochs=2,
+                                      verbose=False)
+    assert list(curve.n_components) == [2, 4] and curve.chosen.sum() == 1
+    assert a.uns["dgd"]["params"]["n_components"] is not None and "X_dgd" in a.obsm
 
 
 def test_one_se_rule_picks_the_smallest_k_near_the_best():
