@@ -28,7 +28,13 @@ from ..latent import GaussianMixture, NormalRepresentation
 from ..module import DGDModule
 from .cells import CellSet
 from .initialisation import init_mixture
-from .loop import REPRESENTATION_BATCH_ELEMENTS, adam, noise_generator, representation_epoch, representation_groups
+from .loop import (
+    REPRESENTATION_BATCH_ELEMENTS,
+    adam,
+    noise_generator,
+    representation_epoch,
+    representation_groups,
+)
 from .new_cells import frozen
 
 #: half-width of the central differences of :func:`laplace_log_std`
