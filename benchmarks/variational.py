@@ -44,7 +44,7 @@ from common import LABEL_KEY, LABELLED_SETS  # noqa: E402
 
 SEED = 0
 #: candidate K of the automatic choice (independent of the labels)
-CANDIDATES = [2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20]
+CANDIDATES = [2, 4, 6, 8, 10, 12, 14, 16, 20]
 
 COLUMNS = [
     "dataset", "cells", "genes", "K labels",

@@ -270,13 +270,16 @@ def test_transform_normal_with_covariates_and_two_modalities():
 
 
 @pytest.mark.usefixtures("no_figure_leak")
-def test_n_components_auto_writes_the_curve_and_the_chosen_k():
+def test_n_components_auto_writes_the_curve_and_the_chosen_k(tmp_path):
     a = _clustered(3, seed=0)
     model = DGD(latent_dim=4, n_components=[2, 3, 4, 5]).fit(a, max_epochs=40, verbose=False)
     rec = a.uns["dgd"]["n_components"]
     assert model.gmm.n_mix_comp == rec["chosen"] == model.fit_settings["n_components"] == 3
     assert list(rec["candidates"]) == [2, 3, 4, 5] and len(rec["log_evidence"]) == 4
     assert a.obs["dgd_cluster"].cat.categories.size == rec["chosen"]
+    model.save(tmp_path / "auto")
+    back = DGD.load(tmp_path / "auto", device="cpu")
+    assert back.gmm.n_mix_comp == rec["chosen"] and back.init_args["n_components"] == [2, 3, 4, 5]
     fig = dgdcell.pl.evidence_curve(a)
     assert len(fig.axes) == 1 and fig.axes[0].get_xlabel() == "components K"
     curve = dgdcell._evidence.evidence_frame(rec)
