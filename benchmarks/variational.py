@@ -16,8 +16,11 @@ Usage (from the repository root)::
 
     OMP_NUM_THREADS=1 python benchmarks/variational.py [--datasets a,b] [--max-epochs N]
         [--max-cells N] [--no-auto] [--out benchmarks/results]
+    OMP_NUM_THREADS=1 python benchmarks/variational.py --cost [--datasets a,b] [--max-cells N]
 
-Writes ``<out>/variational.md`` and ``<out>/variational.csv`` (rewritten after every data set).
+Writes ``<out>/variational.md`` and ``<out>/variational.csv`` (rewritten after every data set);
+``--cost``: ``<out>/variational_cost.md`` / ``.csv`` (map and normal fits interleaved, which a shared
+CPU needs for a fair ratio).
 """
 
 from __future__ import annotations
@@ -94,6 +97,46 @@ def run_one(dgdcell, adata, k: int, posterior: str, args) -> dict:
     return out
 
 
+def cost(dgdcell, adata, k: int, rounds: int = 3, epochs: int = 12) -> dict:
+    """Seconds per epoch of map and normal fits interleaved (map, normal, map, ...) on the same data, so
+    that load from other jobs falls on both alike; the median epoch of each, and their ratio."""
+    per = {"map": [], "normal": []}
+    for _ in range(rounds):
+        for posterior in per:
+            m = dgdcell.DGD(n_components=k, posterior=posterior, seed=SEED).fit(
+                adata, max_epochs=epochs, guide_epochs=0, early_stopping=False, verbose=False)
+            per[posterior] += list(np.diff([0.0, *m.history["seconds"]])[1:])
+    out = {f"{p} s/epoch": float(np.median(v)) for p, v in per.items()}
+    out["cost ratio"] = out["normal s/epoch"] / out["map s/epoch"]
+    return out
+
+
+def main_cost(args) -> int:
+    """``--cost``: the interleaved cost measurement alone, into ``<out>/variational_cost.md``."""
+    import torch
+
+    torch.set_num_threads(1)
+    import dgdcell
+
+    rows = []
+    for name in args.datasets:
+        adata = _subsample(LABELLED_SETS[name](verbose=False), args.max_cells, SEED)
+        row = {"dataset": name, "cells": adata.n_obs, "genes": adata.n_vars}
+        row.update(cost(dgdcell, adata, int(adata.obs[LABEL_KEY].nunique())))
+        rows.append(row)
+        print(f"[variational] {row}", flush=True)
+    header = [f"- machine: {common.machine_description()}",
+              "- command: `OMP_NUM_THREADS=1 python benchmarks/variational.py --cost "
+              + " ".join(sys.argv[2:]) + "`",
+              "- 3 rounds of (map fit, normal fit), 12 epochs each, no guided phase; the median epoch of each "
+              "(the first epoch of every fit left out); batch size 256, one sample per cell per step"]
+    common.write_table(rows, Path(args.out) / "variational_cost.md", Path(args.out) / "variational_cost.csv",
+                       title="cost of posterior='normal' per epoch (interleaved with map)",
+                       columns=["dataset", "cells", "genes", "map s/epoch", "normal s/epoch", "cost ratio"],
+                       header_lines=header, floatfmts=FLOATFMTS)
+    return 0
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default=None, help="comma-separated subset of: " + ",".join(LABELLED_SETS))
@@ -101,6 +144,7 @@ def parse_args(argv=None):
     p.add_argument("--max-cells", type=int, default=3000, help="cells per data set at most (seeded subsample)")
     p.add_argument("--samples", type=int, default=32, help="importance samples per test cell")
     p.add_argument("--no-auto", action="store_true", help="skip n_components chosen by evidence")
+    p.add_argument("--cost", action="store_true", help="only the interleaved map / normal cost per epoch")
     p.add_argument("--out", default=str(HERE / "results"), help="output folder")
     args = p.parse_args(argv)
     args.datasets = common.select_datasets(p, args.datasets)
@@ -109,6 +153,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.cost:
+        return main_cost(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore", category=FutureWarning)
