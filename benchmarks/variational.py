@@ -61,6 +61,12 @@ FLOATFMTS = {"map test log p(x)": ".1f", "normal test log p(x)": ".1f", "normal 
              "map s/epoch": ".3f", "normal s/epoch": ".3f", "cost ratio": ".2f", "seconds": ".0f"}
 
 
+FOOTER = [
+    "- the s/epoch columns come from fits run one after the other on a CPU shared with other jobs; for the cost "
+    "ratio use `variational_cost.md` (`--cost`: map and normal fits interleaved)",
+]
+
+
 def _subsample(adata, max_cells: int, seed: int):
     if adata.n_obs <= max_cells:
         return adata
@@ -204,7 +210,7 @@ def main(argv=None) -> int:
             mean[c] = float(np.mean(vals)) if vals else None
         common.write_table(rows + [mean], out / "variational.md", out / "variational.csv",
                            title="dgdcell posteriors (map vs normal) and K chosen by evidence",
-                           columns=COLUMNS, csv_columns=CSV_COLUMNS, header_lines=header, footer_lines=[],
+                           columns=COLUMNS, csv_columns=CSV_COLUMNS, header_lines=header, footer_lines=FOOTER,
                            floatfmts=FLOATFMTS)
     return 0
 
