@@ -168,15 +168,15 @@ def fit_posteriors(
     the ``t``-th of size ``lr * lr_decay ** t`` (Adam's steps do not shrink as
     the gradient does, and a constant step larger than a well-measured cell's
     posterior std would leave its mean jittering by more than that std),
-    stopping after ``patience`` epochs without improvement; the best state is
-    kept (written into ``cells``). Returns the history (``epoch``, ``loss``,
+    stopping after ``patience`` epochs without improvement. The last state is
+    kept (in ``cells``): the steps decay, so it is the settled one, while the
+    "best" of a Monte Carlo ELBO estimate would be picked by its noise. Returns the history (``epoch``, ``loss``,
     ``reconstruction``, ``rate`` per cell)."""
     opt = adam(representation_groups(cells, lr), lr, betas)
     base_lr = [group["lr"] for group in opt.param_groups]
     gen = noise_generator(generator, cells.rep.z.device)
     history: dict[str, list] = {"epoch": [], "loss": [], "reconstruction": [], "rate": []}
     best, stale = math.inf, 0
-    state = [p.detach().clone() for p in cells.parameters()]
     for epoch in range(int(max_epochs)):
         stats: dict = {}
         loss, recon = representation_epoch(module, cells, opt, batch_size, None, step=False, n_samples=n_samples,
@@ -187,7 +187,6 @@ def fit_posteriors(
             raise FloatingPointError(f"the new cells' ELBO became non-finite at epoch {epoch + 1}; try a lower lr.")
         if loss < best - 1e-4 * abs(best if math.isfinite(best) else loss):
             best, stale = loss, 0
-            state = [p.detach().clone() for p in cells.parameters()]
         else:
             stale += 1
             if stale >= int(patience):
@@ -195,9 +194,6 @@ def fit_posteriors(
         for group, lr0 in zip(opt.param_groups, base_lr):
             group["lr"] = lr0 * float(lr_decay) ** epoch
         opt.step()
-    with torch.no_grad():
-        for p, v in zip(cells.parameters(), state):
-            p.copy_(v)
     return history
 
 
