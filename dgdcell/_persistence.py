@@ -49,14 +49,17 @@ class PersistenceMixin:
         path = Path(path)
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it.")
-        self._write_model(path, self.representation, self.cov_representation, self.history, self.fit_settings)
+        self._write_model(path, self.representation, self.cov_representation, self.history, self.fit_settings,
+                          representation_std=self.representation_std)
 
     def _write_model(
         self, path: Path, representation: torch.Tensor | None, cov_representation: dict[str, torch.Tensor],
         history: dict[str, list], fit_settings: dict[str, Any], shards: list[str] | None = None,
+        representation_std: torch.Tensor | None = None,
     ) -> None:
-        """Write the model with the given training-cell representations (n, L)
-        and covariate representations to ``path`` (see :meth:`save`).
+        """Write the model with the given training-cell representations (n, L),
+        covariate representations and (``posterior='normal'``) posterior
+        standard deviations (n, L) to ``path`` (see :meth:`save`).
 
         A data-parallel checkpoint passes ``shards`` instead of the
         representations: the names (in ``path / SHARDS_DIR``) of the files the
@@ -71,6 +74,8 @@ class PersistenceMixin:
         tensors = {_saved_name(k): v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
         if representation is not None:
             tensors["representation"] = representation.detach().cpu().clone()
+        if representation_std is not None:
+            tensors["representation_std"] = representation_std.detach().cpu().clone()
         for key, c in cov_representation.items():
             tensors[f"cov_representation.{key}"] = c.detach().cpu().clone()
         if self.continuous_input is not None:
@@ -173,8 +178,9 @@ class PersistenceMixin:
         """A model from a parsed ``config.json`` and its tensors (KeyError / RuntimeError when they do not match)."""
         if not isinstance(tensors, dict):
             raise TypeError(f"the weights file holds a {type(tensors).__name__}, not a dict of tensors")
-        # models saved before component_variance existed learned their variances
+        # models saved before component_variance existed learned their variances; before posterior: 'map'
         model = cls(device=device, **{"component_variance": "learned", **config["init_args"]})
+        model.fit_settings = config["fit_settings"]  # before building: n_components='auto' reads the chosen K there
         labels = config["label_categories"]
         model._build(
             {m: len(f) for m, f in config["features"].items()},
@@ -186,6 +192,11 @@ class PersistenceMixin:
         if not isinstance(tensors.get("representation"), torch.Tensor) or not tensors["representation"].is_floating_point():
             raise ValueError("the weights file's representation is missing or not a float tensor")
         model.representation = tensors["representation"].float()
+        if model.variational:
+            std = tensors.get("representation_std")
+            if not isinstance(std, torch.Tensor) or tuple(std.shape) != tuple(model.representation.shape):
+                raise ValueError("a posterior='normal' model needs representation_std of the representation's shape")
+            model.representation_std = std.float()
         model.cov_representation = {k: tensors[f"cov_representation.{k}"].float() for k in config["covariate_categories"]}
         model.continuous_stats = {k: [float(v) for v in s] for k, s in (config.get("continuous_stats") or {}).items()}
         keys = config["init_args"].get("continuous_covariate_keys") or []

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import torch
 
+from . import _evidence
 from ._checks import check_int, check_number, check_not_view
 from .data import binarise, read_new_data
 from .latent import RepresentationLayer
@@ -175,17 +176,25 @@ def transform(
         patience=int(patience), min_delta=float(min_delta), max_elements=int(max_elements), verbose=verbose,
     )
     seed = self.init_args["seed"] if seed is None else int(seed)
-    comm = open_comm(distributed, self.device) if new.data.n_obs >= _world_size(distributed) else None
+    if self.variational and distributed:
+        raise ValueError("a posterior='normal' model's transform does not run data-parallel yet; pass "
+                         "distributed=False.")
+    comm = None if self.variational else (
+        open_comm(distributed, self.device) if new.data.n_obs >= _world_size(distributed) else None)
+    std = None
     try:
         rows = None if comm is None else comm.shard(np.arange(new.data.n_obs))
         if comm is not None and comm.rank != 0:
             config.verbose = False
         cells = _new_cell_set(self, new, rows)
+        gen = torch.Generator().manual_seed(seed)
 
         def fit() -> dict:  # every rank draws the same candidates (init='sample') from the same seed
-            return fit_new_cells(self.module, cells, config, torch.Generator().manual_seed(seed))
+            return fit_new_cells(self.module, cells, config, gen)
 
         history = fit() if comm is None else comm.agree("fitting its new cells", fit)
+        if self.variational:  # Normal posteriors from the points found: Laplace start, then the ELBO
+            std, post = _evidence.fit_new_posteriors(self, cells, config, gen)
         z = cells.rep.z.detach().cpu()
         cov = {k: r.z.detach().cpu() for k, r in cells.cov_reps.items()}
         if comm is not None:  # every rank gets every cell's results, in the data's order
@@ -195,7 +204,9 @@ def transform(
         abort_comm(comm)  # the other processes stop at once
         raise
     record = _transform_record(new, config, layer, seed, history, time.perf_counter() - t0)
-    self._write_outputs(adata_new, z, cov, key_added, extra_uns={"transform": record})
+    if std is not None:
+        record["posterior_history"] = {k: np.asarray(v, dtype=np.float64) for k, v in post.items()}
+    self._write_outputs(adata_new, z, cov, key_added, extra_uns={"transform": record}, std=std)
     return self
 
 def _world_size(distributed) -> int:

@@ -16,10 +16,10 @@ from torch import nn
 from ._expression import ExpressionMixin
 from ._persistence import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, PersistenceMixin  # noqa: F401 (re-exported)
 from ._persistence import discard_shard, shard_names, write_shard
-from . import _query
+from . import _evidence, _query
 from ._version import __version__
 from .data import CountData, binarise, read_data
-from .latent import COVARIANCE_TYPES, GaussianMixture, RepresentationLayer
+from .latent import COVARIANCE_TYPES, GaussianMixture, NormalRepresentation, RepresentationLayer
 from ._checks import check_int, check_not_view, check_number, check_pair, check_widths, resolve_device
 from .module import COVARIATE_DIM, DGDModule
 from .nn import LIKELIHOODS, Decoder
@@ -33,6 +33,13 @@ logger = logging.getLogger(__name__)
 PROBABILITY_CHUNK = 65536
 
 
+
+#: the per-cell posteriors of ``DGD(posterior=...)``
+POSTERIORS = ("map", "normal")
+#: starting log standard deviation of every cell's Normal posterior (sd 0.1)
+LOG_STD_INIT = float(np.log(0.1))
+#: the candidate numbers of components of ``n_components='auto'``
+AUTO_COMPONENTS = tuple(range(2, 21))
 
 #: covariate names that would overwrite another output (``obsm[f"X_{key}_{name}"]``)
 RESERVED_COVARIATE_NAMES = ("cluster_probs", "std")
@@ -74,7 +81,9 @@ class DGD(ExpressionMixin, PersistenceMixin):
     n_components
         Number of mixture components K (clusters). Default: 10, or the number
         of label classes when ``label_key`` is given (K must then be a multiple
-        of it).
+        of it). ``'auto'``: chosen by the held-out evidence of the validation
+        cells over ``AUTO_COMPONENTS`` (see :meth:`select_n_components` and
+        ``docs/posteriors.md``); the chosen K and the curve go into ``uns``.
     covariance_type
         ``'diagonal'`` (default), ``'isotropic'`` or ``'fixed'``.
     covariate_keys
@@ -146,6 +155,12 @@ class DGD(ExpressionMixin, PersistenceMixin):
         below 1 lets the others shape it more, above 1 less.
     device
         ``'auto'`` (CUDA when present), ``'cpu'``, ``'cuda'``, ...
+    posterior
+        ``'map'`` (default: a point per cell, maximum a posteriori) or
+        ``'normal'`` (a mean and a diagonal standard deviation per cell, fitted
+        by the ELBO; ``obsm["X_dgd_std"]`` holds the standard deviations).
+    posterior_samples
+        With ``posterior='normal'``: reparameterised samples per cell per step (default 1).
     """
 
     def __init__(
@@ -171,10 +186,15 @@ class DGD(ExpressionMixin, PersistenceMixin):
         device: str = "auto",
         categorical_covariate_keys: list[str] | None = None,
         continuous_covariate_keys: list[str] | None = None,
+        posterior: str = "map",
+        posterior_samples: int = 1,
     ):
         latent_dim = check_int("latent_dim", latent_dim, 1)
-        if n_components is not None:
-            n_components = check_int("n_components", n_components, 1)
+        n_components = _check_components(n_components)
+        if posterior not in POSTERIORS:
+            raise ValueError(f"posterior must be one of {POSTERIORS} ('map': a point per cell; 'normal': a mean and "
+                             f"a standard deviation per cell), got {posterior!r}.")
+        posterior_samples = check_int("posterior_samples", posterior_samples, 1)
         seed = check_int("seed", seed, 0, 2**63 - 1)
         n_hidden, n_hidden_head = check_widths("n_hidden", n_hidden), check_widths("n_hidden_head", n_hidden_head)
         mean_init, sd_init = check_pair("mean_init", mean_init), check_pair("sd_init", sd_init)
@@ -231,11 +251,15 @@ class DGD(ExpressionMixin, PersistenceMixin):
             likelihood=likelihood if isinstance(likelihood, str) else {str(k): str(v) for k, v in likelihood.items()},
             modality_key=modality_key,
             modality_weights={str(k): float(v) for k, v in (modality_weights or {}).items()},
+            posterior=posterior,
+            posterior_samples=posterior_samples,
         )
         self.device = resolve_device(device)
         self.module: DGDModule | None = None
         self.representation: torch.Tensor | None = None  # (n_obs, L) for the training cells, in their order
         self.cov_representation: dict[str, torch.Tensor] = {}
+        #: (n_obs, L) posterior standard deviations of the training cells (``posterior='normal'``; else None)
+        self.representation_std: torch.Tensor | None = None
         #: continuous covariate -> (mean, sd) of the training cells (the decoder sees (x - mean) / sd)
         self.continuous_stats: dict[str, list[float]] = {}
         #: (n_obs, C) standardised continuous covariates of the training cells (None without any)
@@ -261,6 +285,10 @@ class DGD(ExpressionMixin, PersistenceMixin):
     def _n_components(self, n_classes: int | None) -> tuple[int, int]:
         """(K, components per class) given the number of label classes."""
         k = self.init_args["n_components"]
+        if _is_auto(k):
+            k = self.fit_settings.get("n_components") if self._k_auto is None else self._k_auto
+            if k is None:
+                raise ValueError("n_components='auto' is resolved during fit; this model has no chosen K.")
         if n_classes is None:
             return (10 if k is None else k), 1
         k = n_classes if k is None else k
@@ -270,6 +298,14 @@ class DGD(ExpressionMixin, PersistenceMixin):
                 f"{self.init_args['label_key']!r}."
             )
         return k, k // n_classes
+
+    #: K to build with while ``n_components='auto'`` is being resolved (None otherwise)
+    _k_auto: int | None = None
+
+    @property
+    def variational(self) -> bool:
+        """True for ``posterior='normal'``."""
+        return self.init_args.get("posterior", "map") == "normal"
 
     def _likelihoods(self, modalities: list[str]) -> dict[str, str]:
         """modality -> likelihood name for the data's modalities."""
@@ -438,7 +474,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
             max_epochs=1 if max_epochs is None else max_epochs, batch_size=batch_size, lr_decoder=lr_decoder,
             lr_representation=lr_representation, lr_mixture=lr_mixture, betas=betas, early_stopping=early_stopping,
             patience=patience, min_delta=min_delta, warmup_epochs=warmup_epochs, guide_epochs=guide_epochs,
-            verbose=verbose,
+            n_samples=a.get("posterior_samples", 1), verbose=verbose,
         ).checked()
         train_size = _check_train_size(train_size)
         if not isinstance(key_added, str) or not key_added:
@@ -463,7 +499,14 @@ class DGD(ExpressionMixin, PersistenceMixin):
         n_classes = data.labels.n_classes if data.labels is not None else None
         if data.labels is not None and n_classes == 0:
             raise ValueError(f"label_key {a['label_key']!r} has no non-missing values.")
-        k, _ = self._n_components(n_classes)
+        if _is_auto(a["n_components"]):
+            if warm_start or n_classes is not None:
+                raise ValueError("n_components='auto' chooses K afresh without labels; it cannot be combined with "
+                                 "warm_start or label_key: pass a number of components.")
+            if train_size >= 1.0:
+                raise ValueError("n_components='auto' chooses K by the evidence of the validation cells; use "
+                                 "train_size < 1 (default 0.9).")
+        k, _ = (1, 1) if _is_auto(a["n_components"]) else self._n_components(n_classes)
         if k > n:
             raise ValueError(f"n_components={k} exceeds the number of cells ({n}); choose fewer components.")
         n_train = n - _n_validation(n, train_size)
@@ -487,35 +530,49 @@ class DGD(ExpressionMixin, PersistenceMixin):
         try:
             run.comm = open_comm(distributed, self.device)  # None in one process
             if run.comm is not None:
+                if self.variational or _is_auto(a["n_components"]):
+                    raise ValueError("posterior='normal' and n_components='auto' do not run data-parallel yet; fit "
+                                     "in one process (distributed=False) or use posterior='map' and a given K.")
                 self.device = run.comm.model_device
                 settings["world_size"] = run.comm.world_size
-            history, z_all, cov_all = self._fit_run(run)
+            extra_uns = {}
+            if _is_auto(a["n_components"]):
+                self._k_auto, extra_uns["n_components"] = _evidence.auto_components(self, adata, run, layer)
+                settings["n_components"] = self._k_auto
+            history, z_all, cov_all, std_all = self._fit_run(run)
             stop = {key: history.pop(key)[0] for key in ("stopped", "best_epoch")}
             self.representation, self.cov_representation = z_all, cov_all
+            self.representation_std = std_all
             self.history = _continue_history(run.previous, history)
             self.fit_settings = {**settings, "n_epochs": len(self.history["epoch"]), **stop}
             if run.checkpoint_dir is not None:
                 def write() -> None:
-                    self._write_model(run.checkpoint_dir, z_all, cov_all, self.history, self.fit_settings)
+                    self._write_model(run.checkpoint_dir, z_all, cov_all, self.history, self.fit_settings,
+                                      representation_std=std_all)
                 if run.comm is None:
                     write()
                 else:  # rank 0 writes the complete model; every rank learns whether it could
                     run.comm.agree("writing the final checkpoint", write if run.comm.rank == 0 else None)
-            self._write_outputs(adata, z_all, cov_all, key_added)
+            self._write_outputs(adata, z_all, cov_all, key_added, extra_uns=extra_uns, std=std_all)
         except BaseException:  # also KeyboardInterrupt: a failed or interrupted fit leaves the model as it was
             self._restore_state(backup)
             self.device = device
             abort_comm(run.comm)  # the other processes stop at once
             raise
+        finally:
+            self._k_auto = None
         if verbose and (run.comm is None or run.comm.rank == 0):
             print(self._fit_summary(adata, key_added))
         return self
 
     # defined in ._query with its helpers
     transform = _query.transform
+    score = _evidence.score
+    select_n_components = _evidence.select_n_components
 
     #: attributes that make up a fitted model
-    _STATE_ATTRS = ("module", "representation", "cov_representation", "continuous_stats", "continuous_input",
+    _STATE_ATTRS = ("module", "representation", "cov_representation", "representation_std", "continuous_stats",
+                    "continuous_input",
                     "features",
                     "covariate_categories", "label_categories", "obs_names", "history", "fit_settings")
 
@@ -545,11 +602,11 @@ class DGD(ExpressionMixin, PersistenceMixin):
         self.continuous_input = self._continuous_input(data.continuous)
         checkpoint = None
         if run.checkpoint_dir is not None:
-            def checkpoint(z, cov, history, rows=None):
+            def checkpoint(z, cov, std, history, rows=None):
                 merged = _continue_history(run.previous, history)
                 fit = {**run.settings, "n_epochs": len(merged["epoch"])}
                 if rows is None:
-                    self._write_model(run.checkpoint_dir, z, cov, merged, fit)
+                    self._write_model(run.checkpoint_dir, z, cov, merged, fit, representation_std=std)
                     return
                 # data-parallel: each rank writes its shard, then rank 0 the module and config.json naming them
                 comm, names = run.comm, shard_names(len(merged["epoch"]), run.comm.world_size)
@@ -607,9 +664,9 @@ class DGD(ExpressionMixin, PersistenceMixin):
 
     def _fit_data(self, run: "_FitRun", generator: torch.Generator, checkpoint=None):
         """Split, start and train; returns (history, (n, L) representations,
-        covariate key -> (n, 2)). ``run.order`` (warm start): rows of the stored
-        representations to start from. ``checkpoint(z, cov, history)`` is
-        called every ``run.checkpoint_every`` epochs.
+        covariate key -> (n, 2), (n, L) posterior stds or None). ``run.order`` (warm
+        start): rows of the stored representations to start from.
+        ``checkpoint(z, cov, std, history)`` is called every ``run.checkpoint_every`` epochs.
 
         Data-parallel (``run.comm``): rank 0 computes the start (PCA, Leiden,
         mixture) and broadcasts it with the module's initial state and the
@@ -623,9 +680,8 @@ class DGD(ExpressionMixin, PersistenceMixin):
         comm = run.comm
         a = self.init_args
         n = data.n_obs
-        perm = torch.randperm(n, generator=generator).numpy()
-        n_val = _n_validation(n, train_size)
-        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        val_idx, train_idx = _split(n, train_size, generator)
+        n_val = len(val_idx)
         if comm is not None and 0 < n_val < comm.world_size:
             raise ValueError(f"train_size={train_size} leaves {n_val} validation cells for {comm.world_size} "
                              "processes, each of which needs one; use a smaller train_size (or 1.0: no validation).")
@@ -635,10 +691,13 @@ class DGD(ExpressionMixin, PersistenceMixin):
 
         labels = torch.as_tensor(data.labels.codes) if data.labels is not None else None
         guide = None
+        s0 = None
         leiden = order is None and a["init"] == "pca" and labels is None and a.get("init_clustering", "leiden") == "leiden"
         if order is not None:
             rows = torch.as_tensor(order)
             z0 = self.representation[rows].clone()
+            if self.variational and self.representation_std is not None:
+                s0 = self.representation_std[rows].clone().log()
             cov_init = {k: self.cov_representation[k][rows].clone() for k in data.covariates}
         elif comm is not None and comm.rank != 0:  # rank 0's start arrives below
             z0, guide = torch.empty(n, a["latent_dim"]), torch.empty(n, dtype=torch.long) if leiden else None
@@ -676,8 +735,13 @@ class DGD(ExpressionMixin, PersistenceMixin):
         def cell_set(rows: np.ndarray, count_rows: np.ndarray) -> CellSet:
             """The cells ``rows`` of the data, whose counts are rows ``count_rows`` of ``all_counts``."""
             rows_t = torch.as_tensor(rows)
+            if self.variational:
+                rep = NormalRepresentation(a["latent_dim"], len(rows), z0[rows_t],
+                                           LOG_STD_INIT if s0 is None else s0[rows_t])
+            else:
+                rep = RepresentationLayer(a["latent_dim"], len(rows), z0[rows_t])
             return CellSet(
-                rep=RepresentationLayer(a["latent_dim"], len(rows), z0[rows_t]).to(self.device),
+                rep=rep.to(self.device),
                 cov_reps={k: RepresentationLayer(COVARIATE_DIM, len(rows), v[rows_t]).to(self.device) for k, v in cov_init.items()},
                 counts={m: c.subset(count_rows) for m, c in all_counts.items()},
                 cov_codes={k: torch.as_tensor(cat.codes[rows], device=self.device) for k, cat in data.covariates.items()},
@@ -698,19 +762,22 @@ class DGD(ExpressionMixin, PersistenceMixin):
                     torch.cat([c.rep.z.detach().cpu() for c in sets]),
                     {k: torch.cat([c.cov_reps[k].z.detach().cpu() for c in sets]) for k in data.covariates})
 
-        def gather() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            if comm is not None:
+        def gather() -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+            if comm is not None:  # (posterior='normal' is refused data-parallel: no stds here)
                 rows, z, cov = local()
-                return comm.gather_rows(n, rows, z), {k: comm.gather_rows(n, rows, v) for k, v in cov.items()}
+                return comm.gather_rows(n, rows, z), {k: comm.gather_rows(n, rows, v) for k, v in cov.items()}, None
             z_all = torch.empty(n, a["latent_dim"])
+            std_all = torch.empty(n, a["latent_dim"]) if self.variational else None
             cov_all = {k: torch.empty(n, COVARIATE_DIM) for k in data.covariates}
             for idx, cells in ((train_idx, train_cells), (val_idx, val_cells)):
                 if cells is None:
                     continue
                 z_all[torch.as_tensor(idx)] = cells.rep.z.detach().cpu()
+                if std_all is not None:
+                    std_all[torch.as_tensor(idx)] = cells.rep.std.detach().cpu()
                 for k in cov_all:
                     cov_all[k][torch.as_tensor(idx)] = cells.cov_reps[k].z.detach().cpu()
-            return z_all, cov_all
+            return z_all, cov_all, std_all
 
         def on_epoch_end(epoch: int, history: dict[str, list]) -> None:
             if epoch % checkpoint_every == 0:
@@ -719,7 +786,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
                     checkpoint(*gather(), {**history, **counts})
                 else:
                     rows, z, cov = local()
-                    checkpoint(z, cov, {**history, **counts}, rows=rows)
+                    checkpoint(z, cov, None, {**history, **counts}, rows=rows)
 
         history = train(self.module, train_cells, val_cells, config, generator,
                         on_epoch_end=None if checkpoint is None else on_epoch_end, comm=comm)
@@ -769,27 +836,44 @@ class DGD(ExpressionMixin, PersistenceMixin):
 
     # ------------------------------------------------------------------ outputs
     @torch.no_grad()
-    def cluster_probabilities(self, z: torch.Tensor | np.ndarray) -> np.ndarray:
+    def cluster_probabilities(self, z: torch.Tensor | np.ndarray, std: torch.Tensor | np.ndarray | None = None,
+                              n_samples: int = 16) -> np.ndarray:
         """Mixture component probabilities of representations ``z`` (n, L): (n, K) float32.
 
+        With posterior standard deviations ``std`` (n, L): the probabilities
+        averaged over ``n_samples`` draws from each cell's Normal posterior
+        (drawn from a generator seeded with the model's seed: reproducible).
         Computed in row chunks of :data:`PROBABILITY_CHUNK` cells, so the
         (chunk, K, L) temporaries stay small at any n."""
         self._check_fitted()
         z = torch.as_tensor(np.asarray(z), dtype=torch.float32)
+        std = None if std is None else torch.as_tensor(np.asarray(std), dtype=torch.float32)
+        gen = torch.Generator().manual_seed(self.init_args["seed"])
         out = np.empty((z.shape[0], self.gmm.n_mix_comp), dtype=np.float32)
         for start in range(0, z.shape[0], PROBABILITY_CHUNK):
-            part = z[start : start + PROBABILITY_CHUNK].to(self.device)
-            out[start : start + part.shape[0]] = self.gmm.sample_probs(part).cpu().numpy()
+            part = z[start : start + PROBABILITY_CHUNK]
+            if std is None:
+                probs = self.gmm.sample_probs(part.to(self.device))
+            else:
+                eps = torch.randn((int(n_samples), *part.shape), generator=gen)
+                draws = (part + std[start : start + PROBABILITY_CHUNK] * eps).reshape(-1, part.shape[1])
+                probs = self.gmm.sample_probs(draws.to(self.device)).view(int(n_samples), part.shape[0], -1).mean(0)
+            out[start : start + part.shape[0]] = probs.cpu().numpy()
         return out
 
     def _write_outputs(
-        self, adata, z: torch.Tensor, cov: dict[str, torch.Tensor], key: str, extra_uns: dict | None = None
+        self, adata, z: torch.Tensor, cov: dict[str, torch.Tensor], key: str, extra_uns: dict | None = None,
+        std: torch.Tensor | None = None,
     ) -> None:
         """Write the documented keys into ``adata`` (AnnData or MuData); every value
-        is computed before the first assignment, so a failure leaves ``adata`` as it was."""
-        probs = self.cluster_probabilities(z)
+        is computed before the first assignment, so a failure leaves ``adata`` as it was.
+        ``std``: posterior standard deviations (``obsm[f"X_{key}_std"]``; the cluster
+        probabilities are then averaged over posterior samples)."""
+        probs = self.cluster_probabilities(z, std)
         cats = [str(i) for i in range(probs.shape[1])]
         obsm = {f"X_{key}": z.numpy().astype(np.float32)}
+        if std is not None:
+            obsm[f"X_{key}_std"] = std.numpy().astype(np.float32)
         obsm.update({f"X_{key}_{name}": c.numpy().astype(np.float32) for name, c in cov.items()})
         obsm[f"X_{key}_cluster_probs"] = probs.astype(np.float32)
         cluster = pd.Categorical.from_codes(probs.argmax(1), categories=cats)
@@ -840,6 +924,37 @@ class _FitRun:
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 10
     comm: Comm | None = None
+
+
+def _is_auto(spec) -> bool:
+    """True when ``n_components`` asks for K to be chosen (``'auto'`` or a list of candidates)."""
+    return isinstance(spec, (str, list))
+
+
+def _check_components(spec):
+    """``n_components`` checked: None, an int >= 1, ``'auto'`` or a list of candidate ints (sorted, distinct)."""
+    if spec is None or spec == "auto":
+        return spec
+    if isinstance(spec, (list, tuple, range, np.ndarray)):
+        try:
+            ks = sorted({check_int("n_components", k, 1) for k in spec})
+        except ValueError:
+            ks = []
+        if len(ks) < 2:
+            raise ValueError(f"n_components as candidates must list at least two numbers >= 1 (e.g. range(2, 21)), "
+                             f"got {spec!r}.")
+        return ks
+    if isinstance(spec, str):
+        raise ValueError(f"n_components must be a number of components >= 1, 'auto' (chosen by held-out evidence) or "
+                         f"a list of candidates, got {spec!r}.")
+    return check_int("n_components", spec, 1)
+
+
+def _split(n: int, train_size: float, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(validation rows, training rows) of ``n`` cells, each sorted: the first draw of ``generator``."""
+    perm = torch.randperm(n, generator=generator).numpy()
+    n_val = _n_validation(n, train_size)
+    return np.sort(perm[:n_val]), np.sort(perm[n_val:])
 
 
 def _n_validation(n: int, train_size: float) -> int:

@@ -9,6 +9,20 @@ representations and sparse counts) :meth:`DGDModule.loss` returns a
                        -log p_GMM(z)  -sum_k log p_sGMM_k(c_k | class) ] (prior)
            - prior_scale * log p(mixture parameters)                    (parameter prior)
 
+With a Normal posterior per cell (``Minibatch.log_std`` set: ``q_i = N(z_i,
+diag(exp(log_std_i))^2)``) the per-cell terms are those of the negative ELBO,
+estimated with S reparameterised samples ``z_is = z_i + exp(log_std_i) * eps_is``::
+
+    distortion D_i = -1/S sum_s log p(x_i | z_is, c_i)                 (reconstruction)
+    rate       R_i = 1/S sum_s [-log p_GMM(z_is)] - H(q_i)  -sum_k log p_sGMM_k(c_k | class)
+    H(q_i)         = sum_d log_std_id + L/2 (1 + log 2 pi)              (entropy, exact)
+
+so ``R_i`` is the Monte Carlo estimate of ``KL(q_i || p_GMM)`` (no closed form
+for a mixture) plus the covariate prior of the (point) covariate
+representations, and ``D_i + R_i`` is the negative ELBO of cell ``i``.
+:meth:`DGDModule.sample_terms` gives the per-sample terms (for importance
+sampling of ``log p(x)``); :meth:`DGDModule.loss` averages them.
+
 Training passes ``prior_scale = n_batch / n_cells`` so that the parameter
 priors count once per pass over the data; fitting representations (validation
 cells, new cells) passes 0. Training, validation, :meth:`dgdcell.DGD.transform`
@@ -88,6 +102,9 @@ class Minibatch:
         this component's density alone (the guided start), or None.
     continuous
         (B, C) standardised values of the continuous covariates (None without any).
+    log_std
+        (B, L) log standard deviations of the cells' Normal posteriors (``z`` are
+        then their means), or None for points (MAP).
     """
 
     z: torch.Tensor
@@ -97,6 +114,7 @@ class Minibatch:
     labels: torch.Tensor | None = None
     guide: torch.Tensor | None = None
     continuous: torch.Tensor | None = None
+    log_std: torch.Tensor | None = None
 
 
 @dataclass
@@ -115,11 +133,15 @@ class LossOutput:
         can then be lower than the reconstruction term alone.
     parameter_prior
         Scalar: ``-prior_scale * log p(mixture parameters)``.
+    entropy
+        (B,) entropy of each cell's Normal posterior (None for points); the
+        reconstruction and prior are then averages over posterior samples.
     """
 
     reconstruction: dict[str, torch.Tensor]
     prior: torch.Tensor
     parameter_prior: torch.Tensor
+    entropy: torch.Tensor | None = None
 
     @property
     def reconstruction_total(self) -> torch.Tensor:
@@ -130,14 +152,73 @@ class LossOutput:
         return out
 
     @property
+    def distortion(self) -> torch.Tensor:
+        """(B,) ``D``: the reconstruction NLL (expected under the posterior for a Normal one)."""
+        return self.reconstruction_total
+
+    @property
+    def rate(self) -> torch.Tensor:
+        """(B,) ``R``: prior minus posterior entropy (the prior term alone for points)."""
+        return self.prior if self.entropy is None else self.prior - self.entropy
+
+    @property
     def per_cell(self) -> torch.Tensor:
-        """(B,) reconstruction + prior of each cell (the parameter prior excluded)."""
-        return self.reconstruction_total + self.prior
+        """(B,) ``D + R`` of each cell (the parameter prior excluded): for a
+        Normal posterior the negative ELBO, for points reconstruction + prior."""
+        return self.reconstruction_total + self.rate
 
     @property
     def loss(self) -> torch.Tensor:
         """Scalar: the minibatch's objective (sum over cells plus the parameter prior)."""
         return self.per_cell.sum() + self.parameter_prior
+
+
+@dataclass
+class SampleTerms:
+    """Per-sample terms of S posterior samples of B cells (see :meth:`DGDModule.sample_terms`).
+
+    Attributes
+    ----------
+    reconstruction
+        modality -> (S, B) ``-log p(x_m | z_s, c)``.
+    prior
+        (S, B) ``-log p_GMM(z_s) - sum_k log p_sGMM_k(c_k | class)``.
+    log_q
+        (S, B) ``log q(z_s)`` of each cell's Normal posterior.
+    entropy
+        (B,) exact entropy of each posterior.
+    expanded
+        The (S * B)-row minibatch of the samples (row ``s * B + b``), e.g. to
+        score them under another mixture with :meth:`DGDModule.prior_nll`.
+    """
+
+    reconstruction: dict[str, torch.Tensor]
+    prior: torch.Tensor
+    log_q: torch.Tensor
+    entropy: torch.Tensor
+    expanded: Minibatch
+
+    @property
+    def reconstruction_total(self) -> torch.Tensor:
+        """(S, B) reconstruction NLL summed over the modalities."""
+        return sum(self.reconstruction.values(), torch.zeros_like(self.prior))
+
+    @property
+    def log_weights(self) -> torch.Tensor:
+        """(S, B) importance log weights ``log p(x, z_s) - log q(z_s)``."""
+        return -self.reconstruction_total - self.prior - self.log_q
+
+
+def _repeat_counts(c: SparseCounts, n_repeats: int, n_cols: int) -> SparseCounts:
+    """``c`` (B cells over ``n_cols`` decoded features) stacked ``n_repeats`` times:
+    row ``s * B + b`` is cell ``b``."""
+    b = c.log_library.shape[0]
+    shift = torch.arange(n_repeats, device=c.rows.device).repeat_interleave(c.rows.shape[0])
+    rep = lambda v: None if v is None else v.repeat(n_repeats)  # noqa: E731
+    return SparseCounts(
+        c.flat_index.repeat(n_repeats) + shift * (b * n_cols), c.rows.repeat(n_repeats) + shift * b,
+        c.values.repeat(n_repeats), rep(c.log_library), rep(c.log_factorial), c.feature_index, rep(c.weight),
+    )
 
 
 class DGDModule(nn.Module):
@@ -259,19 +340,21 @@ class DGDModule(nn.Module):
             out[mod] = -(ll if c.weight is None else ll * c.weight)
         return out
 
-    def prior_nll(self, batch: Minibatch, guided: bool = False) -> torch.Tensor:
+    def prior_nll(self, batch: Minibatch, guided: bool = False, gmm: GaussianMixture | None = None) -> torch.Tensor:
         """(B,) ``-log p_GMM(z) - sum_k log p_sGMM_k(c_k | class)``.
 
         With ``guided`` (and ``batch.guide`` set) the density of ``z`` is that of
         the cell's guide component alone, which pulls the cells of one initial
-        cluster towards one component."""
+        cluster towards one component. ``gmm``: another mixture over ``z`` in
+        place of the module's (e.g. one with another number of components)."""
         z = batch.z
+        gmm = self.gmm if gmm is None else gmm
         if guided and batch.guide is not None:
-            nll = -self.gmm.component_log_prob_of(z, batch.guide)
-        elif isinstance(self.gmm, GaussianMixtureSupervised):
-            nll = -self.gmm.log_prob(z, batch.labels)
+            nll = -gmm.component_log_prob_of(z, batch.guide)
+        elif isinstance(gmm, GaussianMixtureSupervised):
+            nll = -gmm.log_prob(z, batch.labels)
         else:
-            nll = -self.gmm.log_prob(z)
+            nll = -gmm.log_prob(z)
         for key, g in self.cov_gmms.items():
             nll = nll - g.log_prob(batch.cov[key], batch.cov_codes.get(key))
         return nll
@@ -280,19 +363,68 @@ class DGDModule(nn.Module):
         """Scalar ``-log p(parameters)`` of every mixture (softball, Dirichlet, Gaussian priors)."""
         return -sum(g.prior_log_prob() for g in self.mixtures())
 
-    def loss(self, batch: Minibatch, prior_scale: float = 0.0, guided: bool = False) -> LossOutput:
+    def expand(self, batch: Minibatch, z: torch.Tensor) -> Minibatch:
+        """The minibatch of ``S * B`` points ``z`` ((S * B, L), row ``s * B + b``
+        a point of cell ``b``) with every other field of ``batch`` repeated."""
+        n_rep = z.shape[0] // batch.z.shape[0]
+        if n_rep == 1:
+            return Minibatch(z, batch.cov, batch.counts, batch.cov_codes, batch.labels, batch.guide, batch.continuous)
+        rep = lambda v: None if v is None else v.repeat(n_rep, *([1] * (v.dim() - 1)))  # noqa: E731
+        counts = {}
+        for mod, c in batch.counts.items():
+            n_cols = c.feature_index.numel() if c.feature_index is not None else self.decoder.heads[mod][-1].out_features
+            counts[mod] = _repeat_counts(c, n_rep, n_cols)
+        return Minibatch(
+            z, {k: rep(v) for k, v in batch.cov.items()}, counts, {k: rep(v) for k, v in batch.cov_codes.items()},
+            rep(batch.labels), rep(batch.guide), rep(batch.continuous),
+        )
+
+    def sample_terms(self, batch: Minibatch, noise: torch.Tensor, guided: bool = False,
+                     gmm: GaussianMixture | None = None) -> SampleTerms:
+        """The terms at S reparameterised samples ``z_s = z + exp(log_std) * noise[s]``.
+
+        ``noise``: (S, B, L) standard-normal draws; ``batch.log_std`` must be set.
+        Differentiable in ``batch.z`` and ``batch.log_std``. ``gmm``: see :meth:`prior_nll`."""
+        if batch.log_std is None:
+            raise ValueError("sample_terms needs a Normal posterior: set Minibatch.log_std.")
+        n_samples, b, dim = noise.shape
+        std = batch.log_std.exp()
+        z = (batch.z.unsqueeze(0) + std.unsqueeze(0) * noise).reshape(n_samples * b, dim)
+        big = self.expand(batch, z)
+        recon = self.reconstruction_nll(self.decoder_input(big.z, big.cov, big.continuous), big.counts)
+        recon = {m: v.view(n_samples, b) for m, v in recon.items()}
+        prior = self.prior_nll(big, guided, gmm).view(n_samples, b)
+        half_log_2pi = 0.5 * math.log(2 * math.pi)
+        log_q = -(0.5 * noise.square() + batch.log_std.unsqueeze(0) + half_log_2pi).sum(-1)
+        entropy = batch.log_std.sum(-1) + dim * (0.5 + half_log_2pi)
+        return SampleTerms(recon, prior, log_q, entropy, big)
+
+    def loss(self, batch: Minibatch, prior_scale: float = 0.0, guided: bool = False, n_samples: int = 1,
+             generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> LossOutput:
         """The objective's terms for ``batch`` (see the module docstring).
 
         ``prior_scale``: weight of the mixtures' parameter priors (training:
         ``n_batch / n_cells``; 0 when only representations are fitted, which
-        then skips computing them). ``guided``: see :meth:`prior_nll`."""
-        recon = self.reconstruction_nll(self.decoder_input(batch.z, batch.cov, batch.continuous), batch.counts)
-        prior = self.prior_nll(batch, guided)
+        then skips computing them). ``guided``: see :meth:`prior_nll`.
+        With a Normal posterior (``batch.log_std`` set): the negative ELBO from
+        ``n_samples`` reparameterised samples per cell, drawn from
+        ``generator`` (on the cells' device), or from the given ``noise`` (S, B, L)."""
+        entropy = None
+        if batch.log_std is not None:
+            if noise is None:
+                noise = torch.randn((int(n_samples), *batch.z.shape), generator=generator, device=batch.z.device,
+                                    dtype=batch.z.dtype)
+            terms = self.sample_terms(batch, noise, guided)
+            recon = {m: v.mean(0) for m, v in terms.reconstruction.items()}
+            prior, entropy = terms.prior.mean(0), terms.entropy
+        else:
+            recon = self.reconstruction_nll(self.decoder_input(batch.z, batch.cov, batch.continuous), batch.counts)
+            prior = self.prior_nll(batch, guided)
         if prior_scale:
             param = self.parameter_prior_nll() * float(prior_scale)
         else:
             param = torch.zeros((), dtype=prior.dtype, device=prior.device)
-        return LossOutput(recon, prior, param)
+        return LossOutput(recon, prior, param, entropy)
 
 
 def covariate_mixture(n_classes: int) -> GaussianMixtureSupervised:

@@ -25,7 +25,8 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["history", "latent", "components_vs_labels", "summary", "adjusted_rand_index", "volcano", "de_heatmap"]
+__all__ = ["history", "latent", "components_vs_labels", "summary", "adjusted_rand_index", "volcano", "de_heatmap",
+           "evidence_curve"]
 
 _LOSS_KEYS = ("epoch", "train_loss", "train_reconstruction", "val_loss", "val_reconstruction")
 _NA_COLOR = "#d3d3d3"
@@ -1027,3 +1028,62 @@ def _decode_columns(model, adata, rows: np.ndarray, columns: np.ndarray, modalit
                                                 transform_batch=transform_batch, batch_size=int(batch_size))
         out[start:start + sub.size] = frame.to_numpy(dtype=np.float64)[:, columns]
     return out
+
+
+def evidence_curve(
+    data: Any,
+    key: str = "dgd",
+    ax=None,
+    save: str | Path | None = None,
+    show: bool = False,
+):
+    """The held-out evidence against the number of components K, the chosen K marked.
+
+    Parameters
+    ----------
+    data
+        An AnnData fitted with ``n_components='auto'`` (or a list; reads
+        ``adata.uns[key]['n_components']``), or the DataFrame returned by
+        :meth:`dgdcell.DGD.select_n_components` / :func:`dgdcell.tl.evidence_curve`.
+    key
+        The ``key_added`` of the fit (AnnData input only).
+    ax
+        A matplotlib Axes to draw into (default: a new figure).
+    save, show
+        See the module docstring.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Mean held-out ``log p(x)`` per validation cell (nats) for every
+        candidate K with +-1 standard error bars (of the paired difference to
+        the best K), and the chosen K marked.
+    """
+    if isinstance(data, pd.DataFrame):
+        frame = data
+    else:
+        uns = getattr(data, "uns", {})
+        if key not in uns or "n_components" not in uns[key]:
+            raise ValueError(f"no evidence curve in uns[{key!r}]['n_components']: fit with n_components='auto' "
+                             "(or a list of candidates) first, or pass the DataFrame of DGD.select_n_components.")
+        from ._evidence import evidence_frame
+
+        frame = evidence_frame(uns[key]["n_components"])
+    created = ax is None
+    if created:
+        fig, axes = _new_figure(1, 1, figsize=(5, 3.5))
+        ax = axes[0, 0]
+    else:
+        fig = ax.figure
+    with _closing_on_error(fig, created):
+        k = frame["n_components"].to_numpy()
+        ev = frame["log_evidence"].to_numpy()
+        ax.errorbar(k, ev, yerr=frame["se"].to_numpy(), marker="o", ms=4, capsize=2, color="#1f77b4")
+        chosen = frame["chosen"].to_numpy().astype(bool)
+        if chosen.any():
+            ax.axvline(k[chosen][0], color="#d62728", ls=":", lw=1)
+            ax.plot(k[chosen], ev[chosen], "o", color="#d62728", ms=7, label=f"chosen K = {int(k[chosen][0])}")
+            ax.legend(frameon=False)
+        ax.set_xlabel("components K")
+        ax.set_ylabel("held-out log p(x) per cell (nats)")
+    return _finish(fig, save, show, created)

@@ -74,3 +74,37 @@ def dgd(adata, n_components: int | None = None, latent_dim: int = 20, covariate_
     if copy:
         return target
     return model if return_model else None
+
+
+def evidence_curve(adata, n_components=None, key_added: str = "dgd", **kwargs):
+    """Fit a :class:`~dgdcell.DGD` with K chosen by held-out evidence; return the evidence curve.
+
+    The same as ``DGD(n_components=candidates, ...).fit(adata)``: writes the
+    outputs of :meth:`DGD.fit` with the chosen K, and the curve into
+    ``uns[key_added]["n_components"]``. Labels are never used.
+
+    Parameters
+    ----------
+    adata
+        AnnData (or MuData) with raw counts.
+    n_components
+        Candidate numbers of components (default ``'auto'``: 2..20).
+    key_added
+        Prefix of the keys written (default ``'dgd'``).
+    **kwargs
+        Passed to ``DGD(...)`` when it takes them (``latent_dim``,
+        ``posterior``, ``seed``, ...), else to :meth:`DGD.fit`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per candidate: ``n_components``, ``log_evidence`` (mean
+        held-out ``log p(x)`` per validation cell, nats), ``se`` and ``chosen``.
+    """
+    import inspect
+
+    init_names = set(inspect.signature(DGD.__init__).parameters) - {"n_components"}
+    init_kw = {k: v for k, v in kwargs.items() if k in init_names}
+    fit_kw = {k: v for k, v in kwargs.items() if k not in init_names}
+    return DGD(**init_kw).select_n_components(adata, "auto" if n_components is None else n_components,
+                                              key_added=key_added, **fit_kw)

@@ -2,7 +2,7 @@
 
 from .gmm import COVARIANCE_TYPES, GaussianMixture, GaussianMixtureSupervised
 from .priors import DirichletPrior, GaussianPrior, Softball
-from .representation import RepresentationLayer
+from .representation import NormalRepresentation, RepresentationLayer
 
 __all__ = [
     "COVARIANCE_TYPES",
@@ -10,6 +10,7 @@ __all__ = [
     "GaussianMixture",
     "GaussianMixtureSupervised",
     "GaussianPrior",
+    "NormalRepresentation",
     "RepresentationLayer",
     "Softball",
 ]

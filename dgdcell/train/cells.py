@@ -20,7 +20,8 @@ class CellSet:
     Attributes
     ----------
     rep
-        (n, L) representations.
+        (n, L) representations (a :class:`~dgdcell.latent.NormalRepresentation`:
+        each cell's Normal posterior, its means and log stds).
     cov_reps
         covariate key -> (n, 2) representations.
     counts
@@ -57,8 +58,14 @@ class CellSet:
     def n(self) -> int:
         return self.rep.n_sample
 
+    @property
+    def variational(self) -> bool:
+        """True when each cell owns a Normal posterior (means and log stds)."""
+        return bool(getattr(self.rep, "variational", False))
+
     def parameters(self) -> list[nn.Parameter]:
-        return [self.rep.z] + [r.z for r in self.cov_reps.values()]
+        own = [self.rep.z] + ([self.rep.log_std] if self.variational else [])
+        return own + [r.z for r in self.cov_reps.values()]
 
     def minibatch(
         self, idx: torch.Tensor, z: torch.Tensor | None = None, cov: dict[str, torch.Tensor] | None = None
@@ -82,4 +89,5 @@ class CellSet:
             labels=None if self.labels is None else self.labels.index_select(0, idx),
             guide=None if self.guide is None else self.guide.index_select(0, idx),
             continuous=None if self.continuous is None else self.continuous.index_select(0, idx),
+            log_std=self.rep.log_std_rows(idx) if self.variational and z is None else None,
         )

@@ -42,7 +42,8 @@ class TrainConfig:
     (only the decoder and mixtures learn), so that noisy gradients from a
     random decoder do not scramble a data-driven start. During the first
     ``guide_epochs`` epochs each cell's prior is its guide component alone
-    (see :class:`CellSet`), when the cells carry guides.
+    (see :class:`CellSet`), when the cells carry guides. Cells with Normal
+    posteriors use ``n_samples`` reparameterised samples per cell per step.
     """
 
     max_epochs: int = 300
@@ -56,13 +57,14 @@ class TrainConfig:
     min_delta: float = 1e-4
     warmup_epochs: int = 0
     guide_epochs: int = 0
+    n_samples: int = 1
     verbose: bool = True
 
     def checked(self) -> "TrainConfig":
         """This config with every setting validated (a ValueError names the
         setting and the fix) and converted to its type."""
         for name, low in (("max_epochs", 1), ("batch_size", 1), ("patience", 1), ("warmup_epochs", 0),
-                          ("guide_epochs", 0)):
+                          ("guide_epochs", 0), ("n_samples", 1)):
             setattr(self, name, check_int(name, getattr(self, name), low))
         for name in ("lr_decoder", "lr_representation", "lr_mixture"):
             value = getattr(self, name)
@@ -136,14 +138,23 @@ class _SparseRows(nn.Module):
         super().__init__()
         self.rep = rep
         self.n_rep, self.n_sample = rep.n_rep, rep.n_sample
+        self.variational = bool(getattr(rep, "variational", False))
 
     @property
     def z(self) -> nn.Parameter:
         return self.rep.z
 
+    @property
+    def log_std(self) -> nn.Parameter:
+        return self.rep.log_std
+
     def forward(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """(len(idx), n_rep) rows of ``z`` (all of ``z`` when None)."""
         return self.rep.z if idx is None else F.embedding(idx, self.rep.z, sparse=True)
+
+    def log_std_rows(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(len(idx), n_rep) rows of a Normal representation's ``log_std``, read the same way."""
+        return self.rep.log_std if idx is None else F.embedding(idx, self.rep.log_std, sparse=True)
 
 
 def _sparse_view(cells: CellSet) -> CellSet:
@@ -193,12 +204,17 @@ def representation_epoch(
     guided: bool = False,
     comm: Comm | None = None,
     shard: tuple[int, int] | None = None,
+    n_samples: int = 1,
+    noise_generator: torch.Generator | None = None,
+    stats: dict | None = None,
 ) -> tuple[float, float]:
     """One pass over ``cells`` stepping only their representations (decoder and
     mixtures untouched; no step when ``step`` is False). Returns the mean
     per-cell loss and reconstruction NLL before the step (over the cells of
     every rank with ``comm``, whose ``cells`` are the ``shard`` of
-    :func:`_batches`; the pass itself stays local).
+    :func:`_batches`; the pass itself stays local); ``stats``, when given,
+    receives the mean ``rate`` too. Normal posteriors draw ``n_samples``
+    samples per cell from ``noise_generator``.
 
     Each cell's gradient is its own and the step comes once, after the pass,
     so the minibatch size does not change the result: the pass uses
@@ -210,21 +226,54 @@ def representation_epoch(
     params = cells.parameters()
     total = torch.zeros((), device=cells.rep.z.device)
     recon_total = torch.zeros((), device=cells.rep.z.device)
-    n_values = max(sum(c.n_features for c in cells.counts.values()), 1)
+    rate_total = torch.zeros((), device=cells.rep.z.device)
+    n_values = max(sum(c.n_features for c in cells.counts.values()), 1) * int(n_samples)
     size = max(int(batch_size), REPRESENTATION_BATCH_ELEMENTS // n_values)
     with frozen(module):
         for idx in _batches(cells, size, generator, cells.rep.z.device, shard):
             if not idx.numel():  # a rank's part of a global batch can be empty
                 continue
-            out = module.loss(view.minibatch(idx), prior_scale=0.0, guided=guided)
+            out = module.loss(view.minibatch(idx), prior_scale=0.0, guided=guided, n_samples=n_samples,
+                              generator=noise_generator)
             loss = out.loss
             loss.backward(inputs=params)
             total += loss.detach()
             recon_total += out.reconstruction_total.detach().sum()
+            rate_total += out.rate.detach().sum()
     if step:
         optimizer.step()
-    total, recon_total, n = _totals(comm, total, recon_total, cells.n)
+    total, recon_total, rate_total, n = _totals(comm, total, recon_total, rate_total, cells.n)
+    if stats is not None:
+        stats["rate"] = rate_total / n
     return total / n, recon_total / n
+
+
+#: the log stds of Normal posteriors step this many times the representations' learning rate
+LOG_STD_LR_FACTOR = 10.0
+
+
+def representation_groups(cells: CellSet, lr: float) -> list[dict]:
+    """Adam parameter groups of ``cells``: the points (means) at ``lr``; the log
+    stds of Normal posteriors at ``LOG_STD_LR_FACTOR * lr`` (a once-per-epoch
+    step of size ``lr`` in log space would need hundreds of epochs to move a
+    standard deviation by the factor of ten that library sizes spread it)."""
+    params = cells.parameters()
+    if not cells.variational:
+        return [{"params": params, "lr": lr}]
+    log_std = cells.rep.log_std
+    return [{"params": [p for p in params if p is not log_std], "lr": lr},
+            {"params": [log_std], "lr": lr * LOG_STD_LR_FACTOR}]
+
+
+def noise_generator(generator: torch.Generator | None, device) -> torch.Generator | None:
+    """A generator for posterior samples on ``device``: ``generator`` itself on the
+    CPU, else a device generator seeded from one draw of it (None: None)."""
+    if generator is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cpu":
+        return generator
+    return torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
 
 
 def train(
@@ -246,7 +295,9 @@ def train(
     early stopping, and the best state is restored at the end.
 
     History keys: ``epoch``, ``train_loss``, ``train_reconstruction``,
-    ``val_loss``, ``val_reconstruction`` (per cell, nats), ``seconds``
+    ``val_loss``, ``val_reconstruction`` (per cell, nats); with Normal
+    posteriors also ``train_rate``, ``val_rate`` (R) and ``train_elbo``,
+    ``val_elbo`` (``-(D + R)``; D is the reconstruction); ``seconds``
     (cumulative), and per fit ``stopped`` (``'early_stopping'``,
     ``'max_epochs'`` or ``'interrupted'``) and ``best_epoch`` (0: none, the
     last state is kept). On KeyboardInterrupt the best state so far is kept;
@@ -277,15 +328,22 @@ def train(
     if mixture_params:
         groups.append({"params": mixture_params, "lr": config.lr_mixture})
     opt_model = adam(groups, config.lr_decoder, config.betas)
-    opt_rep = adam(train_cells.parameters(), config.lr_representation, config.betas)
-    opt_val = adam(val_cells.parameters(), config.lr_representation, config.betas) if val_cells is not None else None
+    opt_rep = adam(representation_groups(train_cells, config.lr_representation), config.lr_representation,
+                   config.betas)
+    opt_val = adam(representation_groups(val_cells, config.lr_representation), config.lr_representation,
+                   config.betas) if val_cells is not None else None
     modules: dict[str, nn.Module] = {"module": module, "train_rep": train_cells.rep}
     modules.update({f"train_cov/{k}": r for k, r in train_cells.cov_reps.items()})
     if val_cells is not None:
         modules["val_rep"] = val_cells.rep
         modules.update({f"val_cov/{k}": r for k, r in val_cells.cov_reps.items()})
 
-    history: dict[str, list] = {k: [] for k in ("epoch", "train_loss", "train_reconstruction", "val_loss", "val_reconstruction", "seconds")}
+    variational = train_cells.variational
+    keys = ["epoch", "train_loss", "train_reconstruction", "val_loss", "val_reconstruction", "seconds"]
+    if variational:
+        keys += ["train_rate", "train_elbo", "val_rate", "val_elbo"]
+    history: dict[str, list] = {k: [] for k in keys}
+    noise = noise_generator(generator, device) if variational else None
     best = math.inf
     best_state, best_epoch = None, 0
     stopped = "max_epochs"
@@ -307,35 +365,46 @@ def train(
             opt_rep.zero_grad(set_to_none=False)
             total = torch.zeros((), device=device)
             recon_total = torch.zeros((), device=device)
+            rate_total = torch.zeros((), device=device)
             guided = epoch < config.guide_epochs
             for idx in _batches(train_cells, config.batch_size, generator, device, shard):
                 opt_model.zero_grad(set_to_none=True)
                 if idx.numel():  # (a rank's part of a global batch can be empty; it still takes part below)
-                    out = module.loss(train_view.minibatch(idx), prior_scale=idx.shape[0] / n_train, guided=guided)
+                    out = module.loss(train_view.minibatch(idx), prior_scale=idx.shape[0] / n_train, guided=guided,
+                                      n_samples=config.n_samples, generator=noise)
                     loss = out.loss
                     loss.backward()
                     total += loss.detach()
                     recon_total += out.reconstruction_total.detach().sum()
+                    if variational:
+                        rate_total += out.rate.detach().sum()
                 if comm is not None:
                     comm.reduce_gradients(model_params)
                 opt_model.step()
             warm = epoch < config.warmup_epochs
             if not warm:
                 opt_rep.step()
-            total, recon_total = _totals(comm, total, recon_total)
+            total, recon_total, rate_total = _totals(comm, total, recon_total, rate_total)
             train_loss = total / n_train
             history["epoch"].append(epoch + 1)
             history["train_loss"].append(train_loss)
             history["train_reconstruction"].append(recon_total / n_train)
+            stats = {"rate": rate_total / n_train}
+            if variational:
+                history["train_rate"].append(stats["rate"])
+                history["train_elbo"].append(-(history["train_reconstruction"][-1] + stats["rate"]))
             if val_cells is not None:
                 val_loss, val_recon = representation_epoch(
                     module, val_cells, opt_val, config.batch_size, generator, step=not warm, guided=guided, comm=comm,
-                    shard=val_shard,
+                    shard=val_shard, n_samples=config.n_samples, noise_generator=noise, stats=stats,
                 )
             else:
                 val_loss, val_recon = train_loss, history["train_reconstruction"][-1]
             history["val_loss"].append(val_loss)
             history["val_reconstruction"].append(val_recon)
+            if variational:
+                history["val_rate"].append(stats["rate"])
+                history["val_elbo"].append(-(val_recon + stats["rate"]))
             history["seconds"].append(time.perf_counter() - t0)
             if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                 restored = "the best state so far was restored" if best_state is not None else "no earlier state to keep"
