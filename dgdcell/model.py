@@ -124,7 +124,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
         one broad component catches the cells the others do not fit. Fixed
         variances per component keep such a broad component (it grew to 64%
         of the cells on CITE-seq PBMC); one shared variance has none.
-        ``benchmarks/results/tuning.md`` has the measurements.
+        ``docs/mixture.md`` has the measurements.
     init
         ``'pca'`` (default: representations start at scaled PCA scores of the
         log-normalised counts and the mixture at a GMM fit of them) or
