@@ -18,12 +18,14 @@ from ._persistence import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, Persistence
 from . import _query
 from ._version import __version__
 from .data import CountData, binarise, read_data
+from .data.backed import BackedCounts
 from .latent import COVARIANCE_TYPES, GaussianMixture, RepresentationLayer
 from ._checks import check_int, check_not_view, check_number, check_pair, check_widths, resolve_device
 from .module import COVARIATE_DIM, DGDModule
 from .nn import LIKELIHOODS, Decoder
 from .train import CellSet, DeviceCounts, TrainConfig, init_mixture, pca_scores, train
 from .train.initialisation import graph_clusters, init_mixture_from_labels
+from .train.streaming import DEFAULT_BLOCK_CELLS, StreamedCounts
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +308,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int = 10,
         warm_start: bool = False,
+        block_size: int | None = None,
     ) -> "DGD":
         """Fit the model to the raw counts of ``adata`` and write the results into it.
 
@@ -330,6 +333,18 @@ class DGD(ExpressionMixin, PersistenceMixin):
         Counts stay sparse throughout; canonical float32 CSR counts (what
         AnnData files usually hold) are used in place, without a copy, and
         are never modified.
+
+        Large data: the ``.X`` of a backed AnnData
+        (``anndata.read_h5ad(path, backed="r")``, or an AnnData whose ``.X``
+        is ``anndata.io.sparse_dataset`` of an h5ad / zarr group) is read
+        from disk block by block (see ``docs/large_data.md``): one streaming
+        pass checks the counts and sums each cell's library size, the start
+        reads only its sampled cells plus two passes of blocks, and every
+        epoch reads each block of ``block_size`` cells once. Memory then grows
+        with the cells' representations, not with the counts. The results are
+        written into the AnnData's in-memory ``obsm`` / ``obs`` / ``uns`` as
+        usual; the file itself is never written (save with
+        ``adata.write_h5ad(new_path)``).
 
         Writes (and nothing else; for a MuData into ``mdata.obsm`` /
         ``mdata.obs`` / ``mdata.uns``), with ``key = key_added``:
@@ -389,6 +404,17 @@ class DGD(ExpressionMixin, PersistenceMixin):
             Modalities of a MuData or var-keyed AnnData to use (default: all).
         checkpoint_dir, checkpoint_every, warm_start
             Checkpoints and resuming (see above).
+        block_size
+            Shuffle block-wise: each epoch visits blocks of ``block_size``
+            consecutive cells (of the training and of the validation cells,
+            in file order) in a random order and the cells of each block in a
+            random order; no minibatch spans two blocks. Default: None (a
+            random permutation of all cells) in memory,
+            :data:`~dgdcell.train.streaming.DEFAULT_BLOCK_CELLS` for counts
+            on disk, where each block is one read. The same value gives an
+            in-memory fit of the same file the same minibatches, and the
+            same result. A file sorted by cell type or batch gives blocks of
+            few types: shuffle its rows once when writing it.
 
         Returns
         -------
@@ -399,7 +425,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
             max_epochs=1 if max_epochs is None else max_epochs, batch_size=batch_size, lr_decoder=lr_decoder,
             lr_representation=lr_representation, lr_mixture=lr_mixture, betas=betas, early_stopping=early_stopping,
             patience=patience, min_delta=min_delta, warmup_epochs=warmup_epochs, guide_epochs=guide_epochs,
-            verbose=verbose,
+            block_size=block_size, verbose=verbose,
         ).checked()
         train_size = _check_train_size(train_size)
         if not isinstance(key_added, str) or not key_added:
@@ -436,6 +462,8 @@ class DGD(ExpressionMixin, PersistenceMixin):
             if missing:
                 logger.info("%d of %d cells lack modality %r: fitted on their other modalities", missing, n, m)
         config.max_epochs = default_max_epochs(n) if max_epochs is None else config.max_epochs
+        if data.backed and config.block_size is None:
+            config.block_size = DEFAULT_BLOCK_CELLS
         settings = {**config.settings(), "layer": layer, "modalities": list(data.modalities),
                     "train_size": train_size, "warm_start": bool(warm_start)}
         run = _FitRun(data, replace(config, guide_epochs=0) if warm_start else config, train_size, n_classes,
@@ -573,7 +601,9 @@ class DGD(ExpressionMixin, PersistenceMixin):
 
         weights = self._cell_weights(data)
         # one copy of the counts on the device; the training and validation sets are row views of it
-        all_counts = {m: DeviceCounts(c, data.library[m], self.device) for m, c in data.counts.items()}
+        all_counts = {m: StreamedCounts(c, data.library[m], self.device, config.block_size or DEFAULT_BLOCK_CELLS)
+                      if isinstance(c, BackedCounts) else DeviceCounts(c, data.library[m], self.device)
+                      for m, c in data.counts.items()}
 
         def cell_set(rows: np.ndarray) -> CellSet:
             rows_t = torch.as_tensor(rows)
