@@ -14,7 +14,8 @@ from .data import binarise, read_new_data
 from .latent import RepresentationLayer
 from .module import COVARIATE_DIM
 from .train import CellSet, DeviceCounts
-from .train.new_cells import INIT_TYPES, NewCellConfig, fit_new_cells
+from .train.new_cells import INIT_TYPES, NewCellConfig, candidate_starts, fit_new_cells, frozen, merge_histories
+from .train.streaming import DEFAULT_BLOCK_CELLS
 
 if TYPE_CHECKING:
     from .model import DGD
@@ -42,6 +43,7 @@ def transform(
     min_overlap: float = 0.5,
     max_elements: int = 20_000_000,
     modality: str | None = None,
+    block_size: int | None = None,
 ) -> "DGD":
     """Embed new cells: fit fresh representations against the frozen decoder and mixtures.
 
@@ -133,6 +135,15 @@ def transform(
         Memory bound of the candidate scoring, in floats.
     modality
         For a plain AnnData of a multi-modal model: which modality it holds.
+    block_size
+        Embed the cells in blocks of this many consecutive cells, one after
+        the other (each cell's fit is its own, so only memory and the
+        candidate scoring's log-library grid, spanned per block, depend on
+        it). Default: all at once in memory;
+        :data:`~dgdcell.train.streaming.DEFAULT_BLOCK_CELLS` for counts read
+        from disk (a backed AnnData's ``.X``: one streaming pass checks them
+        and sums the library sizes, then each block is read once). The
+        candidate starts are drawn once for all blocks.
 
     Returns
     -------
@@ -149,6 +160,8 @@ def transform(
         check_int(name, value, 1)
     if seed is not None:
         seed = check_int("seed", seed, 0, 2**63 - 1)
+    if block_size is not None:
+        block_size = check_int("block_size", block_size, 1)
     t0 = time.perf_counter()
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string (the prefix of the keys written), got {key_added!r}.")
@@ -165,17 +178,38 @@ def transform(
         patience=int(patience), min_delta=float(min_delta), max_elements=int(max_elements), verbose=verbose,
     )
     seed = self.init_args["seed"] if seed is None else int(seed)
-    cells = _new_cell_set(self, new)
-    history = fit_new_cells(self.module, cells, config, torch.Generator().manual_seed(seed))
-    z = cells.rep.z.detach().cpu()
-    cov = {k: r.z.detach().cpu() for k, r in cells.cov_reps.items()}
+    generator = torch.Generator().manual_seed(seed)
+    d = new.data
+    if block_size is None and d.backed:
+        block_size = DEFAULT_BLOCK_CELLS
+    if block_size is None or block_size >= d.n_obs:
+        cells = _new_cell_set(self, d.block(0, d.n_obs) if d.backed else d, new.alignments)
+        history = fit_new_cells(self.module, cells, config, generator)
+        z = cells.rep.z.detach().cpu()
+        cov = {k: r.z.detach().cpu() for k, r in cells.cov_reps.items()}
+    else:  # block by block (read from disk per block when backed), the candidates drawn once
+        with frozen(self.module):
+            cand = candidate_starts(self.gmm, dict(self.cov_gmms), config.init, config.n_samples, generator)
+        z = torch.empty(d.n_obs, self.latent_dim)
+        cov = {k: torch.empty(d.n_obs, COVARIATE_DIM) for k in self.cov_gmms}
+        parts = []
+        for start in range(0, d.n_obs, block_size):
+            stop = min(start + block_size, d.n_obs)
+            cells = _new_cell_set(self, d.block(start, stop), new.alignments)
+            parts.append((stop - start, fit_new_cells(self.module, cells, config, generator, candidates=cand)))
+            z[start:stop] = cells.rep.z.detach().cpu()
+            for k, r in cells.cov_reps.items():
+                cov[k][start:stop] = r.z.detach().cpu()
+            del cells
+        history = merge_histories(parts)
     record = _transform_record(new, config, layer, seed, history, time.perf_counter() - t0)
+    record["block_size"] = 0 if block_size is None else int(block_size)
     self._write_outputs(adata_new, z, cov, key_added, extra_uns={"transform": record})
     return self
 
-def _new_cell_set(self, new):
-    """A CellSet (representations at zero) for new cells read by ``read_new_data``."""
-    d = new.data
+def _new_cell_set(self, d, alignments):
+    """A CellSet (representations at zero) for new cells read by ``read_new_data``
+    (``d``: its ``data``, or a block of it, with counts in memory)."""
     return CellSet(
         rep=RepresentationLayer(self.latent_dim, d.n_obs).to(self.device),
         cov_reps={k: RepresentationLayer(COVARIATE_DIM, d.n_obs).to(self.device) for k in self.cov_gmms},
@@ -184,7 +218,7 @@ def _new_cell_set(self, new):
         labels=None,
         feature_index={
             m: None if a.complete else torch.as_tensor(a.feature_index, device=self.device)
-            for m, a in new.alignments.items()
+            for m, a in alignments.items()
         },
         weight=self._cell_weights(d),
         continuous=None if (c := self._continuous_input(d.continuous)) is None else c.to(self.device),

@@ -10,7 +10,7 @@ everything needed per cell up front: library sizes, the log-factorial constant
 ``sum_j lgamma(x_ij + 1)`` and the number of non-zeros per row. Afterwards
 only (n_obs,) vectors stay in memory; counts are read per block.
 
-Blocks are cut at the same row boundaries as :func:`~dgdcell.data.reading.row_blocks`
+Blocks are cut at the same row boundaries as :func:`~dgdcell.data.row_blocks`
 of an in-memory CSR of the same matrix, so passes over a :class:`BackedCounts`
 and over the in-memory matrix sum the same numbers in the same order.
 """
@@ -23,8 +23,8 @@ import logging
 import numpy as np
 import scipy.sparse as sp
 
-from . import reading  # row_blocks, to_csr (module import: reading imports this module)
 from .checks import check_count_dtype, check_count_values
+from .sparse import row_blocks, to_csr
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ class BackedCounts:
         (every row block would read the whole file).
     where
         How the matrix is named in error messages (e.g. ``"adata.X"``).
+    columns
+        (G,) int positions of the columns to keep, in the order wanted (new
+        cells aligned to a model's features); None: all.
 
     Attributes
     ----------
@@ -72,10 +75,10 @@ class BackedCounts:
 
     Rows are read with :meth:`read` (a contiguous range) or :meth:`take`
     (sorted rows, read as the contiguous ranges that cover them, block by
-    block); both return canonical float32 CSR, like :func:`~dgdcell.data.reading.to_csr`.
+    block); both return canonical float32 CSR, like :func:`~dgdcell.data.to_csr`.
     """
 
-    def __init__(self, X, where: str = "adata.X"):
+    def __init__(self, X, where: str = "adata.X", columns: np.ndarray | None = None):
         fmt = getattr(X, "format", None)
         if fmt is not None and fmt != "csr":
             raise ValueError(
@@ -86,7 +89,8 @@ class BackedCounts:
         if len(getattr(X, "shape", ())) != 2:
             raise ValueError(f"{where} is not a 2-D matrix (shape {getattr(X, 'shape', None)}).")
         self.X, self.where = X, where
-        self.shape = (int(X.shape[0]), int(X.shape[1]))
+        self.columns = None if columns is None else np.asarray(columns, dtype=np.int64)
+        self.shape = (int(X.shape[0]), int(X.shape[1]) if columns is None else int(self.columns.size))
         self.dtype = np.dtype(X.dtype)
         self.binary = False
         self.library: np.ndarray | None = None
@@ -99,8 +103,8 @@ class BackedCounts:
         group = getattr(self.X, "group", None)
         if group is not None and "indptr" in group:
             return np.asarray(group["indptr"][...], dtype=np.int64)
-        n, g = self.shape
-        return np.arange(n + 1, dtype=np.int64) * g
+        n, g = self.X.shape
+        return np.arange(n + 1, dtype=np.int64) * int(g)
 
     @property
     def n_obs(self) -> int:
@@ -112,15 +116,20 @@ class BackedCounts:
 
     def blocks(self, block_nnz: int = SCAN_BLOCK_NNZ):
         """``(start, stop)`` row ranges of about ``block_nnz`` non-zeros each (at least one row)."""
-        for a, b, _, _ in reading.row_blocks(_Pointer(self.indptr, self.shape), block_nnz):
+        for a, b, _, _ in row_blocks(_Pointer(self.indptr, self.shape), block_nnz):
             yield a, b
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start:stop`` as canonical float32 CSR (1 where > 0 when :attr:`binary`)."""
-        csr = reading.to_csr(self.X[int(start) : int(stop)])
+        csr = to_csr(self._raw(start, stop))
         if self.binary:
             csr = sp.csr_matrix((np.ones_like(csr.data), csr.indices, csr.indptr), shape=csr.shape, copy=False)
         return csr
+
+    def _raw(self, start: int, stop: int):
+        """Rows ``start:stop`` as stored (scipy sparse or dense), of the kept columns."""
+        raw = self.X[int(start) : int(stop)]
+        return raw if self.columns is None else raw[:, self.columns]
 
     def take(self, rows: np.ndarray, block_nnz: int = SCAN_BLOCK_NNZ, gap_nnz: int = TAKE_GAP_NNZ) -> sp.csr_matrix:
         """Rows ``rows`` ((m,) int, sorted ascending, no repeats) as canonical
@@ -159,9 +168,9 @@ class BackedCounts:
         log_factorial = np.empty(n, dtype=np.float32)
         n_on = np.empty(n, dtype=np.int64)
         for a, b in self.blocks():
-            raw = self.X[a:b]
+            raw = self._raw(a, b)
             check_count_values(raw.data if sp.issparse(raw) else np.asarray(raw).ravel(), self.where, available_layers)
-            csr = reading.to_csr(raw)
+            csr = to_csr(raw)
             row = np.repeat(np.arange(b - a), np.diff(csr.indptr))
             library[a:b] = np.asarray(csr.sum(axis=1), dtype=np.float64).ravel()
             log_factorial[a:b] = np.bincount(row, weights=gammaln(csr.data.astype(np.float64) + 1.0), minlength=b - a)
@@ -200,7 +209,7 @@ class BackedCounts:
 
 
 class _Pointer:
-    """The ``indptr`` and ``shape`` of a matrix, enough for :func:`~dgdcell.data.reading.row_blocks`."""
+    """The ``indptr`` and ``shape`` of a matrix, enough for :func:`~dgdcell.data.row_blocks`."""
 
     def __init__(self, indptr: np.ndarray, shape: tuple[int, int]):
         self.indptr, self.shape, self.nnz = indptr, shape, int(indptr[-1])
@@ -220,11 +229,16 @@ class InMemoryRows:
         self.csr, self.shape, self.indptr = csr, csr.shape, csr.indptr
 
     def blocks(self, block_nnz: int = SCAN_BLOCK_NNZ):
-        for a, b, _, _ in reading.row_blocks(self.csr, block_nnz):
+        for a, b, _, _ in row_blocks(self.csr, block_nnz):
             yield a, b
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         return self.csr[int(start) : int(stop)]
+
+    def _raw(self, start: int, stop: int):
+        """Rows ``start:stop`` as stored (scipy sparse or dense), of the kept columns."""
+        raw = self.X[int(start) : int(stop)]
+        return raw if self.columns is None else raw[:, self.columns]
 
     def take(self, rows: np.ndarray) -> sp.csr_matrix:
         return self.csr[np.asarray(rows)]

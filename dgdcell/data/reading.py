@@ -19,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .backed import BackedCounts, is_backed_matrix
+from .sparse import row_blocks, to_csr  # noqa: F401 (re-exported: where callers found them)
 from .checks import cells_identical, check_cell_totals, check_counts, check_data_object, check_obs_column
 
 DEFAULT_MODALITY = "rna"
@@ -85,6 +86,24 @@ class CountData:
         mask = self.observed.get(modality)
         return np.ones(self.n_obs, dtype=bool) if mask is None else mask
 
+    def block(self, start: int, stop: int) -> "CountData":
+        """The cells ``start:stop`` with their counts in memory (CSR; read from
+        disk for :class:`~dgdcell.data.backed.BackedCounts`)."""
+        def rows(v):
+            return None if v is None else v[start:stop]
+
+        return CountData(
+            counts={m: c.read(start, stop) if isinstance(c, BackedCounts) else c[start:stop]
+                    for m, c in self.counts.items()},
+            library={m: v[start:stop] for m, v in self.library.items()},
+            feature_names=self.feature_names,
+            covariates={k: Categories(c.codes[start:stop], c.categories) for k, c in self.covariates.items()},
+            labels=None if self.labels is None else Categories(self.labels.codes[start:stop], self.labels.categories),
+            obs_names=self.obs_names[start:stop],
+            observed={m: v[start:stop] for m, v in self.observed.items()},
+            continuous={k: v[start:stop] for k, v in self.continuous.items()},
+        )
+
     @property
     def mosaic(self) -> bool:
         """True when some cell lacks some modality."""
@@ -114,47 +133,6 @@ def get_matrix(adata, layer: str | None):
             "Use layer=None for adata.X."
         )
     return adata.layers[layer], f"adata.layers[{layer!r}]"
-
-
-def to_csr(X) -> sp.csr_matrix:
-    """Any dense/sparse numeric matrix as canonical CSR float32 (explicit zeros dropped).
-
-    A matrix that already is one (CSR, float32, sorted indices without
-    duplicates, no stored zeros: what AnnData files usually hold) is not
-    copied: the result shares its arrays, so callers must never write into
-    them (replace arrays instead, as :func:`dgdcell.model._binarise` does).
-    """
-    if hasattr(X, "to_memory"):  # backed sparse datasets
-        X = X.to_memory()
-    if _is_canonical_float32_csr(X):
-        return sp.csr_matrix((X.data, X.indices, X.indptr), shape=X.shape, copy=False)
-    if sp.issparse(X):
-        out = sp.csr_matrix(X, dtype=np.float32, copy=True)
-    else:
-        out = sp.csr_matrix(np.asarray(X, dtype=np.float32))
-    out.sum_duplicates()
-    out.eliminate_zeros()
-    out.sort_indices()
-    return out
-
-
-def row_blocks(csr: sp.csr_matrix, block_nnz: int):
-    """``(row_start, row_stop, nnz_start, nnz_stop)`` of consecutive row blocks
-    of ``csr`` holding about ``block_nnz`` non-zeros each (at least one row),
-    for passes over large count matrices whose temporaries must stay small."""
-    n = csr.shape[0]
-    cuts = np.searchsorted(csr.indptr, np.arange(0, csr.nnz + block_nnz, block_nnz)[1:], side="left")
-    edges = np.unique(np.concatenate([[0], np.minimum(cuts, n), [n]]))
-    for a, b in zip(edges[:-1], edges[1:]):
-        yield int(a), int(b), int(csr.indptr[a]), int(csr.indptr[b])
-
-
-def _is_canonical_float32_csr(X) -> bool:
-    """CSR float32 with sorted, duplicate-free indices and no stored zeros."""
-    return (
-        sp.issparse(X) and X.format == "csr" and X.dtype == np.float32 and bool(X.has_canonical_format)
-        and np.count_nonzero(X.data) == X.data.size
-    )
 
 
 def encode_categories(
