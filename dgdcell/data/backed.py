@@ -114,9 +114,10 @@ class BackedCounts:
     def nnz(self) -> int:
         return int(self.indptr[-1])
 
-    def blocks(self, block_nnz: int = SCAN_BLOCK_NNZ):
-        """``(start, stop)`` row ranges of about ``block_nnz`` non-zeros each (at least one row)."""
-        for a, b, _, _ in row_blocks(_Pointer(self.indptr, self.shape), block_nnz):
+    def blocks(self, block_nnz: int | None = None):
+        """``(start, stop)`` row ranges of about ``block_nnz`` (default :data:`SCAN_BLOCK_NNZ`)
+        non-zeros each (at least one row)."""
+        for a, b, _, _ in row_blocks(_Pointer(self.indptr, self.shape), block_nnz or SCAN_BLOCK_NNZ):
             yield a, b
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
@@ -131,13 +132,14 @@ class BackedCounts:
         raw = self.X[int(start) : int(stop)]
         return raw if self.columns is None else raw[:, self.columns]
 
-    def take(self, rows: np.ndarray, block_nnz: int = SCAN_BLOCK_NNZ, gap_nnz: int = TAKE_GAP_NNZ) -> sp.csr_matrix:
+    def take(self, rows: np.ndarray, block_nnz: int | None = None, gap_nnz: int | None = None) -> sp.csr_matrix:
         """Rows ``rows`` ((m,) int, sorted ascending, no repeats) as canonical
         float32 CSR. Neighbouring rows are read together as one contiguous
         range when fewer than ``gap_nnz`` stored non-zeros lie between them
         (and the range stays within about ``block_nnz``); far-apart rows are
         read on their own, so a sample of a large file reads about its own
         rows, not the file."""
+        block_nnz, gap_nnz = block_nnz or SCAN_BLOCK_NNZ, TAKE_GAP_NNZ if gap_nnz is None else gap_nnz
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
@@ -228,8 +230,8 @@ class InMemoryRows:
     def __init__(self, csr: sp.csr_matrix):
         self.csr, self.shape, self.indptr = csr, csr.shape, csr.indptr
 
-    def blocks(self, block_nnz: int = SCAN_BLOCK_NNZ):
-        for a, b, _, _ in row_blocks(self.csr, block_nnz):
+    def blocks(self, block_nnz: int | None = None):
+        for a, b, _, _ in row_blocks(self.csr, block_nnz or SCAN_BLOCK_NNZ):
             yield a, b
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
