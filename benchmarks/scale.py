@@ -115,7 +115,7 @@ def worker(mode: str, path: str) -> None:
 def run_worker(mode: str, path: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", mode, str(path)],
-                          capture_output=True, text=True, env=env)
+                          check=False, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"{mode} fit of {path} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

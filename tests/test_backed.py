@@ -237,3 +237,19 @@ def test_dense_backed_matrix_is_streamed(tmp_path, h5ad):
     data = read_data(backed)
     assert isinstance(data.counts["rna"], BackedCounts)
     assert (data.counts["rna"].read(0, adata.n_obs) != adata.X).nnz == 0
+
+
+def test_zarr_store_read_through_anndata_sparse_dataset(h5ad, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    path, adata = h5ad
+    store = tmp_path / "cells.zarr"
+    adata.write_zarr(store)
+    group = zarr.open(store, mode="r")
+    lazy = ad.AnnData(X=ad.io.sparse_dataset(group["X"]), obs=ad.io.read_elem(group["obs"]),
+                      var=ad.io.read_elem(group["var"]))
+    memory = ad.read_h5ad(path)
+    kw = {"max_epochs": 3, "block_size": 100, "verbose": False}
+    dgdcell.DGD(**SMALL).fit(memory, **kw)
+    dgdcell.DGD(**SMALL).fit(lazy, **kw)
+    assert isinstance(read_data(lazy).counts["rna"], BackedCounts)
+    np.testing.assert_array_equal(memory.obsm["X_dgd"], lazy.obsm["X_dgd"])
