@@ -183,7 +183,7 @@ def transform(
     if block_size is None and d.backed:
         block_size = DEFAULT_BLOCK_CELLS
     if block_size is None or block_size >= d.n_obs:
-        cells = _new_cell_set(self, d.block(0, d.n_obs) if d.backed else d, new.alignments)
+        cells = _new_cell_set(self, new, d.block(0, d.n_obs) if d.backed else d)
         history = fit_new_cells(self.module, cells, config, generator)
         z = cells.rep.z.detach().cpu()
         cov = {k: r.z.detach().cpu() for k, r in cells.cov_reps.items()}
@@ -195,7 +195,7 @@ def transform(
         parts = []
         for start in range(0, d.n_obs, block_size):
             stop = min(start + block_size, d.n_obs)
-            cells = _new_cell_set(self, d.block(start, stop), new.alignments)
+            cells = _new_cell_set(self, new, d.block(start, stop))
             parts.append((stop - start, fit_new_cells(self.module, cells, config, generator, candidates=cand)))
             z[start:stop] = cells.rep.z.detach().cpu()
             for k, r in cells.cov_reps.items():
@@ -207,9 +207,10 @@ def transform(
     self._write_outputs(adata_new, z, cov, key_added, extra_uns={"transform": record})
     return self
 
-def _new_cell_set(self, d, alignments):
+def _new_cell_set(self, new, data=None):
     """A CellSet (representations at zero) for new cells read by ``read_new_data``
-    (``d``: its ``data``, or a block of it, with counts in memory)."""
+    (of ``data``, a block of ``new.data`` with its counts in memory; default all of it)."""
+    d = new.data if data is None else data
     return CellSet(
         rep=RepresentationLayer(self.latent_dim, d.n_obs).to(self.device),
         cov_reps={k: RepresentationLayer(COVARIATE_DIM, d.n_obs).to(self.device) for k in self.cov_gmms},
@@ -218,7 +219,7 @@ def _new_cell_set(self, d, alignments):
         labels=None,
         feature_index={
             m: None if a.complete else torch.as_tensor(a.feature_index, device=self.device)
-            for m, a in alignments.items()
+            for m, a in new.alignments.items()
         },
         weight=self._cell_weights(d),
         continuous=None if (c := self._continuous_input(d.continuous)) is None else c.to(self.device),
