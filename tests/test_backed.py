@@ -86,6 +86,7 @@ def test_epoch_order_is_block_wise_and_covers_every_cell():
     assert [b for i, b in enumerate(blocks) if i == 0 or b != blocks[i - 1]] == list(dict.fromkeys(blocks))
     # without blocks (or a block of all the cells): the permutation of the in-memory path, unchanged
     plain, plain_sizes = epoch_order(230, 16, torch.Generator().manual_seed(0))
+    assert plain_sizes == [16] * 14 + [6]
     assert torch.equal(plain, torch.randperm(230, generator=torch.Generator().manual_seed(0)))
     assert torch.equal(epoch_order(230, 16, torch.Generator().manual_seed(0), 500)[0], plain)
 
@@ -209,7 +210,7 @@ def _with_kind(adata, tmp_path):
 
 
 def test_csc_and_non_count_files_are_refused_with_the_fix(h5ad, tmp_path):
-    path, adata = h5ad
+    _, adata = h5ad
     csc = adata.copy()
     csc.X = sp.csc_matrix(csc.X)
     csc_path = tmp_path / "csc.h5ad"
@@ -253,3 +254,17 @@ def test_zarr_store_read_through_anndata_sparse_dataset(h5ad, tmp_path):
     dgdcell.DGD(**SMALL).fit(lazy, **kw)
     assert isinstance(read_data(lazy).counts["rna"], BackedCounts)
     np.testing.assert_array_equal(memory.obsm["X_dgd"], lazy.obsm["X_dgd"])
+
+
+def test_merge_histories_weights_blocks_by_their_cells():
+    from dgdcell.train.new_cells import merge_histories
+
+    a = {"epoch": [1, 2, 3], "loss": [3.0, 2.0, 1.0], "reconstruction": [3.0, 2.0, 1.0], "n_active": [2, 2, 1],
+         "candidate": [0, 1], "start_loss": [4.0], "n_candidates": [3], "seconds_init": [0.5]}
+    b = {"epoch": [1], "loss": [6.0], "reconstruction": [5.0], "n_active": [1], "candidate": [2],
+         "start_loss": [7.0], "n_candidates": [3], "seconds_init": [0.25]}
+    out = merge_histories([(2, a), (1, b)])
+    assert out["epoch"] == [1, 2, 3] and out["n_active"] == [3, 2, 1] and out["candidate"] == [0, 1, 2]
+    np.testing.assert_allclose(out["loss"], [(6 + 6) / 3, (4 + 6) / 3, (2 + 6) / 3])
+    np.testing.assert_allclose(out["start_loss"], [5.0])
+    assert out["seconds_init"] == [0.75] and merge_histories([(2, a)]) is a
