@@ -82,11 +82,19 @@ def write_atlas(paths: dict[int, Path], n_genes: int, block: int = WRITE_BLOCK) 
                     ad.io.sparse_dataset(f["X"]).append(X)
                 if start + block == s:
                     out[s] = {"nnz": nnz, "write_s": time.perf_counter() - t0}
-            print(f"  wrote cells {start + block:,} / {n:,} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"  wrote cells {start + block:,} / {n:,} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
+                  flush=True)
     finally:
         for f in files.values():
             f.close()
     return out
+
+
+def _stored_nnz(path: Path) -> int:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return int(f["X"]["indptr"][-1])
 
 
 def worker(mode: str, path: str) -> None:
@@ -104,12 +112,22 @@ def worker(mode: str, path: str) -> None:
     dgd = dgdcell.DGD(device="cpu").fit(adata, max_epochs=1, early_stopping=False, verbose=False)
     t_fit = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
+    hwm = _vm_hwm_gb()
     print(json.dumps({
         "mode": mode, "cells": adata.n_obs, "open_s": t_open, "fit_s": t_fit,
-        "epoch_s": float(dgd.history["seconds"][0]), "peak_rss_gb": peak,
+        "epoch_s": float(dgd.history["seconds"][0]), "peak_rss_gb": peak, "vm_hwm_gb": hwm,
         "block_size": dgd.fit_settings.get("block_size"),
         "clusters": int(adata.obs["dgd_cluster"].nunique()),
     }), flush=True)
+
+
+def _vm_hwm_gb() -> float:
+    """Linux's VmHWM of this process (its own address space's peak RSS; NaN elsewhere)."""
+    try:
+        line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return float("nan")
+    return int(line.split()[1]) * 1024 / 1e9
 
 
 def run_worker(mode: str, path: Path) -> dict:
@@ -129,10 +147,17 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=Path("/tmp/dgd_scale"))
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--keep", action="store_true", help="keep the written files")
+    p.add_argument("--reuse", action="store_true", help="reuse the files in --dir when they exist")
+    p.add_argument("--only", default="", help="comma-separated modes of the fits to run (default: all)")
     p.add_argument("--worker", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
+    p.add_argument("--write", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(*args.worker)
+        return
+    if args.write:
+        paths = {int(k): Path(v) for k, v in json.loads(args.write[0]).items()}
+        print(json.dumps({str(k): v for k, v in write_atlas(paths, int(args.write[1]), int(args.write[2])).items()}))
         return
     args.dir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -140,11 +165,21 @@ def main() -> None:
     paths = {s: args.dir / f"atlas_{s}.h5ad" for s in {n, m}}
     load_before = os.getloadavg()
     print(f"writing {sorted(paths)} cells x {args.genes} genes to {args.dir}", flush=True)
-    written = write_atlas(paths, args.genes, block=min(WRITE_BLOCK, m))
+    if not all(p.is_file() for p in paths.values()) or not args.reuse:
+        # written in a subprocess: a child's ru_maxrss counts the RSS of the process that forks it (Linux keeps the
+        # high-water mark across fork + exec), so this process stays small for the fits' measures
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--write", json.dumps(
+            {str(s): str(p) for s, p in paths.items()}), str(args.genes), str(min(WRITE_BLOCK, m))], check=True,
+            capture_output=True, text=True)
+        written = {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+    else:
+        written = {s: {"nnz": _stored_nnz(p), "write_s": float("nan")} for s, p in paths.items()}
     sizes_gb = {s: p.stat().st_size / 1e9 for s, p in paths.items()}
     rows = []
     try:
-        for mode, s in (("in-memory", m), ("backed", m), ("backed", n)):
+        for mode, s in (("in-memory", m), ("backed", n), ("backed", m)):
+            if args.only and f"{mode}:{s}" not in args.only.split(","):
+                continue
             print(f"fit: {mode}, {s:,} cells", flush=True)
             r = run_worker(mode, paths[s])
             r.update(nnz_pct=100 * written[s]["nnz"] / (s * args.genes), file_gb=sizes_gb[s])
@@ -161,55 +196,64 @@ def report(rows: list[dict], args, written: dict, load_before) -> None:
     n, m = args.cells, args.memory_cells
     mem = next(r for r in rows if r["mode"] == "in-memory")
     big = next(r for r in rows if r["mode"] == "backed" and r["cells"] == n)
-    scaled_rss = mem["peak_rss_gb"] * n / m
-    scaled_epoch = mem["epoch_s"] * n / m
-    cols = ["mode", "cells", "nnz_pct", "file_gb", "open_s", "fit_s", "epoch_s", "peak_rss_gb", "block_size"]
+    same = next((r for r in rows if r["mode"] == "backed" and r["cells"] == m), None)
+    cols = ["mode", "cells", "nnz_pct", "file_gb", "open_s", "fit_s", "epoch_s", "vm_hwm_gb", "peak_rss_gb",
+            "block_size"]
     with open(args.out / "scale.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     fmt = {"nnz_pct": "{:.1f}", "file_gb": "{:.2f}", "open_s": "{:.1f}", "fit_s": "{:.0f}", "epoch_s": "{:.0f}",
-           "peak_rss_gb": "{:.2f}"}
+           "vm_hwm_gb": "{:.2f}", "peak_rss_gb": "{:.2f}"}
+    write_s = written[n]["write_s"]
+    how = (f"{write_s:.0f} s for {n:,} cells" if write_s == write_s
+           else "reused from an earlier run of this script, `--reuse`")
     lines = [
         "# dgdcell at scale: counts streamed from disk (backed AnnData)",
         "",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores (shared with other "
-        f"work: load average before {', '.join(f'{x:.2f}' for x in load_before)}, after "
-        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}); Python {platform.python_version()}; one torch thread "
-        "per fit; CPU",
+        (f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores shared with "
+         f"other sessions' jobs (load average before {', '.join(f'{x:.2f}' for x in load_before)}, after "
+         f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}): the seconds are several times an idle machine's; "
+         f"Python {platform.python_version()}; one torch thread per fit; CPU"),
         f"- command: `python benchmarks/scale.py --cells {n} --memory-cells {m} --genes {args.genes}`",
-        f"- data: simulated NB counts (`speed.simulate_counts`, 250,000 cells per block, a seed per block) of "
-        f"{args.genes} genes, {rows[-1]['nnz_pct']:.1f}% non-zeros (about what 2,000 highly variable genes of 10x "
-        f"data hold), written block by block to CSR .h5ad files ({written[n]['write_s']:.0f} s for {n:,} cells)",
-        "- each row: a fresh process, `DGD(device='cpu').fit(adata, max_epochs=1, early_stopping=False)` "
-        "(the default PCA + Leiden start on 10k cells, one epoch of training + validation cells, outputs written); "
-        "`epoch s` is `history['seconds'][0]` (for `backed` the reads from disk included), `fit s` the whole call, "
-        "`peak RSS` the process's `ru_maxrss` (Python, torch, the AnnData with its obs names, everything); "
-        "`block` the cells per block of the block-wise shuffle (one read per block)",
+        (f"- data: simulated NB counts (`speed.simulate_counts`, a seed per block of cells) of {args.genes} genes, "
+         f"{big['nnz_pct']:.1f}% non-zeros (about what 2,000 highly variable genes of 10x data hold), written block "
+         f"by block to CSR .h5ad files through anndata's sparse dataset ({how})"),
+        ("- each row: a fresh process, `DGD(device='cpu').fit(adata, max_epochs=1, early_stopping=False)` "
+         "(the default PCA + Leiden start on 10k cells, one epoch of training + validation cells, outputs written); "
+         "`epoch s` is `history['seconds'][0]` (for `backed` the reads from disk included), `fit s` the whole call; "
+         "`peak RSS` is the process's `resource.getrusage(RUSAGE_SELF).ru_maxrss` (Python, torch, the AnnData with "
+         "its obs names, everything; the launcher that forks it stays small, since Linux carries a parent's "
+         "high-water mark into the child), `VmHWM` the kernel's peak RSS of the process's own address space; "
+         "`block` the cells per block of the block-wise shuffle (one read per block)"),
         "",
-        "| mode | cells | nnz % | file GB | open s | fit s | epoch s | peak RSS GB | block |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | cells | nnz % | file GB | open s | fit s | epoch s | VmHWM GB | peak RSS GB | block |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [str(r["mode"]), f"{r['cells']:,}"] + [fmt[c].format(r[c]) for c in cols[2:-1]] + [
             str(r["block_size"] or "")]
         lines.append("| " + " | ".join(cells) + " |")
+    scaled_rss = mem["peak_rss_gb"] * n / m
+    scaled_epoch = mem["epoch_s"] * n / m
     ok = big["peak_rss_gb"] < scaled_rss / 3
     lines += [
         "",
-        f"- memory: the in-memory path's peak at {m:,} cells scaled linearly to {n:,} is {scaled_rss:.1f} GB; the "
-        f"target is a third of it, {scaled_rss / 3:.1f} GB; the streamed fit of {n:,} cells peaked at "
-        f"{big['peak_rss_gb']:.2f} GB ({'met' if ok else 'NOT met'}; {big['peak_rss_gb'] / scaled_rss:.0%} of the "
-        "scaled in-memory peak).",
-        f"- time: one streamed epoch of {n:,} cells took {big['epoch_s']:.0f} s against {scaled_epoch:.0f} s for the "
-        f"in-memory epoch at {m:,} cells scaled to {n:,} ({big['epoch_s'] / scaled_epoch:.2f}x); at {m:,} cells "
-        f"streamed / in memory: {rows[1]['epoch_s']:.0f} / {mem['epoch_s']:.0f} s per epoch.",
+        (f"- memory: the in-memory path's peak at {m:,} cells scaled linearly to {n:,} is {scaled_rss:.1f} GB; the "
+         f"target is a third of it, {scaled_rss / 3:.1f} GB; the streamed fit of {n:,} cells peaked at "
+         f"{big['peak_rss_gb']:.2f} GB ({'met' if ok else 'NOT met'}: {big['peak_rss_gb'] / scaled_rss:.0%} of the "
+         "scaled in-memory peak)."),
+        (f"- time: one streamed epoch of {n:,} cells took {big['epoch_s']:.0f} s against {scaled_epoch:.0f} s for "
+         f"the in-memory epoch at {m:,} cells scaled to {n:,} ({big['epoch_s'] / scaled_epoch:.2f}x)"
+         + (f"; at {m:,} cells streamed / in memory: {same['epoch_s']:.0f} / {mem['epoch_s']:.0f} s per epoch."
+            if same else ".")),
         "",
-        "What the streamed path holds in memory: per cell its representation (20 floats) with its gradient, Adam's "
-        "two moments and the best state kept for early stopping, the validation cells' likewise, a library size, "
-        "a log-factorial, a row pointer and its name in `obs`; per block the counts of one block of cells. The "
-        "counts themselves are read once by the streaming pass (checks, library sizes), twice by the PCA start "
-        "(feature statistics, projection; plus its 10k sampled rows) and once per epoch.",
+        "What the streamed path holds in memory: per cell its representation (20 floats) with its gradient and "
+        "Adam's two moments (the best state kept for early stopping once the guided epochs are over), a library "
+        "size, a log-factorial, a row pointer, its start and its name in `obs`; per block the counts of one block "
+        "of cells. The counts are read once by the streaming pass (checks, library sizes), twice by the PCA start "
+        "(feature statistics, projection; plus its 10k sampled rows) and about twice per epoch (the training "
+        "cells' blocks, then the validation cells', whose covering row ranges are read whole).",
     ]
     (args.out / "scale.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -620,6 +620,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
 
         train_cells = cell_set(train_idx)
         val_cells = cell_set(val_idx) if n_val > 0 else None
+        z0 = cov_init = None  # the sets hold their own copies: one (n, L) array less during training
 
         def gather() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             z_all = torch.empty(n, a["latent_dim"])
