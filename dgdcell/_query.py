@@ -15,8 +15,9 @@ from .data import binarise, read_new_data
 from .latent import RepresentationLayer
 from .module import COVARIATE_DIM
 from .train import CellSet, DeviceCounts
-from .train.distributed import abort_comm, merge_histories, open_comm
-from .train.new_cells import INIT_TYPES, NewCellConfig, fit_new_cells
+from .train.distributed import abort_comm, merge_rank_histories, open_comm
+from .train.new_cells import INIT_TYPES, NewCellConfig, candidate_starts, fit_new_cells, frozen, merge_histories
+from .train.streaming import DEFAULT_BLOCK_CELLS
 
 if TYPE_CHECKING:
     from .model import DGD
@@ -45,6 +46,7 @@ def transform(
     max_elements: int = 20_000_000,
     modality: str | None = None,
     distributed: bool | None = None,
+    block_size: int | None = None,
 ) -> "DGD":
     """Embed new cells: fit fresh representations against the frozen decoder and mixtures.
 
@@ -144,6 +146,15 @@ def transform(
         outputs. None (default): when launched by ``torchrun`` or under an
         initialised process group of more than one process; False: never.
         With fewer cells than processes every process fits them all.
+    block_size
+        Embed the cells in blocks of this many consecutive cells, one after
+        the other (each cell's fit is its own, so only memory and the
+        candidate scoring's log-library grid, spanned per block, depend on
+        it). Default: all at once in memory;
+        :data:`~dgdcell.train.streaming.DEFAULT_BLOCK_CELLS` for counts read
+        from disk (a backed AnnData's ``.X``: one streaming pass checks them
+        and sums the library sizes, then each block is read once). The
+        candidate starts are drawn once for all blocks.
 
     Returns
     -------
@@ -160,6 +171,8 @@ def transform(
         check_int(name, value, 1)
     if seed is not None:
         seed = check_int("seed", seed, 0, 2**63 - 1)
+    if block_size is not None:
+        block_size = check_int("block_size", block_size, 1)
     t0 = time.perf_counter()
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string (the prefix of the keys written), got {key_added!r}.")
@@ -176,38 +189,71 @@ def transform(
         patience=int(patience), min_delta=float(min_delta), max_elements=int(max_elements), verbose=verbose,
     )
     seed = self.init_args["seed"] if seed is None else int(seed)
+    generator = torch.Generator().manual_seed(seed)
+    d = new.data
     if self.variational and distributed:
         raise ValueError("a posterior='normal' model's transform does not run data-parallel yet; pass "
                          "distributed=False.")
     comm = None if self.variational else (
-        open_comm(distributed, self.device) if new.data.n_obs >= _world_size(distributed) else None)
+        open_comm(distributed, self.device) if d.n_obs >= _world_size(distributed) else None)
+    if block_size is None and d.backed:
+        block_size = DEFAULT_BLOCK_CELLS
     std = None
     try:
-        rows = None if comm is None else comm.shard(np.arange(new.data.n_obs))
+        # the cells this process fits: all, or (data-parallel) its contiguous shard
+        lo, hi = (0, d.n_obs) if comm is None else _bounds(comm.shard(np.arange(d.n_obs)))
         if comm is not None and comm.rank != 0:
             config.verbose = False
-        cells = _new_cell_set(self, new, rows)
-        gen = torch.Generator().manual_seed(seed)
+        if self.variational or block_size is None or block_size >= hi - lo:
+            cells = _new_cell_set(self, new, d.block(lo, hi) if d.backed or comm is not None else d)
+            history = _agreed(comm, "fitting its new cells", lambda: fit_new_cells(self.module, cells, config, generator))
+            if self.variational:  # Normal posteriors from the points found: Laplace start, then the ELBO
+                std, post = _evidence.fit_new_posteriors(self, cells, config, generator)
+            z = cells.rep.z.detach().cpu()
+            cov = {k: r.z.detach().cpu() for k, r in cells.cov_reps.items()}
+        else:  # block by block (read from disk per block when backed), the candidates drawn once
+            with frozen(self.module):
+                cand = candidate_starts(self.gmm, dict(self.cov_gmms), config.init, config.n_samples, generator)
+            z = torch.empty(hi - lo, self.latent_dim)
+            cov = {k: torch.empty(hi - lo, COVARIATE_DIM) for k in self.cov_gmms}
+            parts = []
 
-        def fit() -> dict:  # every rank draws the same candidates (init='sample') from the same seed
-            return fit_new_cells(self.module, cells, config, gen)
+            def fit_blocks() -> None:
+                for start in range(lo, hi, block_size):
+                    stop = min(start + block_size, hi)
+                    cells = _new_cell_set(self, new, d.block(start, stop))
+                    parts.append((stop - start,
+                                  fit_new_cells(self.module, cells, config, generator, candidates=cand)))
+                    z[start - lo:stop - lo] = cells.rep.z.detach().cpu()
+                    for k, r in cells.cov_reps.items():
+                        cov[k][start - lo:stop - lo] = r.z.detach().cpu()
+                    del cells
 
-        history = fit() if comm is None else comm.agree("fitting its new cells", fit)
-        if self.variational:  # Normal posteriors from the points found: Laplace start, then the ELBO
-            std, post = _evidence.fit_new_posteriors(self, cells, config, gen)
-        z = cells.rep.z.detach().cpu()
-        cov = {k: r.z.detach().cpu() for k, r in cells.cov_reps.items()}
+            _agreed(comm, "fitting its new cells", fit_blocks)
+            history = merge_histories(parts)
         if comm is not None:  # every rank gets every cell's results, in the data's order
             z, cov = torch.cat(comm.gather(z)), {k: torch.cat(comm.gather(v)) for k, v in cov.items()}
-            history = merge_histories(comm, history, len(rows))
+            history = merge_rank_histories(comm, history, hi - lo)
     except BaseException:
         abort_comm(comm)  # the other processes stop at once
         raise
     record = _transform_record(new, config, layer, seed, history, time.perf_counter() - t0)
+    record["block_size"] = 0 if block_size is None else int(block_size)
     if std is not None:
         record["posterior_history"] = {k: np.asarray(v, dtype=np.float64) for k, v in post.items()}
     self._write_outputs(adata_new, z, cov, key_added, extra_uns={"transform": record}, std=std)
     return self
+
+
+def _bounds(rows: np.ndarray) -> tuple[int, int]:
+    """``(first, last + 1)`` of a contiguous run of rows (a rank's shard)."""
+    return (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+
+
+def _agreed(comm, what: str, fn):
+    """``fn()``; data-parallel, every rank learns whether every other's succeeded (see ``Comm.agree``)."""
+    return fn() if comm is None else comm.agree(what, fn)
+
 
 def _world_size(distributed) -> int:
     """The number of processes a ``transform`` with ``distributed`` would shard over (1: none)."""
@@ -216,29 +262,22 @@ def _world_size(distributed) -> int:
     return world_size() if resolve_distributed(distributed) else 1
 
 
-def _new_cell_set(self, new, rows: np.ndarray | None = None):
+def _new_cell_set(self, new, data=None):
     """A CellSet (representations at zero) for new cells read by ``read_new_data``
-    (only the cells ``rows``, e.g. a rank's shard, when given)."""
-    d = new.data
-
-    def pick(x):
-        return x if rows is None else x[rows]
-
-    n = d.n_obs if rows is None else len(rows)
-    weight = {m: pick(w) for m, w in self._cell_weights(d).items()}
-    continuous = self._continuous_input(d.continuous)
+    (of ``data``, a block of ``new.data`` with its counts in memory; default all of it)."""
+    d = new.data if data is None else data
     return CellSet(
-        rep=RepresentationLayer(self.latent_dim, n).to(self.device),
-        cov_reps={k: RepresentationLayer(COVARIATE_DIM, n).to(self.device) for k in self.cov_gmms},
-        counts={m: DeviceCounts(pick(c), pick(d.library[m]), self.device) for m, c in d.counts.items()},
-        cov_codes={k: torch.as_tensor(pick(cat.codes), device=self.device) for k, cat in d.covariates.items()},
+        rep=RepresentationLayer(self.latent_dim, d.n_obs).to(self.device),
+        cov_reps={k: RepresentationLayer(COVARIATE_DIM, d.n_obs).to(self.device) for k in self.cov_gmms},
+        counts={m: DeviceCounts(c, d.library[m], self.device) for m, c in d.counts.items()},
+        cov_codes={k: torch.as_tensor(cat.codes, device=self.device) for k, cat in d.covariates.items()},
         labels=None,
         feature_index={
             m: None if a.complete else torch.as_tensor(a.feature_index, device=self.device)
             for m, a in new.alignments.items()
         },
-        weight=weight,
-        continuous=None if continuous is None else pick(continuous).to(self.device),
+        weight=self._cell_weights(d),
+        continuous=None if (c := self._continuous_input(d.continuous)) is None else c.to(self.device),
     )
 
 

@@ -19,6 +19,7 @@ from ._persistence import discard_shard, shard_names, write_shard
 from . import _evidence, _query
 from ._version import __version__
 from .data import CountData, binarise, read_data
+from .data.backed import BackedCounts
 from .latent import COVARIANCE_TYPES, GaussianMixture, NormalRepresentation, RepresentationLayer
 from ._checks import check_int, check_not_view, check_number, check_pair, check_widths, resolve_device
 from .module import COVARIATE_DIM, DGDModule
@@ -26,6 +27,7 @@ from .nn import LIKELIHOODS, Decoder
 from .train import CellSet, DeviceCounts, TrainConfig, init_mixture, pca_scores, train
 from .train.distributed import Comm, abort_comm, open_comm
 from .train.initialisation import graph_clusters, init_mixture_from_labels, pool_variances
+from .train.streaming import DEFAULT_BLOCK_CELLS, StreamedCounts
 
 logger = logging.getLogger(__name__)
 
@@ -368,6 +370,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
         checkpoint_every: int = 10,
         warm_start: bool = False,
         distributed: bool | None = None,
+        block_size: int | None = None,
     ) -> "DGD":
         """Fit the model to the raw counts of ``adata`` and write the results into it.
 
@@ -392,6 +395,18 @@ class DGD(ExpressionMixin, PersistenceMixin):
         Counts stay sparse throughout; canonical float32 CSR counts (what
         AnnData files usually hold) are used in place, without a copy, and
         are never modified.
+
+        Large data: the ``.X`` of a backed AnnData
+        (``anndata.read_h5ad(path, backed="r")``, or an AnnData whose ``.X``
+        is ``anndata.io.sparse_dataset`` of an h5ad / zarr group) is read
+        from disk block by block (see ``docs/large_data.md``): one streaming
+        pass checks the counts and sums each cell's library size, the start
+        reads only its sampled cells plus two passes of blocks, and every
+        epoch reads each block of ``block_size`` cells once. Memory then grows
+        with the cells' representations, not with the counts. The results are
+        written into the AnnData's in-memory ``obsm`` / ``obs`` / ``uns`` as
+        usual; the file itself is never written (save with
+        ``adata.write_h5ad(new_path)``).
 
         Writes (and nothing else; for a MuData into ``mdata.obsm`` /
         ``mdata.obs`` / ``mdata.uns``), with ``key = key_added``:
@@ -464,6 +479,17 @@ class DGD(ExpressionMixin, PersistenceMixin):
             (``WORLD_SIZE`` > 1) or when a process group of more than one
             process is initialised; True: require it; False: never (each
             process fits on its own).
+        block_size
+            Shuffle block-wise: each epoch visits blocks of ``block_size``
+            consecutive cells (of the training and of the validation cells,
+            in file order) in a random order and the cells of each block in a
+            random order; no minibatch spans two blocks. Default: None (a
+            random permutation of all cells) in memory,
+            :data:`~dgdcell.train.streaming.DEFAULT_BLOCK_CELLS` for counts
+            on disk, where each block is one read. The same value gives an
+            in-memory fit of the same file the same minibatches, and the
+            same result. A file sorted by cell type or batch gives blocks of
+            few types: shuffle its rows once when writing it.
 
         Returns
         -------
@@ -474,7 +500,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
             max_epochs=1 if max_epochs is None else max_epochs, batch_size=batch_size, lr_decoder=lr_decoder,
             lr_representation=lr_representation, lr_mixture=lr_mixture, betas=betas, early_stopping=early_stopping,
             patience=patience, min_delta=min_delta, warmup_epochs=warmup_epochs, guide_epochs=guide_epochs,
-            n_samples=a.get("posterior_samples", 1), verbose=verbose,
+            n_samples=a.get("posterior_samples", 1), block_size=block_size, verbose=verbose,
         ).checked()
         train_size = _check_train_size(train_size)
         if not isinstance(key_added, str) or not key_added:
@@ -518,6 +544,8 @@ class DGD(ExpressionMixin, PersistenceMixin):
             if missing:
                 logger.info("%d of %d cells lack modality %r: fitted on their other modalities", missing, n, m)
         config.max_epochs = default_max_epochs(n) if max_epochs is None else config.max_epochs
+        if data.backed and config.block_size is None:
+            config.block_size = DEFAULT_BLOCK_CELLS
         settings = {**config.settings(), "layer": layer, "modalities": list(data.modalities),
                     "train_size": train_size, "warm_start": bool(warm_start)}
         run = _FitRun(data, replace(config, guide_epochs=0) if warm_start else config, train_size, n_classes,
@@ -726,8 +754,13 @@ class DGD(ExpressionMixin, PersistenceMixin):
         weights = self._cell_weights(data)
         if comm is None:
             # one copy of the counts on the device; the training and validation sets are row views of it
-            all_counts = {m: DeviceCounts(c, data.library[m], self.device) for m, c in data.counts.items()}
+            all_counts = {m: StreamedCounts(c, data.library[m], self.device, config.block_size or DEFAULT_BLOCK_CELLS)
+                          if isinstance(c, BackedCounts) else DeviceCounts(c, data.library[m], self.device)
+                          for m, c in data.counts.items()}
         else:  # this rank's cells only: its training shard, then its validation shard
+            if data.backed:
+                raise ValueError("a data-parallel fit reads its counts into memory: pass an in-memory AnnData "
+                                 "(streaming a backed file on several processes is not supported yet).")
             train_idx, val_idx = comm.shard(train_idx), comm.shard(val_idx)
             local = np.concatenate([train_idx, val_idx])
             all_counts = {m: DeviceCounts(c[local], data.library[m][local], self.device) for m, c in data.counts.items()}
@@ -754,6 +787,7 @@ class DGD(ExpressionMixin, PersistenceMixin):
         n_local = None if comm is None else len(train_idx)  # rows of all_counts: the data's, or this rank's
         train_cells = cell_set(train_idx, train_idx if comm is None else np.arange(n_local))
         val_cells = cell_set(val_idx, val_idx if comm is None else n_local + np.arange(len(val_idx))) if n_val > 0 else None
+        z0 = cov_init = None  # the sets hold their own copies: one (n, L) array less during training
 
         def local() -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
             """This rank's cells, their representations and covariate representations (on the host)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from .backed import BackedCounts, is_backed_matrix
 from .checks import check_counts, check_data_object
 from .reading import DEFAULT_MODALITY, Categories, CountData, encode_categories, get_matrix, in_obs_order, to_csr
 
@@ -153,6 +154,12 @@ def _new_modalities(data, features: dict[str, list[str]], layer, modality_key, m
             out[m] = (data.mod[m], _layer_for(layer, m), f"mdata.mod[{m!r}]", rows)
         return out
     if modality_key is not None and modality_key in data.var.columns:
+        if getattr(data, "isbacked", False):
+            raise ValueError(
+                f"modality_key={modality_key!r} splits the features of one matrix, which is not supported for counts "
+                "read from disk (a backed AnnData); load it into memory (adata = adata.to_memory()), or pass "
+                "the cells of one modality as their own file."
+            )
         labels = data.var[modality_key].astype(str).to_numpy()
         mods = [m for m in features if (labels == m).any()]
         if not mods:
@@ -209,12 +216,16 @@ def read_new_data(
         X, where = get_matrix(ad, lay)
         where = where.replace("adata", prefix, 1)
         align = align_features(ad.var_names, features[m], min_overlap, m)
-        sub = X[:, align.columns]
-        check_counts(sub, f"{where} (its {align.n_shared} features shared with the model)",
-                     available_layers=list(ad.layers.keys()))
-        csr = in_obs_order(to_csr(sub), rows)
+        shared = f"{where} (its {align.n_shared} features shared with the model)"
+        if is_backed_matrix(X):  # on disk: checked and summed in one streaming pass, read per block later
+            csr = in_obs_order(BackedCounts(X, shared, columns=align.columns).scan(list(ad.layers.keys())), rows)
+            lib = csr.library.copy()
+        else:
+            sub = X[:, align.columns]
+            check_counts(sub, shared, available_layers=list(ad.layers.keys()))
+            csr = in_obs_order(to_csr(sub), rows)
+            lib = np.asarray(csr.sum(axis=1), dtype=np.float64).ravel()
         present = rows > 0
-        lib = np.asarray(csr.sum(axis=1), dtype=np.float64).ravel()
         observed[m] = present & (lib > 0)
         counts[m], library[m], alignments[m] = csr, lib, align
         names[m] = [features[m][j] for j in align.feature_index]

@@ -48,11 +48,16 @@ def check_counts(X, where: str, available_layers: list[str] | None = None) -> No
     available_layers
         Layer names to suggest when the values look normalised.
     """
-    if X.shape[0] == 0:
+    check_count_dtype(X.shape, X.dtype, where)
+    check_count_values(_values(X), where, available_layers)
+
+
+def check_count_dtype(shape, dtype, where: str) -> None:
+    """The shape and dtype part of :func:`check_counts` (no values read)."""
+    if shape[0] == 0:
         raise ValueError(f"{where} has no cells (0 rows): nothing to fit.")
-    if X.shape[1] == 0:
+    if shape[1] == 0:
         raise ValueError(f"{where} has no features (0 columns); check the feature selection that produced it.")
-    dtype = X.dtype
     if not (np.issubdtype(dtype, np.number) or dtype == bool):
         raise TypeError(f"{where} has dtype {dtype}; expected a numeric matrix of raw counts.")
     if np.issubdtype(dtype, np.complexfloating):
@@ -62,7 +67,11 @@ def check_counts(X, where: str, available_layers: list[str] | None = None) -> No
             "%s is boolean (binarised data): it is modelled as counts of 0 and 1. Pass the raw counts if you have them.",
             where,
         )
-    v = _values(X)
+
+
+def check_count_values(v: np.ndarray, where: str, available_layers: list[str] | None = None) -> None:
+    """The value part of :func:`check_counts` on stored values ``v`` (all of a
+    matrix's, or one block's: a streamed matrix is checked block by block)."""
     if np.issubdtype(v.dtype, np.floating):
         if not np.isfinite(v).all():
             n_bad = int((~np.isfinite(v)).sum())

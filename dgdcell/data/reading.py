@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .backed import BackedCounts, is_backed_matrix
+from .sparse import row_blocks, to_csr  # noqa: F401 (re-exported: where callers found them)
 from .checks import cells_identical, check_cell_totals, check_counts, check_data_object, check_obs_column
 
 DEFAULT_MODALITY = "rna"
@@ -43,7 +45,9 @@ class CountData:
     Attributes
     ----------
     counts
-        modality -> CSR (n_obs, G_m) float32 raw counts.
+        modality -> CSR (n_obs, G_m) float32 raw counts, or a
+        :class:`~dgdcell.data.backed.BackedCounts` when they are read from
+        disk block by block (a backed AnnData's ``.X``).
     library
         modality -> (n_obs,) float64 library sizes (sum of counts in the modality).
     feature_names
@@ -72,10 +76,33 @@ class CountData:
     observed: dict[str, np.ndarray] = field(default_factory=dict)
     continuous: dict[str, np.ndarray] = field(default_factory=dict)
 
+    @property
+    def backed(self) -> bool:
+        """True when some modality's counts are read from disk (:class:`~dgdcell.data.backed.BackedCounts`)."""
+        return any(not sp.issparse(c) for c in self.counts.values())
+
     def observed_mask(self, modality: str) -> np.ndarray:
         """(n_obs,) bool: cells measured in ``modality``."""
         mask = self.observed.get(modality)
         return np.ones(self.n_obs, dtype=bool) if mask is None else mask
+
+    def block(self, start: int, stop: int) -> "CountData":
+        """The cells ``start:stop`` with their counts in memory (CSR; read from
+        disk for :class:`~dgdcell.data.backed.BackedCounts`)."""
+        def rows(v):
+            return None if v is None else v[start:stop]
+
+        return CountData(
+            counts={m: c.read(start, stop) if isinstance(c, BackedCounts) else c[start:stop]
+                    for m, c in self.counts.items()},
+            library={m: v[start:stop] for m, v in self.library.items()},
+            feature_names=self.feature_names,
+            covariates={k: Categories(c.codes[start:stop], c.categories) for k, c in self.covariates.items()},
+            labels=None if self.labels is None else Categories(self.labels.codes[start:stop], self.labels.categories),
+            obs_names=self.obs_names[start:stop],
+            observed={m: v[start:stop] for m, v in self.observed.items()},
+            continuous={k: v[start:stop] for k, v in self.continuous.items()},
+        )
 
     @property
     def mosaic(self) -> bool:
@@ -106,47 +133,6 @@ def get_matrix(adata, layer: str | None):
             "Use layer=None for adata.X."
         )
     return adata.layers[layer], f"adata.layers[{layer!r}]"
-
-
-def to_csr(X) -> sp.csr_matrix:
-    """Any dense/sparse numeric matrix as canonical CSR float32 (explicit zeros dropped).
-
-    A matrix that already is one (CSR, float32, sorted indices without
-    duplicates, no stored zeros: what AnnData files usually hold) is not
-    copied: the result shares its arrays, so callers must never write into
-    them (replace arrays instead, as :func:`dgdcell.model._binarise` does).
-    """
-    if hasattr(X, "to_memory"):  # backed sparse datasets
-        X = X.to_memory()
-    if _is_canonical_float32_csr(X):
-        return sp.csr_matrix((X.data, X.indices, X.indptr), shape=X.shape, copy=False)
-    if sp.issparse(X):
-        out = sp.csr_matrix(X, dtype=np.float32, copy=True)
-    else:
-        out = sp.csr_matrix(np.asarray(X, dtype=np.float32))
-    out.sum_duplicates()
-    out.eliminate_zeros()
-    out.sort_indices()
-    return out
-
-
-def row_blocks(csr: sp.csr_matrix, block_nnz: int):
-    """``(row_start, row_stop, nnz_start, nnz_stop)`` of consecutive row blocks
-    of ``csr`` holding about ``block_nnz`` non-zeros each (at least one row),
-    for passes over large count matrices whose temporaries must stay small."""
-    n = csr.shape[0]
-    cuts = np.searchsorted(csr.indptr, np.arange(0, csr.nnz + block_nnz, block_nnz)[1:], side="left")
-    edges = np.unique(np.concatenate([[0], np.minimum(cuts, n), [n]]))
-    for a, b in zip(edges[:-1], edges[1:]):
-        yield int(a), int(b), int(csr.indptr[a]), int(csr.indptr[b])
-
-
-def _is_canonical_float32_csr(X) -> bool:
-    """CSR float32 with sorted, duplicate-free indices and no stored zeros."""
-    return (
-        sp.issparse(X) and X.format == "csr" and X.dtype == np.float32 and bool(X.has_canonical_format)
-        and np.count_nonzero(X.data) == X.data.size
-    )
 
 
 def encode_categories(
@@ -233,6 +219,8 @@ def _read_modality(adata, layer: str | None, where_prefix: str) -> sp.csr_matrix
     except ValueError as err:
         raise ValueError(str(err).replace("adata", where_prefix, 1)) from None
     where = where.replace("adata", where_prefix, 1)
+    if is_backed_matrix(X):  # on disk: checked and summed in one streaming pass, read per block later
+        return BackedCounts(X, where).scan(available_layers=list(adata.layers.keys()))
     check_counts(X, where, available_layers=list(adata.layers.keys()))
     return to_csr(X)
 
@@ -247,6 +235,9 @@ def in_obs_order(csr: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
     present = rows > 0
     if present.all() and np.array_equal(rows, np.arange(1, rows.size + 1)):
         return csr
+    if not sp.issparse(csr):
+        raise ValueError("a modality read from disk (backed) must hold every cell of the MuData in the MuData's "
+                         "order; load it into memory first (mdata.mod[...].to_memory()) or align the files.")
     return to_csr(sp.diags(present.astype(np.float32)) @ csr[np.where(present, rows - 1, 0)])
 
 
@@ -286,6 +277,12 @@ def _modality_counts(
             if m not in order:
                 raise KeyError(f"no feature has adata.var[{modality_key!r}] == {m!r} (modalities: {order}).")
         csr = _read_modality(data, _layer_for(layer, "adata"), "adata")
+        if not sp.issparse(csr):
+            raise ValueError(
+                f"modality_key={modality_key!r} splits the features of one matrix, which is not supported for counts "
+                "read from disk (a backed AnnData); load it into memory (adata = adata.to_memory()) or write one "
+                "file per modality (a MuData)."
+            )
         for m in wanted:
             cols = np.flatnonzero(labels == m)
             counts[m] = to_csr(csr[:, cols])
@@ -340,6 +337,10 @@ def read_data(
 ) -> CountData:
     """Check and read an AnnData or a MuData into :class:`CountData`.
 
+    The ``.X`` of a backed AnnData (``anndata.read_h5ad(path, backed="r")``)
+    is not loaded: it becomes a :class:`~dgdcell.data.backed.BackedCounts`,
+    checked and summed in one streaming pass and read block by block later.
+
     ``continuous_keys`` name numeric obs columns read as continuous covariates
     (:func:`read_continuous`).
 
@@ -368,10 +369,11 @@ def read_data(
     """
     check_data_object(data)
     counts, names, present = _modality_counts(data, layer, modality_key, modalities)
-    library = {m: np.asarray(c.sum(axis=1), dtype=np.float64).ravel() for m, c in counts.items()}
+    library = {m: c.library.copy() if isinstance(c, BackedCounts) else np.asarray(c.sum(axis=1), dtype=np.float64).ravel()
+               for m, c in counts.items()}
     total = sum(library.values())
     check_cell_totals(total, _totals_source(data, layer, list(counts)))
-    if all(cells_identical(c) for c in counts.values()):
+    if all(c.rows_identical() if isinstance(c, BackedCounts) else cells_identical(c) for c in counts.values()):
         raise ValueError(f"all {data.n_obs} cells have identical counts in every feature: there is nothing to learn "
                          "about them. Check that the right matrix (or layer) is passed.")
     observed = {}
@@ -446,6 +448,10 @@ def binarise(data: CountData, modalities: list[str]) -> None:
     (unobserved cells keep 1)."""
     for m in modalities:
         old = data.counts[m]
+        if not sp.issparse(old):  # read from disk: values become 1 as each block is read
+            data.counts[m] = old.binarised()
+            data.library[m] = np.where(data.observed_mask(m), data.counts[m].library, 1.0)
+            continue
         csr = sp.csr_matrix((np.ones_like(old.data), old.indices, old.indptr), shape=old.shape, copy=False)
         data.counts[m] = csr
         library = np.diff(csr.indptr).astype(np.float64)

@@ -68,7 +68,8 @@ class DeviceCounts:
     gives the counts of some cells without copying the CSR arrays.
     """
 
-    def __init__(self, csr: sp.csr_matrix, library: np.ndarray, device: torch.device, storage: str = "auto"):
+    def __init__(self, csr: sp.csr_matrix, library: np.ndarray, device: torch.device, storage: str = "auto",
+                 log_factorial: np.ndarray | None = None):
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}.")
         device = torch.device(device)
@@ -84,7 +85,8 @@ class DeviceCounts:
         self._host_start, self._host_nnz = (start, nnz) if self.storage == "host" else (None, None)
         self.start, self.row_nnz = start.to(device), nnz.to(device)
         self.log_library = torch.as_tensor(np.log(library).astype(np.float32), device=device)
-        self.log_factorial = torch.as_tensor(_log_factorial(csr), device=device)
+        self.log_factorial = torch.as_tensor(_log_factorial(csr) if log_factorial is None else
+                                             np.asarray(log_factorial, dtype=np.float32), device=device)
         self._pin = self.storage == "host" and device.type == "cuda"
         self._planned: dict[int, tuple[torch.Tensor, int, torch.Tensor | None, int | None]] = {}
         self._chunks: dict[int, tuple[list[torch.Tensor], list[int]]] = {}

@@ -171,7 +171,7 @@ class Comm:
         return result
 
 
-def merge_histories(comm: Comm, history: dict[str, list], n_local: int) -> dict[str, list]:
+def merge_rank_histories(comm: Comm, history: dict[str, list], n_local: int) -> dict[str, list]:
     """One history of :func:`~dgdcell.train.new_cells.fit_new_cells` for the
     cells of all ranks from each rank's own (``n_local`` cells each): per
     epoch the cell-weighted mean of the ranks' losses (a rank that stopped

@@ -19,6 +19,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 from sklearn.utils.extmath import randomized_svd
 
+from ..data.backed import row_source
 from ..data.reading import row_blocks
 from ..latent import GaussianMixture, GaussianMixtureSupervised
 
@@ -51,7 +52,7 @@ def _column_sums_of_squares(csr: sp.csr_matrix) -> np.ndarray:
 
 
 def pca_scores(
-    matrices: list[sp.csr_matrix],
+    matrices: list,
     libraries: list[np.ndarray],
     n_components: int,
     n_fit: int = 10000,
@@ -73,46 +74,61 @@ def pca_scores(
     measured in each modality; statistics use those cells only and an
     unobserved cell sits at its group's mean in that modality (so missing
     measurements do not separate cells).
+
+    ``matrices`` are in-memory CSR or counts read from disk
+    (:class:`~dgdcell.data.backed.BackedCounts`); both are passed over in the
+    same row blocks (two passes: the features' statistics, then the
+    projection) and only the ``n_fit`` sampled rows are read besides, so the
+    log-normalised counts never exist whole and the results are the same.
     """
     n = matrices[0].shape[0]
     if groups is None:
         groups = np.zeros(n, dtype=np.int64)
     _, groups = np.unique(np.asarray(groups), return_inverse=True)
-    indicator = sp.csr_matrix((np.ones(n, dtype=np.float32), (groups, np.arange(n))), shape=(groups.max() + 1, n))
-    blocks = []
-    for i, (csr, lib) in enumerate(zip(matrices, libraries)):
+    groups = groups.reshape(n)
+    n_groups = int(groups.max()) + 1
+    sources = [row_source(m) for m in matrices]
+    stats = []
+    for i, (src, lib) in enumerate(zip(sources, libraries)):
         mask = np.ones(n, dtype=bool) if observed is None or observed[i] is None else np.asarray(observed[i], bool)
-        ln = log_normalise(csr, lib)  # unobserved rows are empty
-        ind = indicator @ sp.diags(mask.astype(np.float32))
-        size = np.maximum(np.asarray(ind.sum(1)).ravel(), 1.0)
-        mean = (ind @ ln).toarray() / size[:, None]  # (n_groups, G) group means over observed cells
-        sq = _column_sums_of_squares(ln)
+        size = np.maximum(np.bincount(groups, weights=mask, minlength=n_groups), 1.0)
+        sums, sq = np.zeros((n_groups, src.shape[1])), np.zeros(src.shape[1])
+        for a, b in src.blocks(_BLOCK_NNZ):  # unobserved rows are empty
+            ln = log_normalise(src.read(a, b), lib[a:b])
+            ind = sp.csr_matrix((mask[a:b].astype(np.float32), (groups[a:b], np.arange(b - a))), shape=(n_groups, b - a))
+            sums += (ind @ ln).toarray()
+            sq += _column_sums_of_squares(ln)
+        mean = sums / size[:, None]  # (n_groups, G) group means over observed cells
         within = (sq - (size[:, None] * mean**2).sum(0)) / max(int(mask.sum()), 1)
         sd = np.sqrt(np.maximum(within, 0.0))
-        scale = np.where(sd > 0, 1.0 / np.maximum(sd, 1e-8), 0.0) / math.sqrt(csr.shape[1])
-        blocks.append((ln, mean, scale.astype(np.float32), mask))
+        scale = np.where(sd > 0, 1.0 / np.maximum(sd, 1e-8), 0.0) / math.sqrt(src.shape[1])
+        stats.append((mean, scale.astype(np.float32), mask))
     sub = torch.randperm(n, generator=generator)[: min(n, n_fit)].sort().values.numpy()
     dense = torch.from_numpy(
-        np.hstack([((b[0][sub].toarray() - b[1][groups[sub]]) * b[2] * b[3][sub, None]).astype(np.float32)
-                   for b in blocks])
+        np.hstack([((log_normalise(src.take(sub), lib[sub]).toarray() - mean[groups[sub]]) * scale * mask[sub, None])
+                   .astype(np.float32) for src, lib, (mean, scale, mask) in zip(sources, libraries, stats)])
     )
     k = max(1, min(n_components, min(dense.shape) - 1))
     # randomized SVD (Halko et al.; scikit-learn), seeded from ``generator`` through its own random state
     seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
     _, _, vt = randomized_svd(dense.numpy(), k, n_oversamples=10, n_iter=6, random_state=np.random.RandomState(seed))
-    v = vt.T
-    v = v[:, :k].astype(np.float64)  # (G_total, k)
-    scores = np.zeros((n, k), dtype=np.float64)
+    del dense
+    v = vt.T[:, :k].astype(np.float64)  # (G_total, k)
+    # float32 scores: (n, k) float64 would be the largest array of a start on millions of cells
+    scores = np.zeros((n, k), dtype=np.float32)
     start = 0
-    for ln, mean, scale, mask in blocks:
-        g = ln.shape[1]
+    for src, lib, (mean, scale, mask) in zip(sources, libraries, stats):
+        g = src.shape[1]
         vb = v[start : start + g] * scale[:, None]
-        scores += (ln @ vb - (mean @ vb)[groups]) * mask[:, None]
+        centre = mean @ vb
+        for a, b in src.blocks(_BLOCK_NNZ):
+            ln = log_normalise(src.read(a, b), lib[a:b])
+            scores[a:b] += ((ln @ vb - centre[groups[a:b]]) * mask[a:b, None]).astype(np.float32)
         start += g
-    scores /= max(scores[:, 0].std(), 1e-8)
+    scores /= np.float32(max(float(scores[:, 0].std(dtype=np.float64)), 1e-8))
     if k < n_components:
-        scores = np.hstack([scores, np.zeros((n, n_components - k))])
-    return scores.astype(np.float32)
+        scores = np.hstack([scores, np.zeros((n, n_components - k), dtype=np.float32)])
+    return scores
 
 
 def kmeans(x: torch.Tensor, k: int, n_iter: int = 30, generator: torch.Generator | None = None) -> torch.Tensor:

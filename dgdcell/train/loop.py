@@ -44,6 +44,14 @@ class TrainConfig:
     ``guide_epochs`` epochs each cell's prior is its guide component alone
     (see :class:`CellSet`), when the cells carry guides. Cells with Normal
     posteriors use ``n_samples`` reparameterised samples per cell per step.
+
+    ``block_size`` (None: every epoch is a random permutation of all cells)
+    makes the shuffle block-wise: the cells are cut into blocks of
+    ``block_size`` consecutive cells, every epoch visits the blocks in a
+    random order and the cells of each block in a random order, and no
+    minibatch spans two blocks (:func:`epoch_order`). Counts streamed from
+    disk are read one block at a time this way; the same setting gives an
+    in-memory fit the same minibatches.
     """
 
     max_epochs: int = 300
@@ -58,6 +66,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     guide_epochs: int = 0
     n_samples: int = 1
+    block_size: int | None = None
     verbose: bool = True
 
     def checked(self) -> "TrainConfig":
@@ -84,6 +93,8 @@ class TrainConfig:
                 math.isfinite(self.min_delta) and self.min_delta >= 0):
             raise ValueError(f"min_delta must be a number >= 0 (a relative improvement), got {self.min_delta!r}.")
         self.min_delta = float(self.min_delta)
+        if self.block_size is not None:
+            self.block_size = check_int("block_size", self.block_size, 1)
         self.early_stopping, self.verbose = bool(self.early_stopping), bool(self.verbose)
         return self
 
@@ -100,28 +111,58 @@ MAX_LR = 1.0
 
 
 
+def epoch_order(n: int, batch_size: int, generator: torch.Generator | None,
+                block_size: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """One epoch's order of ``n`` cells and its minibatch sizes (on the host).
+
+    Without ``block_size`` (or with ``block_size >= n``): a random
+    permutation drawn from ``generator`` (identity order when None) cut into
+    minibatches of ``batch_size``. With it, block-wise: cells
+    ``[k * block_size, (k + 1) * block_size)`` form block ``k``; the blocks come in
+    a random order, the cells within each block in a random order, and each
+    block is cut into minibatches of its own (its last may be smaller), so
+    that the cells of a minibatch, and of consecutive minibatches, lie in one
+    block of consecutive rows. Vectorised: one permutation of the blocks and
+    one random key per cell."""
+    if generator is None or block_size is None or block_size >= n:
+        perm = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        return perm, [min(batch_size, n - s) for s in range(0, n, batch_size)]
+    n_blocks = -(-n // block_size)
+    rank = torch.empty(n_blocks, dtype=torch.long)
+    rank[torch.randperm(n_blocks, generator=generator)] = torch.arange(n_blocks)
+    block_of = torch.arange(n) // block_size
+    key = rank[block_of].to(torch.float64) + torch.rand(n, generator=generator, dtype=torch.float64)
+    perm = torch.argsort(key)
+    sizes = []
+    for block in torch.argsort(rank).tolist():  # blocks in visiting order (a loop over blocks, not cells)
+        size = min(block_size, n - block * block_size)
+        sizes += [min(batch_size, size - s) for s in range(0, size, batch_size)]
+    return perm, sizes
+
+
 def _batches(cells: CellSet, batch_size: int, generator: torch.Generator | None, device,
-             shard: tuple[int, int] | None = None) -> list[torch.Tensor]:
-    """One epoch's minibatches of ``cells``: a random permutation (drawn on the
-    host from ``generator``; identity order when None) sent to ``device`` once
-    and split into (batch_size,) long index tensors. The counts are prepared
-    for these batches, so slicing them needs no per-batch synchronisation.
+             shard: tuple[int, int] | None = None, block_size: int | None = None) -> list[torch.Tensor]:
+    """One epoch's minibatches of ``cells`` (:func:`epoch_order`) sent to
+    ``device`` once and split into (B,) long index tensors. The counts are
+    prepared for these batches, so slicing them needs no per-batch
+    synchronisation (counts on disk: one read per block).
 
     ``shard = (start, n_total)`` (a data-parallel fit): ``cells`` are cells
     ``start .. start + n - 1`` of a set of ``n_total`` spread over the ranks.
-    The permutation is then of all ``n_total`` (every rank draws the same one
+    The order is then of all ``n_total`` (every rank draws the same one
     from the same generator state, as one process would) and each of its
     batches keeps this rank's cells, renumbered from 0: the ranks' batches
     ``k`` together are one process's batch ``k``. A rank's batch may be empty."""
     n = cells.n if shard is None else shard[1]
-    perm = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    perm, sizes = epoch_order(n, batch_size, generator, block_size)
     if shard is None:
-        batches = list(perm.to(device).split(batch_size))
+        batches = list(perm.to(device).split(sizes))
     else:
         start = shard[0]
         mine = (perm >= start) & (perm < start + cells.n)
-        sizes = torch.bincount(torch.arange(n)[mine] // batch_size, minlength=-(-n // batch_size))
-        batches = list((perm[mine] - start).to(device).split(sizes.tolist()))
+        batch_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(sizes))
+        counts = torch.bincount(batch_of[mine], minlength=len(sizes))
+        batches = list((perm[mine] - start).to(device).split(counts.tolist()))
     for counts in cells.counts.values():
         counts.prepare([b for b in batches if b.numel()])
     return batches
@@ -207,6 +248,7 @@ def representation_epoch(
     n_samples: int = 1,
     noise_generator: torch.Generator | None = None,
     stats: dict | None = None,
+    block_size: int | None = None,
 ) -> tuple[float, float]:
     """One pass over ``cells`` stepping only their representations (decoder and
     mixtures untouched; no step when ``step`` is False). Returns the mean
@@ -220,7 +262,8 @@ def representation_epoch(
     so the minibatch size does not change the result: the pass uses
     minibatches of at least ``batch_size`` cells and up to
     :data:`REPRESENTATION_BATCH_ELEMENTS` decoded values each, and the
-    module's parameters are frozen meanwhile (no gradients are computed for them)."""
+    module's parameters are frozen meanwhile (no gradients are computed for them).
+    ``block_size``: the block-wise order of :func:`epoch_order`."""
     view = _sparse_view(cells)
     optimizer.zero_grad(set_to_none=False)
     params = cells.parameters()
@@ -230,7 +273,7 @@ def representation_epoch(
     n_values = max(sum(c.n_features for c in cells.counts.values()), 1) * int(n_samples)
     size = max(int(batch_size), REPRESENTATION_BATCH_ELEMENTS // n_values)
     with frozen(module):
-        for idx in _batches(cells, size, generator, cells.rep.z.device, shard):
+        for idx in _batches(cells, size, generator, cells.rep.z.device, shard, block_size):
             if not idx.numel():  # a rank's part of a global batch can be empty
                 continue
             out = module.loss(view.minibatch(idx), prior_scale=0.0, guided=guided, n_samples=n_samples,
@@ -367,7 +410,7 @@ def train(
             recon_total = torch.zeros((), device=device)
             rate_total = torch.zeros((), device=device)
             guided = epoch < config.guide_epochs
-            for idx in _batches(train_cells, config.batch_size, generator, device, shard):
+            for idx in _batches(train_cells, config.batch_size, generator, device, shard, config.block_size):
                 opt_model.zero_grad(set_to_none=True)
                 if idx.numel():  # (a rank's part of a global batch can be empty; it still takes part below)
                     out = module.loss(train_view.minibatch(idx), prior_scale=idx.shape[0] / n_train, guided=guided,
@@ -397,6 +440,7 @@ def train(
                 val_loss, val_recon = representation_epoch(
                     module, val_cells, opt_val, config.batch_size, generator, step=not warm, guided=guided, comm=comm,
                     shard=val_shard, n_samples=config.n_samples, noise_generator=noise, stats=stats,
+                    block_size=config.block_size,
                 )
             else:
                 val_loss, val_recon = train_loss, history["train_reconstruction"][-1]

@@ -615,6 +615,7 @@ def fit_new_cells(
     cells: CellSet,
     config: NewCellConfig,
     generator: torch.Generator | None = None,
+    candidates: Candidates | None = None,
 ) -> dict[str, list]:
     """Fit ``cells``' representations (written into ``cells.rep`` and
     ``cells.cov_reps``) against the frozen module: score the candidates,
@@ -624,13 +625,16 @@ def fit_new_cells(
     are off during the call and restored after. ``generator`` drives
     ``init='sample'``. Returns the optimisation history plus ``candidate``
     (each cell's best-scored candidate), ``start_loss`` (mean NLL there),
-    ``n_candidates`` and ``seconds_init``.
+    ``n_candidates`` and ``seconds_init``. ``candidates`` (default: drawn
+    here by :func:`candidate_starts` from ``config`` and ``generator``) lets
+    several blocks of cells share one draw.
     """
     t0 = time.perf_counter()
     keys = module.covariate_keys
     gmm, cov_gmms = module.gmm, dict(module.cov_gmms)
     with frozen(module):
-        cand = candidate_starts(gmm, cov_gmms, config.init, config.n_samples, generator)
+        cand = candidates if candidates is not None else candidate_starts(gmm, cov_gmms, config.init,
+                                                                          config.n_samples, generator)
         idx, score = top_candidates(module, cells, cand, config.n_starts, config.max_elements, config.n_grid)
         starts = [cand.z[idx]] + [cand.cov[k][idx] for k in keys]
         if config.precondition:
@@ -655,3 +659,26 @@ def fit_new_cells(
     history["n_candidates"] = [cand.n]
     history["seconds_init"] = [seconds_init]
     return history
+
+
+def merge_histories(parts: list[tuple[int, dict[str, list]]]) -> dict[str, list]:
+    """One history of :func:`fit_new_cells` from those of blocks of cells,
+    ``[(n_cells, history), ...]`` in cell order: per epoch the cell-weighted
+    mean loss and reconstruction (a block that stopped earlier counts with its
+    last values, as a stopped cell does within a block) and the summed
+    ``n_active``; ``candidate`` concatenated, ``start_loss`` the weighted
+    mean, ``seconds_init`` the sum."""
+    if len(parts) == 1:
+        return parts[0][1]
+    n = sum(size for size, _ in parts)
+    n_epochs = max(len(h["epoch"]) for _, h in parts)
+    out: dict[str, list] = {"epoch": list(range(1, n_epochs + 1))}
+    for key in ("loss", "reconstruction"):
+        out[key] = [sum(size * h[key][min(e, len(h[key]) - 1)] for size, h in parts if h[key]) / n
+                    for e in range(n_epochs)]
+    out["n_active"] = [sum(h["n_active"][e] for _, h in parts if e < len(h["n_active"])) for e in range(n_epochs)]
+    out["candidate"] = [c for _, h in parts for c in h["candidate"]]
+    out["start_loss"] = [sum(size * h["start_loss"][0] for size, h in parts) / n]
+    out["n_candidates"] = parts[0][1]["n_candidates"]
+    out["seconds_init"] = [sum(h["seconds_init"][0] for _, h in parts)]
+    return out
