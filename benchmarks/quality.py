@@ -40,7 +40,8 @@ Every (set, seed) result is cached as JSON in the output folder and reused by la
 be split across processes (``--datasets``, ``--seeds``) and resumed: dgd results in
 ``quality_dgd_<tag>.json`` (``--tag``, default ``default``; ``--recompute`` refits), the scanpy and
 scVI results in ``quality_peers.json`` (computed once; scVI is slow on a CPU). ``--report-only``
-rebuilds the report from the caches alone.
+rebuilds the report from the caches alone (after a split run: with the full ``--datasets`` and
+``--seeds``, since each process writes a report of its own subset).
 
 Usage (from the repository root, one thread per process)::
 
@@ -53,7 +54,8 @@ Usage (from the repository root, one thread per process)::
 scanpy and scVI only; ``--baseline-only`` the scanpy standard only.
 
 Writes ``<out>/quality.md`` (mean ± sd per set and method, purity, re-embedding, published numbers,
-verdicts), ``<out>/quality.csv`` (one row per set x seed x method) and ``<out>/quality_verdicts.csv``.
+verdicts), ``<out>/quality.csv`` (one row per set x seed x method), ``<out>/quality_summary.csv``
+(mean and sd per set and method) and ``<out>/quality_verdicts.csv``.
 """
 
 from __future__ import annotations
@@ -493,6 +495,16 @@ def write_report(out: Path, args, argv, got: dict, meta: dict, machine: str, sta
     for c in INT_FIELDS:  # integers stay integers despite the empty cells of other methods
         df[c] = pd.to_numeric(df[c]).round().astype("Int64")
     df.to_csv(out / "quality.csv", index=False)
+    summary_rows = []
+    for name, by in summ.items():
+        for method, d in by.items():
+            row = {"dataset": name, "method": method, "seeds": d["n_seeds"], **meta.get(name, {})}
+            for field, _ in SUMMARY_SCORES:
+                row[f"{field} mean"], row[f"{field} sd"] = d[field][0], d[field][1]
+            if method == "dgd":
+                row["catch_all_seeds"] = d["catch_all_seeds"]
+            summary_rows.append(row)
+    pd.DataFrame(summary_rows).to_csv(out / "quality_summary.csv", index=False)
     if vrows:
         pd.DataFrame(vrows).to_csv(out / "quality_verdicts.csv", index=False)
 
@@ -560,7 +572,7 @@ def write_report(out: Path, args, argv, got: dict, meta: dict, machine: str, sta
     print("[quality] " + "\n[quality] ".join(vlines), flush=True)
     for r in vrows:
         print("[quality] " + "; ".join(f"{k}: {v}" for k, v in r.items()), flush=True)
-    print(f"[quality] wrote {out / 'quality.md'}, {out / 'quality.csv'}"
+    print(f"[quality] wrote {out / 'quality.md'}, {out / 'quality.csv'}, {out / 'quality_summary.csv'}"
           + (f", {out / 'quality_verdicts.csv'}" if vrows else ""), flush=True)
 
 
