@@ -170,11 +170,11 @@ def _finite(v) -> bool:
 
 
 def _git_commit(path: Path) -> str:
-    """``<short HEAD>`` of the git checkout holding ``path`` (``+dirty`` with uncommitted changes
-    under ``path``), or ``?``."""
+    """The short hash of the last commit that changed ``path`` (the dgdcell package), ``+dirty`` with
+    uncommitted changes under ``path``, or ``?`` outside a git checkout."""
     try:
-        head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=20, check=True).stdout.strip()
+        head = subprocess.run(["git", "-C", str(path), "log", "-1", "--format=%h", "--", "."],
+                              capture_output=True, text=True, timeout=20, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--", "."],
                                capture_output=True, text=True, timeout=20, check=True).stdout.strip()
     except Exception:  # noqa: BLE001 -- no git, not a checkout, ...
@@ -662,6 +662,12 @@ def main(argv=None) -> int:
                         if do_dgd and (args.recompute or dgd_key(name, s, args.max_epochs) not in dgd_cache)]
             todo_scvi = [s for s in args.scvi_seeds
                          if do_scvi and peer_key(name, "scvi", s, args.scvi_max_epochs) not in peers]
+            stale = [s for s in args.seeds if do_dgd and s not in todo_dgd
+                     and dgd_cache[dgd_key(name, s, args.max_epochs)].get("commit") != dgd_info["commit"]]
+            if stale:
+                print(f"[quality] {name}: cached dgd seeds {stale} come from commit "
+                      f"{dgd_cache[dgd_key(name, stale[0], args.max_epochs)].get('commit')}, not "
+                      f"{dgd_info['commit']}; reused (--recompute or another --tag to refit)", flush=True)
             if not (todo_sc or todo_dgd or todo_scvi):
                 print(f"[quality] {name}: everything cached", flush=True)
                 continue
