@@ -472,6 +472,9 @@ def verdicts(summ: dict) -> tuple[list[dict], list[str]]:
         verdict = "n/a" if not judged else yn[n_yes == judged]
         extra = f", {n_na} not judged" if n_na else ""
         lines.append(f"- {col} on every set: **{verdict}** ({n_yes} of {judged} sets{extra})")
+    missing = [name for name, by in summ.items() if "dgd" not in by]
+    if rows and missing:
+        lines.append(f"- not judged (no dgd results): {', '.join(missing)}")
     return rows, lines
 
 
