@@ -22,8 +22,9 @@ counts dropped; K = number of distinct labels in ``obs["cell_type"]``) and each 
   the PCs (the "PCA" of the targets).
 * scVI (scvi-tools defaults, ``scvi.settings.seed = s``): ``SCVI.setup_anndata(adata)`` on the raw
   counts (no batch key), ``SCVI(adata, n_latent=20)``, ``.train()`` with scvi-tools' default epochs
-  (its heuristic: min(400, round(400 * 20000 / cells))) on the CPU, ``get_latent_representation()``;
-  Leiden tuned to K on it (seed s), ARI / NMI, 15-NN accuracy on the latent space.
+  (its heuristic min(400, round(400 * 20000 / cells)): 400 on every set here; 90/10 train/validation
+  split, batch size 128, no early stopping) on the CPU, ``get_latent_representation()``; Leiden
+  tuned to K on it (seed s), ARI / NMI, 15-NN accuracy on the latent space.
 
 Per data set and method: mean and sample standard deviation (ddof = 1) over the seeds of every
 score. Published ARIs (K given, as quoted in issue #20 with the methods they come from) are shown
@@ -38,7 +39,9 @@ next to them. Targets of issue #20, each a yes/no per set:
 
 Every (set, seed) result is cached as JSON in the output folder and reused by later runs, so a run can
 be split across processes (``--datasets``, ``--seeds``) and resumed: dgd results in
-``quality_dgd_<tag>.json`` (``--tag``, default ``default``; ``--recompute`` refits), the scanpy and
+``quality_dgd_<tag>.json`` (``--tag``, default ``default``; a cached result is reused whichever model
+made it, with a warning when the last commit of its dgdcell package differs: give each model version
+its own ``--tag``, or ``--recompute`` to refit), the scanpy and
 scVI results in ``quality_peers.json`` (computed once; scVI is slow on a CPU). ``--report-only``
 rebuilds the report from the caches alone (after a split run: with the full ``--datasets`` and
 ``--seeds``, since each process writes a report of its own subset).
