@@ -115,6 +115,11 @@ def load_worm_neuron(verbose: bool = True):
     return _read_h5ad("worm_neuron_scirnaseq_rna_scdcc.h5ad", "worm_neuron", verbose)
 
 
+def load_scicar_kidney_rna(verbose: bool = True):
+    """sci-CAR mouse kidney, RNA modality only (4,753 cells x 5,000 genes, 14 published cell types)."""
+    return _read_mudata_modality("scicar_mouse_kidney_gse117089_rna_atac.h5mu", "rna", "scicar_kidney_rna", verbose)
+
+
 #: name -> loader (``loader(verbose=True) -> AnnData`` with raw counts in ``.X`` and
 #: ``obs["cell_type"]``), in the order results are reported.
 LABELLED_SETS: "OrderedDict[str, Callable]" = OrderedDict(
@@ -125,6 +130,7 @@ LABELLED_SETS: "OrderedDict[str, Callable]" = OrderedDict(
         ("cellbench", load_cellbench),
         ("cite_pbmc_rna", load_cite_pbmc_rna),
         ("worm_neuron", load_worm_neuron),
+        ("scicar_kidney_rna", load_scicar_kidney_rna),
     ]
 )
 
