@@ -64,6 +64,9 @@ def _check_keys(name: str, keys) -> list[str]:
     return list(keys)
 
 
+#: how the mixture starts (see ``DGD(init_clustering=...)``)
+INIT_CLUSTERINGS = ("leiden", "balanced", "kmeans")
+
 #: how the mixture's component variances are set (see ``DGD(component_variance=...)``)
 COMPONENT_VARIANCES = ("pooled", "learned")
 
@@ -137,7 +140,12 @@ class DGD(ExpressionMixin, PersistenceMixin):
         resolution tuned to K clusters) give each component its cells; during
         the first ``guide_epochs`` epochs of ``fit`` each cell's prior is its
         cluster's component, so the latent forms one Gaussian blob per cluster
-        before the mixture runs free. ``'kmeans'``: k-means + EM, no guide.
+        before the mixture runs free. ``'balanced'``: the same on a kNN graph
+        balanced across the covariate classes (each cell's nearest cells of
+        every class, as BBKNN does), so that start clusters do not split by
+        class: on Kang (condition covariate) it lowers the counterfactual
+        ratio (4.57 -> 2.84), on CellBench (5 batches) it costs ARI (1.000 ->
+        0.888); see ``docs/mixture.md``. ``'kmeans'``: k-means + EM, no guide.
     dispersion_init
         Initial negative-binomial dispersion.
     likelihood
@@ -209,8 +217,8 @@ class DGD(ExpressionMixin, PersistenceMixin):
                              f"shared by the components, the default; 'learned'), got {component_variance!r}.")
         if init not in ("pca", "zero"):
             raise ValueError(f"init must be 'pca' or 'zero', got {init!r}.")
-        if init_clustering not in ("leiden", "kmeans"):
-            raise ValueError(f"init_clustering must be 'leiden' or 'kmeans', got {init_clustering!r}.")
+        if init_clustering not in INIT_CLUSTERINGS:
+            raise ValueError(f"init_clustering must be one of {INIT_CLUSTERINGS}, got {init_clustering!r}.")
         if categorical_covariate_keys is not None:
             if covariate_keys is not None and list(covariate_keys) != list(categorical_covariate_keys):
                 raise ValueError("covariate_keys and categorical_covariate_keys are the same setting; pass one.")
@@ -720,7 +728,8 @@ class DGD(ExpressionMixin, PersistenceMixin):
         labels = torch.as_tensor(data.labels.codes) if data.labels is not None else None
         guide = None
         s0 = None
-        leiden = order is None and a["init"] == "pca" and labels is None and a.get("init_clustering", "leiden") == "leiden"
+        leiden = (order is None and a["init"] == "pca" and labels is None
+                  and a.get("init_clustering", "leiden") in ("leiden", "balanced"))
         if order is not None:
             rows = torch.as_tensor(order)
             z0 = self.representation[rows].clone()
@@ -732,7 +741,8 @@ class DGD(ExpressionMixin, PersistenceMixin):
         else:
             z0 = self._start(data, generator)
             if leiden:
-                groups = _joint_codes([cat.codes for cat in data.covariates.values()], n)
+                groups = (_joint_codes([cat.codes for cat in data.covariates.values()], n)
+                          if a.get("init_clustering") == "balanced" else None)
                 guide = torch.as_tensor(graph_clusters(z0.numpy(), self.gmm.n_mix_comp, seed=a["seed"], groups=groups))
                 init_mixture_from_labels(self.gmm, z0[train_idx].to(self.device), guide[train_idx])
             elif a["init"] == "pca":

@@ -214,3 +214,24 @@ def test_models_saved_before_component_variance_load_as_learned(fitted, tmp_path
     assert cfg["init_args"].pop("component_variance") == "pooled"
     path.write_text(json.dumps(cfg))
     assert DGD.load(tmp_path / "m", device="cpu").init_args["component_variance"] == "learned"
+
+
+def test_balanced_start_clusters_across_covariate_classes(synthetic_batches, monkeypatch):
+    import dgdcell.model as model_module
+
+    seen = {}
+    original = model_module.graph_clusters
+
+    def spy(z, k, **kw):
+        seen["groups"] = kw.get("groups")
+        return original(z, k, **kw)
+
+    monkeypatch.setattr(model_module, "graph_clusters", spy)
+    DGD(latent_dim=3, n_components=3, covariate_keys=["batch"]).fit(synthetic_batches, max_epochs=2, verbose=False)
+    assert seen["groups"] is None  # the default start graph ignores the classes
+    DGD(latent_dim=3, n_components=3, covariate_keys=["batch"], init_clustering="balanced").fit(
+        synthetic_batches, max_epochs=2, verbose=False)
+    codes = synthetic_batches.obs["batch"].cat.codes.to_numpy()
+    assert adjusted_rand_score(seen["groups"], codes) == 1.0
+    with pytest.raises(ValueError, match="init_clustering"):
+        DGD(init_clustering="bbknn")

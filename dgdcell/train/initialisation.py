@@ -255,7 +255,7 @@ def _neighbours_in(z: np.ndarray, members: np.ndarray, k: int, chunk: int) -> tu
     ``members`` (itself excluded): ``(sources, targets)``, each (n * k',) with
     ``k' = min(k, len(members) - 1)``."""
     n = z.shape[0]
-    k = max(1, min(int(k), members.size - 1))
+    k = min(int(k), members.size - 1)
     nn_ = NearestNeighbors(n_neighbors=k + 1).fit(z[members])
     idx = members[np.concatenate([nn_.kneighbors(z[s : s + chunk], return_distance=False)
                                   for s in range(0, n, chunk)])]
