@@ -267,26 +267,51 @@ def counterfactual_stats(expr_self: np.ndarray, expr_ctrl: np.ndarray, stim: np.
 # --------------------------------------------------------------------------- runs
 
 
-def run_set(name: str, args) -> list[dict]:
+def load_set(name: str, args):
+    """``(adata, labels, scVI epochs, note)`` of a data set: CellBench (labels: the cell lines) or the
+    Kang subsample (labels: marker-named Leiden populations, also in ``obs['population']``)."""
     import dgdcell
 
-    t_all = time.perf_counter()
     if name == "cellbench":
         adata = dgdcell.datasets.cellbench()
         import scipy.sparse as sp
 
         adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
         labels = adata.obs["cell_type"].astype(str).to_numpy()
-        scvi_epochs, note = 100, f"CellBench, all {adata.n_obs} cells x {adata.n_vars} genes, 5 batches, label cell_type"
-    else:
-        adata = kang_subsample(args.kang_cells)
-        labels, mapping = kang_populations(adata)
-        adata.obs["population"] = labels
-        scvi_epochs = 50
-        counts = dict(zip(*np.unique(labels, return_counts=True)))
-        note = (f"Kang, {adata.n_obs} cells (stratified by condition, seed 0) x {adata.n_vars} genes, condition in "
-                f"obs['batch']; populations (Leiden 0.5 on PCA, named by markers): "
-                + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        return adata, labels, 100, f"CellBench, all {adata.n_obs} cells x {adata.n_vars} genes, 5 batches, label cell_type"
+    adata = kang_subsample(args.kang_cells)
+    labels, _ = kang_populations(adata)
+    adata.obs["population"] = labels
+    counts = dict(zip(*np.unique(labels, return_counts=True)))
+    note = (f"Kang, {adata.n_obs} cells (stratified by condition, seed 0) x {adata.n_vars} genes, condition in "
+            f"obs['batch']; populations (Leiden 0.5 on PCA, named by markers): "
+            + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return adata, labels, 50, note
+
+
+DGD_METHOD = "dgdcell DGD(covariate_keys=['batch'])"
+
+
+def dgd_row(name: str, adata, labels, batches, args):
+    """``(row, model, fitted copy)``: dgdcell fitted and scored on the set."""
+    model, a_dgd, secs, ep = fit_dgd(adata, args.dgd_epochs)
+    s = scib_scores(a_dgd.obsm["X_dgd"], batches, labels)
+    log(f"DGD ({secs:.0f} s, {ep} epochs): {s}")
+    return {"data set": name, "method": DGD_METHOD, **s, "fit s": secs, "epochs": ep}, model, a_dgd
+
+
+def dgd_counterfactual(model, a_dgd, adata, stim, labels, induced, markers) -> dict:
+    """The counterfactual statistics of dgdcell's decoding (own class vs ``transform_batch='ctrl'``)."""
+    e_self = model.get_normalized_expression(a_dgd).loc[adata.obs_names].to_numpy()
+    e_ctrl = model.get_normalized_expression(a_dgd, transform_batch="ctrl").loc[adata.obs_names].to_numpy()
+    feat = list(model.features["rna"])
+    pos = np.array([feat.index(g) for g in adata.var_names])
+    return counterfactual_stats(e_self[:, pos], e_ctrl[:, pos], stim, labels, induced, markers)
+
+
+def run_set(name: str, args) -> list[dict]:
+    t_all = time.perf_counter()
+    adata, labels, scvi_epochs, note = load_set(name, args)
     batches = adata.obs["batch"].astype(str).to_numpy()
     log(note)
     rows = []
@@ -298,10 +323,7 @@ def run_set(name: str, args) -> list[dict]:
                  "fit s": time.perf_counter() - t0, "epochs": None})
     log(f"PCA: {s}")
 
-    model, a_dgd, secs, ep = fit_dgd(adata, args.dgd_epochs)
-    s = scib_scores(a_dgd.obsm["X_dgd"], batches, labels)
-    row_dgd = {"data set": name, "method": "dgdcell DGD(covariate_keys=['batch'])", **s, "fit s": secs, "epochs": ep}
-    log(f"DGD ({secs:.0f} s, {ep} epochs): {s}")
+    row_dgd, model, a_dgd = dgd_row(name, adata, labels, batches, args)
 
     smodel, a_scvi, ssecs, sep = fit_scvi(adata, scvi_epochs)
     s = scib_scores(a_scvi.obsm["X_scVI"], batches, labels)
@@ -322,12 +344,7 @@ def run_set(name: str, args) -> list[dict]:
         stim = batches == "stim"
         genes = adata.var_names[induced].tolist()
         log(f"induced genes: {genes}")
-        e_self = model.get_normalized_expression(a_dgd).loc[adata.obs_names].to_numpy()
-        e_ctrl = model.get_normalized_expression(a_dgd, transform_batch="ctrl").loc[adata.obs_names].to_numpy()
-        feat = list(model.features["rna"])
-        pos = np.array([feat.index(g) for g in adata.var_names])
-        e_self, e_ctrl = e_self[:, pos], e_ctrl[:, pos]
-        row_dgd.update(counterfactual_stats(e_self, e_ctrl, stim, labels, induced, markers))
+        row_dgd.update(dgd_counterfactual(model, a_dgd, adata, stim, labels, induced, markers))
         se = smodel.get_normalized_expression(a_scvi, library_size=1.0).to_numpy()
         sc_ = smodel.get_normalized_expression(a_scvi, library_size=1.0, transform_batch="ctrl").to_numpy()
         row_scvi.update(counterfactual_stats(se, sc_, stim, labels, induced, markers))
@@ -347,37 +364,17 @@ def run_set(name: str, args) -> list[dict]:
 def run_dgd_only(name: str, args, cached: list[dict]) -> list[dict]:
     """``run_set`` for dgdcell alone: the dgdcell row refitted and scored as in :func:`run_set`, the
     other methods' rows taken from ``cached`` (an earlier run's rows of the same set and settings)."""
-    import dgdcell
-
     t_all = time.perf_counter()
-    if name == "cellbench":
-        adata = dgdcell.datasets.cellbench()
-        import scipy.sparse as sp
-
-        adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
-        labels = adata.obs["cell_type"].astype(str).to_numpy()
-    else:
-        adata = kang_subsample(args.kang_cells)
-        labels, _ = kang_populations(adata)
+    adata, labels, _, note = load_set(name, args)
     batches = adata.obs["batch"].astype(str).to_numpy()
-    model, a_dgd, secs, ep = fit_dgd(adata, args.dgd_epochs)
-    s = scib_scores(a_dgd.obsm["X_dgd"], batches, labels)
-    method = "dgdcell DGD(covariate_keys=['batch'])"
-    row = {"data set": name, "method": method, **s, "fit s": secs, "epochs": ep}
-    log(f"DGD ({secs:.0f} s, {ep} epochs): {s}")
+    row, model, a_dgd = dgd_row(name, adata, labels, batches, args)
     if name == "kang":
         induced, markers, _ = induced_and_markers(adata)
-        stim = batches == "stim"
-        e_self = model.get_normalized_expression(a_dgd).loc[adata.obs_names].to_numpy()
-        e_ctrl = model.get_normalized_expression(a_dgd, transform_batch="ctrl").loc[adata.obs_names].to_numpy()
-        feat = list(model.features["rna"])
-        pos = np.array([feat.index(g) for g in adata.var_names])
-        row.update(counterfactual_stats(e_self[:, pos], e_ctrl[:, pos], stim, labels, induced, markers))
+        row.update(dgd_counterfactual(model, a_dgd, adata, batches == "stim", labels, induced, markers))
         row["induced genes"] = ", ".join(adata.var_names[induced])
         row["marker genes"] = ", ".join(adata.var_names[markers])
-    old = next(r for r in cached if r["method"] == method)
-    row["note"], row["set s"] = old.get("note"), time.perf_counter() - t_all
-    return [row if r["method"] == method else r for r in cached]
+    row["note"], row["set s"] = note, time.perf_counter() - t_all
+    return [row if r["method"] == DGD_METHOD else r for r in cached]
 
 
 MIX = ["iLISI", "kBET", "graph conn.", "30-NN mixing"]

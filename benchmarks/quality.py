@@ -633,6 +633,17 @@ def import_dgdcell(src: str | None):
                      "commit": _git_commit(pkg)}
 
 
+def _attempt(what: str, fit):
+    """``fit()``, or None after printing its error: a failed fit is reported, left uncached, and the run goes on."""
+    try:
+        return fit()
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        sys.stderr.flush()
+        print(f"[quality] {what} failed: {type(exc).__name__}: {exc} (not cached)", flush=True)
+        return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -694,27 +705,15 @@ def main(argv=None) -> int:
             for s in todo_sc:
                 done("scanpy", s, run_scanpy(adata, K, s), peers_path, peer_key(name, "scanpy", s))
             for s in todo_dgd:
-                try:
-                    rec = run_dgd(dgdcell, adata, K, s, args.max_epochs)
-                except Exception as exc:  # noqa: BLE001 -- report, leave uncached, go on
-                    traceback.print_exc()
-                    sys.stderr.flush()
-                    print(f"[quality] {name} dgd seed {s} failed: {type(exc).__name__}: {exc} (not cached)",
-                          flush=True)
-                    continue
-                rec.update(dgd_info, max_epochs=args.max_epochs)
-                done("dgd", s, rec, dgd_path, dgd_key(name, s, args.max_epochs))
+                rec = _attempt(f"{name} dgd seed {s}", lambda: run_dgd(dgdcell, adata, K, s, args.max_epochs))
+                if rec is not None:
+                    rec.update(dgd_info, max_epochs=args.max_epochs)
+                    done("dgd", s, rec, dgd_path, dgd_key(name, s, args.max_epochs))
             for s in todo_scvi:
-                try:
-                    rec = run_scvi(adata, K, s, args.scvi_max_epochs)
-                except Exception as exc:  # noqa: BLE001 -- report, leave uncached, go on
-                    traceback.print_exc()
-                    sys.stderr.flush()
-                    print(f"[quality] {name} scVI seed {s} failed: {type(exc).__name__}: {exc} (not cached)",
-                          flush=True)
-                    continue
-                rec["max_epochs"] = args.scvi_max_epochs
-                done("scvi", s, rec, peers_path, peer_key(name, "scvi", s, args.scvi_max_epochs))
+                rec = _attempt(f"{name} scVI seed {s}", lambda: run_scvi(adata, K, s, args.scvi_max_epochs))
+                if rec is not None:
+                    rec["max_epochs"] = args.scvi_max_epochs
+                    done("scvi", s, rec, peers_path, peer_key(name, "scvi", s, args.scvi_max_epochs))
 
     meta: dict = {}
     got = collect(args.datasets, args.seeds, load_cache(dgd_path), load_cache(peers_path),
