@@ -178,8 +178,10 @@ class PersistenceMixin:
         """A model from a parsed ``config.json`` and its tensors (KeyError / RuntimeError when they do not match)."""
         if not isinstance(tensors, dict):
             raise TypeError(f"the weights file holds a {type(tensors).__name__}, not a dict of tensors")
-        # models saved before component_variance existed learned their variances; before posterior: 'map'
-        model = cls(device=device, **{"component_variance": "learned", **config["init_args"]})
+        # models saved before component_variance existed learned their variances; before posterior: 'map';
+        # before start_correction: per-class centring only
+        model = cls(device=device, **{"component_variance": "learned", "start_correction": "centre",
+                                      **config["init_args"]})
         model.fit_settings = config["fit_settings"]  # before building: n_components='auto' reads the chosen K there
         labels = config["label_categories"]
         model._build(

@@ -6,6 +6,7 @@ from sklearn.metrics import adjusted_rand_score
 from dgdcell.latent import GaussianMixture
 from dgdcell.train.initialisation import (
     graph_clusters,
+    harmonise,
     init_mixture,
     init_mixture_from_labels,
     kmeans,
@@ -99,3 +100,56 @@ def test_graph_clusters_with_groups_follow_what_the_groups_share():
     z = np.stack([6.0 * kind, 10.0 * batch], 1) + rng.normal(0, 0.5, (200, 2))
     labels = graph_clusters(z.astype(np.float32), 2, n_neighbors=10, groups=batch)
     assert adjusted_rand_score(kind, labels) > 0.95
+
+
+def _types_in_classes(seed=2, n=120):
+    """Two cell types measured in two classes whose shift differs by type (the stimulation of one type):
+    per-class centring cannot remove it."""
+    rng = np.random.default_rng(seed)
+    kind = np.repeat([0, 1, 0, 1], n)
+    cls = np.repeat([0, 0, 1, 1], n)
+    z = np.zeros((4 * n, 4))
+    z[:, 0] = 6.0 * kind
+    z[:, 1] = 4.0 * cls * kind  # only type 1 responds to class 1
+    z[:, 2] = -1.5 * cls
+    z += rng.normal(0, 0.5, z.shape)
+    return z.astype(np.float32), kind, cls
+
+
+def _class_gap(z, kind, cls):
+    """Largest distance between the two classes' means within a type, in units of the within-type sd."""
+    out = []
+    for k in (0, 1):
+        a, b = z[(kind == k) & (cls == 0)], z[(kind == k) & (cls == 1)]
+        out.append(np.linalg.norm(a.mean(0) - b.mean(0)) / z[kind == k].std(0).mean())
+    return max(out)
+
+
+def test_harmonise_removes_class_shifts_within_types_and_keeps_the_types():
+    z, kind, cls = _types_in_classes()
+    before = z.copy()
+    out = harmonise(z, cls, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(z, before)  # the input is not changed
+    assert out.dtype == np.float32 and out.shape == z.shape
+    assert _class_gap(z, kind, cls) > 3.0
+    assert _class_gap(out, kind, cls) < 0.5 * _class_gap(z, kind, cls)
+    assert adjusted_rand_score(kind, graph_clusters(out, 2, n_neighbors=10)) > 0.95
+    np.testing.assert_allclose(out.std(0).mean(), z.std(0).mean(), rtol=1e-4)  # the start's scale is kept
+    again = harmonise(z, cls, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(out, again)  # a seed gives the same start
+
+
+def test_harmonise_is_the_identity_for_one_class():
+    z, _, _ = _types_in_classes(n=20)
+    np.testing.assert_array_equal(harmonise(z, np.zeros(len(z), dtype=int)), z)
+
+
+def test_harmonise_on_a_sample_shifts_the_other_cells_like_the_sample():
+    z, kind, cls = _types_in_classes(seed=3, n=200)
+    gen = torch.Generator().manual_seed(1)
+    out = harmonise(z, cls, generator=gen, max_cells=300)
+    # the cells outside the sample lose their class gap too, and stay with their type
+    assert _class_gap(out, kind, cls) < 0.5 * _class_gap(z, kind, cls)
+    assert adjusted_rand_score(kind, graph_clusters(out, 2, n_neighbors=10)) > 0.95
+    full = harmonise(z, cls, generator=torch.Generator().manual_seed(1))
+    assert np.abs(out - full).mean() < 0.5 * np.abs(full - z).mean()

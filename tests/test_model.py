@@ -235,3 +235,35 @@ def test_balanced_start_clusters_across_covariate_classes(synthetic_batches, mon
     assert adjusted_rand_score(seen["groups"], codes) == 1.0
     with pytest.raises(ValueError, match="init_clustering"):
         DGD(init_clustering="bbknn")
+
+
+def test_start_correction_harmonises_the_start_of_covariate_fits_only(synthetic_batches, monkeypatch):
+    import dgdcell.model as model_module
+
+    calls = []
+    original = model_module.harmonise
+
+    def spy(z, groups, **kw):
+        calls.append(np.asarray(groups))
+        return original(z, groups, **kw)
+
+    monkeypatch.setattr(model_module, "harmonise", spy)
+    DGD(latent_dim=3, n_components=3, covariate_keys=["batch"]).fit(synthetic_batches, max_epochs=2, verbose=False)
+    codes = synthetic_batches.obs["batch"].cat.codes.to_numpy()
+    assert len(calls) == 1 and adjusted_rand_score(calls[0], codes) == 1.0
+    DGD(latent_dim=3, n_components=3, covariate_keys=["batch"], start_correction="centre").fit(
+        synthetic_batches, max_epochs=2, verbose=False)
+    DGD(latent_dim=3, n_components=3).fit(synthetic_batches, max_epochs=2, verbose=False)
+    assert len(calls) == 1  # neither 'centre' nor a fit without covariates harmonises
+    with pytest.raises(ValueError, match="start_correction"):
+        DGD(start_correction="combat")
+
+
+def test_models_saved_before_start_correction_load_with_centring(fitted, tmp_path):
+    _, model = fitted
+    model.save(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    cfg = json.loads(path.read_text())
+    assert cfg["init_args"].pop("start_correction") == "harmony"
+    path.write_text(json.dumps(cfg))
+    assert DGD.load(tmp_path / "m", device="cpu").init_args["start_correction"] == "centre"
