@@ -12,6 +12,10 @@ For each labelled RNA data set (K = number of distinct labels):
   written by fit) for every new cell, scored against its label; for reference also the
   leave-one-out 15-NN accuracy on the training cells (the ceiling for transfer), and transfer
   from the training cells re-embedded by ``transform`` (the same estimator as the new cells);
+* the same without the training cells' representations among the candidate starts
+  (``transform(n_reference=0)``, the behaviour before they were added): new ARI, kNN transfer, final loss;
+* re-embed agreement: the share of training cells whose cluster from ``transform`` equals fit's, leaving
+  out the cells whose own representation was one of the reference starts, with and without them;
 * seconds per 1,000 new cells (also scaled to 2,000 genes, assuming linear cost in genes),
   transform epochs and steps per cell, fit epochs and seconds.
 
@@ -52,16 +56,21 @@ MD_COLUMNS = [
     "dataset", "cells", "genes", "K", "new cells",
     "train ARI", "new ARI", "ARI gap", "kNN transfer", "train LOO kNN",
     "re-embedded train ARI", "ARI gap (re-embedded)", "kNN transfer (re-embedded ref)",
+    "new ARI (no ref)", "kNN transfer (no ref)", "re-embed agreement", "re-embed agreement (no ref)",
+    "final loss", "final loss (no ref)",
     "s / 1k cells", "s / 1k cells x 2k genes", "transform epochs", "steps / cell",
     "fit epochs", "fit s",
 ]
-CSV_COLUMNS = MD_COLUMNS + ["transform s", "transform s (all runs)", "candidates", "start loss", "final loss", "error"]
+CSV_COLUMNS = MD_COLUMNS + ["transform s", "transform s (all runs)", "transform s (no ref)", "candidates", "start loss",
+                            "error"]
 MEAN_COLUMNS = ["train ARI", "new ARI", "ARI gap", "kNN transfer", "train LOO kNN", "re-embedded train ARI",
-                "ARI gap (re-embedded)", "kNN transfer (re-embedded ref)",
+                "ARI gap (re-embedded)", "kNN transfer (re-embedded ref)", "new ARI (no ref)", "kNN transfer (no ref)",
+                "re-embed agreement", "re-embed agreement (no ref)", "final loss", "final loss (no ref)",
                 "s / 1k cells", "s / 1k cells x 2k genes", "transform epochs", "steps / cell", "fit epochs", "fit s"]
 FLOATFMTS = {"s / 1k cells": ".2f", "s / 1k cells x 2k genes": ".2f", "transform epochs": ".0f",
              "steps / cell": ".1f", "fit epochs": ".0f", "fit s": ".0f", "ARI gap": "+.3f", "ARI gap (re-embedded)": "+.3f",
-             "transform s": ".2f", "start loss": ".2f", "final loss": ".2f"}
+             "transform s": ".2f", "start loss": ".2f", "final loss": ".2f", "final loss (no ref)": ".2f",
+             "transform s (no ref)": ".2f"}
 
 
 def split(labels: np.ndarray, test_size: float = TEST_SIZE, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +120,18 @@ def run_one(dgdcell, adata, max_epochs: int | None, repeats: int, cache: Path | 
 
     again = train.copy()  # the training cells re-embedded by transform: a reference from the same estimator
     model.transform(again, verbose=False)
+    base = new.copy()  # without the training cells among the starts
+    t = time.perf_counter()
+    model.transform(base, verbose=False, n_reference=0)
+    base_s = time.perf_counter() - t
+    again0 = train.copy()
+    model.transform(again0, verbose=False, n_reference=0)
+    own = np.zeros(train.n_obs, dtype=bool)
+    own[np.asarray(again.uns["dgd"]["transform"]["reference_rows"], dtype=np.int64)] = True
+    fitted = train.obs["dgd_cluster"].astype(str).to_numpy()
+
+    def agreement(a) -> float:
+        return float((a.obs["dgd_cluster"].astype(str).to_numpy() == fitted)[~own].mean())
 
     z_tr, z_new = np.asarray(train.obsm["X_dgd"]), np.asarray(target.obsm["X_dgd"])
     train_ari = float(adjusted_rand_score(y_tr, train.obs["dgd_cluster"].astype(str)))
@@ -128,6 +149,12 @@ def run_one(dgdcell, adata, max_epochs: int | None, repeats: int, cache: Path | 
         "ARI gap (re-embedded)": new_ari - again_ari,
         "kNN transfer (re-embedded ref)": common.knn_transfer_accuracy(
             np.asarray(again.obsm["X_dgd"]), y_tr, z_new, y_new, k=15),
+        "new ARI (no ref)": float(adjusted_rand_score(y_new, base.obs["dgd_cluster"].astype(str))),
+        "kNN transfer (no ref)": common.knn_transfer_accuracy(z_tr, y_tr, np.asarray(base.obsm["X_dgd"]), y_new, k=15),
+        "re-embed agreement": agreement(again),
+        "re-embed agreement (no ref)": agreement(again0),
+        "final loss (no ref)": float(np.asarray(base.uns["dgd"]["transform"]["history"]["loss"])[-1]),
+        "transform s (no ref)": float(base_s),
         "s / 1k cells": per_1k,
         "s / 1k cells x 2k genes": per_1k * 2000.0 / adata.n_vars,
         "transform epochs": int(rec["n_epochs"]),

@@ -358,3 +358,46 @@ def test_nb_mu_terms_plus_constant_is_the_sparse_log_likelihood():
         0, rows, torch.lgamma(vals.double() + r) - torch.lgamma(r) - torch.lgamma(vals.double() + 1))
     full = nb_log_prob_sparse(log_mu, log_r, flat, rows, vals)
     torch.testing.assert_close(nb_log_prob_sparse_mu_terms(log_mu, log_r, flat, rows, vals) + const.float(), full)
+
+
+def test_reference_starts_join_the_candidates_with_their_components(trained):
+    model, train, _ = trained
+    ref = model.representation[:7]
+    cand = candidate_starts(model.gmm, {}, "mean", 1, reference=ref)
+    k = model.gmm.n_mix_comp
+    assert cand.n == k + 7
+    torch.testing.assert_close(cand.z[k:], ref)
+    torch.testing.assert_close(cand.component[k:], model.gmm.clustering(ref))
+
+
+def test_transform_starts_from_training_cells_and_finds_lower_losses(trained):
+    model, train, new = trained
+    with_ref, without = new.copy(), new.copy()
+    model.transform(with_ref, **QUIET)
+    model.transform(without, n_reference=0, **QUIET)
+    rec, rec0 = with_ref.uns["dgd"]["transform"], without.uns["dgd"]["transform"]
+    k = model.gmm.n_mix_comp
+    assert rec0["n_candidates"] == k and rec0["n_reference"] == 0
+    n_ref = min(model.representation.shape[0], 1000)
+    assert rec["n_candidates"] == k + n_ref and len(rec["reference_rows"]) == n_ref
+    assert len(rec0["reference_rows"]) == 0
+    # more starts, each cell keeps its best: the loss found is no worse
+    assert rec["history"]["loss"][-1] <= rec0["history"]["loss"][-1] + 1e-3
+    # re-embedded training cells keep fit's clusters at least as often
+    again, again0 = train.copy(), train.copy()
+    model.transform(again, **QUIET)
+    model.transform(again0, n_reference=0, **QUIET)
+    fitted = train.obs["dgd_cluster"].to_numpy()
+    agree = (again.obs["dgd_cluster"].to_numpy() == fitted).mean()
+    assert agree >= (again0.obs["dgd_cluster"].to_numpy() == fitted).mean() and agree > 0.9
+    with pytest.raises(ValueError, match="n_reference"):
+        model.transform(new.copy(), n_reference=-1, **QUIET)
+
+
+def test_reference_starts_are_shared_among_covariate_classes(trained_batches):
+    model, train = trained_batches
+    query = train[:40].copy()
+    model.transform(query, n_reference=30, **QUIET)
+    combos = int(np.prod([g.n_mix_comp for g in model.cov_gmms.values()]))
+    n_ref = max(1, 30 // combos)
+    assert query.uns["dgd"]["transform"]["n_candidates"] == (model.gmm.n_mix_comp + n_ref) * combos

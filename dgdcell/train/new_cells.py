@@ -151,16 +151,23 @@ def candidate_starts(
     init: str = "mean",
     n_samples: int = 1,
     generator: torch.Generator | None = None,
+    reference: torch.Tensor | None = None,
 ) -> Candidates:
     """Candidate starts: the main mixture's ``sample_new_points(init, n_samples)``
-    ((K,) or (K * n_samples,) points) times every component mean of each
-    covariate mixture, as a Cartesian product (main candidate outermost)."""
+    ((K,) or (K * n_samples,) points), then the ``reference`` points ((R, L),
+    e.g. fitted cells' representations; each counts as from its most probable
+    component), times every component mean of each covariate mixture, as a
+    Cartesian product (main candidate outermost)."""
     if init not in INIT_TYPES:
         raise ValueError(f"init must be one of {INIT_TYPES}, got {init!r}.")
     if int(n_samples) < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
     z = gmm.sample_new_points(init, int(n_samples), generator=generator).detach()
     comp = torch.arange(gmm.n_mix_comp, device=z.device).repeat_interleave(z.shape[0] // gmm.n_mix_comp)
+    if reference is not None and reference.shape[0]:
+        reference = reference.detach().to(z.device, z.dtype)
+        z = torch.cat([z, reference])
+        comp = torch.cat([comp, gmm.clustering(reference).to(comp.dtype)])
     sizes = [z.shape[0]] + [g.n_mix_comp for g in cov_gmms.values()]
     grids = torch.meshgrid(*[torch.arange(s, device=z.device) for s in sizes], indexing="ij")
     flat = [g.reshape(-1) for g in grids]
