@@ -46,8 +46,8 @@ Metrics
   log2 fold change within that population is below 1 in magnitude (the genes the stimulation does not
   move there), and the same Pearson correlation over those genes; the minimum over populations. The
   first marker set above is kept for comparison with earlier runs: its most variable genes are mostly
-  not cell-type markers, and in CD14 monocytes several of them fall 4-24x with the stimulation (see
-  ``benchmarks/results/integration.md``), so a counterfactual that removes the stimulation lowers it.
+  not cell-type markers, and in CD14 monocytes several of them fall 5-24x with the stimulation (see
+  ``docs/mixture.md``), so a counterfactual that removes the stimulation lowers it.
 
 Usage (from the repository root)::
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 
 #: training cells whose representations join transform's candidate starts (``transform(n_reference=)``)
-N_REFERENCE = 1000
+N_REFERENCE = 500
 
 
 def transform(
@@ -99,9 +99,10 @@ def transform(
     steps of a plateau on the total loss; means with ``lr=0.3`` gave
     clusters and neighbours closer to those of fit than samples or larger
     steps. Starting from training cells' representations as well (``n_reference``)
-    raised the share of sci-CAR kidney cells that ``transform`` puts in the
-    component ``fit`` gave them from 0.50 to 0.91 (cells not among the starts),
-    with a lower loss. The training representations written by :meth:`fit`
+    raised the share of re-embedded sci-CAR kidney training cells that
+    ``transform`` puts in the component ``fit`` gave them (cells not among the
+    starts) and the label transfer to new cells, at a lower loss, for
+    1.25-1.9x the time (``benchmarks/results/transform.md``). The training representations written by :meth:`fit`
     are not refitted against the final decoder, so they can still differ from
     what ``transform`` gives for the same cells (compare by transforming a
     copy of the training data).

@@ -378,7 +378,7 @@ def test_transform_starts_from_training_cells_and_finds_lower_losses(trained):
     rec, rec0 = with_ref.uns["dgd"]["transform"], without.uns["dgd"]["transform"]
     k = model.gmm.n_mix_comp
     assert rec0["n_candidates"] == k and rec0["n_reference"] == 0
-    n_ref = min(model.representation.shape[0], 1000)
+    n_ref = min(model.representation.shape[0], 500)
     assert rec["n_candidates"] == k + n_ref and len(rec["reference_rows"]) == n_ref
     assert len(rec0["reference_rows"]) == 0
     # more starts, each cell keeps its best: the loss found is no worse
