@@ -143,7 +143,7 @@ _HARMONY_SIGMA = 0.1
 
 
 def harmonise(z: np.ndarray, groups: np.ndarray, generator: torch.Generator | None = None,
-              theta: float = HARMONY_THETA, max_cells: int = HARMONY_MAX_CELLS, chunk: int = 65536) -> np.ndarray:
+              theta: float = HARMONY_THETA, max_cells: int = HARMONY_MAX_CELLS, chunk: int = 16384) -> np.ndarray:
     """Start scores ``z`` (n, d) with the covariate classes ``groups`` ((n,) int codes) removed by Harmony.
 
     Harmony (Korsunsky et al. 2019, through ``harmonypy``) soft-clusters the
@@ -174,8 +174,9 @@ def harmonise(z: np.ndarray, groups: np.ndarray, generator: torch.Generator | No
                               verbose=False, random_state=seed)
     corrected = np.asarray(h.Z_corr, dtype=np.float64).reshape(len(sub), -1)
     if len(sub) == n:
-        out = corrected
-    else:
+        before, after = float(z.std(0).mean()), float(corrected.std(0).mean())
+        return (corrected * (before / max(after, 1e-12))).astype(np.float32)
+    else:  # float32 from here: the other cells' scores are the largest array
         shift = corrected - z[sub]  # (m, d)
         centroids = np.asarray(h.Y, dtype=np.float64)  # (d, K), unit columns
         r = np.asarray(h.R, dtype=np.float64).reshape(len(sub), -1)  # (m, K)
@@ -185,19 +186,23 @@ def harmonise(z: np.ndarray, groups: np.ndarray, generator: torch.Generator | No
             rows = codes[sub] == c
             mass[:, c] = r[rows].sum(0)
             sums[:, c] = r[rows].T @ shift[rows]
-        mean_shift = sums / np.maximum(mass, 1e-12)[..., None]  # (K, C, d)
-        out = z.astype(np.float64)
+        mean_shift = (sums / np.maximum(mass, 1e-12)[..., None]).astype(np.float32)  # (K, C, d)
+        centroids = centroids.astype(np.float32)
+        out = z.copy()
         rest = np.setdiff1d(np.arange(n), sub)
         for a in range(0, len(rest), chunk):
             rows = rest[a : a + chunk]
             zc = out[rows] / np.maximum(np.linalg.norm(out[rows], axis=1, keepdims=True), 1e-12)
-            logits = -2.0 * (1.0 - zc @ centroids) / _HARMONY_SIGMA
+            logits = (zc @ centroids - 1.0) * np.float32(2.0 / _HARMONY_SIGMA)
             resp = np.exp(logits - logits.max(1, keepdims=True))
             resp /= resp.sum(1, keepdims=True)  # (b, K)
-            out[rows] += np.einsum("bk,bkd->bd", resp, mean_shift[:, codes[rows]].transpose(1, 0, 2))
-        out[sub] = corrected
-    before, after = float(z.std(0).mean()), float(out.std(0).mean())
-    return (out * (before / max(after, 1e-12))).astype(np.float32)
+            for c in np.unique(codes[rows]):  # (b_c, K) @ (K, d): no (b, K, d) temporary
+                mine = codes[rows] == c
+                out[rows[mine]] += resp[mine] @ mean_shift[:, c]
+        out[sub] = corrected.astype(np.float32)
+    before, after = float(z.std(0, dtype=np.float64).mean()), float(out.std(0, dtype=np.float64).mean())
+    out *= np.float32(before / max(after, 1e-12))
+    return out
 
 
 def kmeans(x: torch.Tensor, k: int, n_iter: int = 30, generator: torch.Generator | None = None) -> torch.Tensor:
