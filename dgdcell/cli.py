@@ -62,14 +62,22 @@ class UsageError(CLIError):
 
 
 # --------------------------------------------------------------------------- parser
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init", choices=("mean", "sample"),
                     help="candidate starts: component means or samples (default: the library's)")
     tr.add_argument("--seed", metavar="S", type=int, help="random seed of the candidate starts (default: the library's)")
+    tr.add_argument("--n-reference", metavar="N", type=_non_negative_int,
+                    help="training cells whose representations join the candidate starts (default: the library's; "
+                         "0: component means or samples only)")
     tr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: CUDA when available")
     tr.add_argument("--key-added", metavar="KEY", default="dgd", help="prefix of the keys written (default dgd)")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
@@ -579,7 +590,8 @@ def cmd_transform(args) -> int:
     adata = _read_h5ad(src)
     logger.info("read %s: %d cells x %d features", src, adata.n_obs, adata.n_vars)
 
-    wanted = {"layer": args.layer, "max_epochs": args.max_epochs, "init": args.init, "seed": args.seed}
+    wanted = {"layer": args.layer, "max_epochs": args.max_epochs, "init": args.init, "seed": args.seed,
+              "n_reference": args.n_reference}
     kwargs = {k: v for k, v in wanted.items() if v is not None}
     kwargs.update(key_added=args.key_added, verbose=_progress(args))
     params = inspect.signature(model.transform).parameters

@@ -208,10 +208,14 @@ def test_transform_round_trip(fitted_cli, data_file, tmp_path):
     new = ad.read_h5ad(data_file)[:50].copy()
     new.write_h5ad(tmp_path / "new.h5ad")
     rc, out, err = run_main(["transform", d / "model", tmp_path / "new.h5ad", "-o", tmp_path / "t.h5ad",
-                             "--max-epochs", "2", "--seed", "1", "--device", "cpu"])
+                             "--max-epochs", "2", "--seed", "1", "--device", "cpu", "--n-reference", "7"])
     assert rc == 0, err
     res = ad.read_h5ad(tmp_path / "t.h5ad")
     assert res.obsm["X_dgd"].shape == (50, 3)
+    assert res.uns["dgd"]["transform"]["n_reference"] == 7 and 1 <= len(res.uns["dgd"]["transform"]["reference_rows"]) <= 7
+    rc, _, err = run_main(["transform", d / "model", tmp_path / "new.h5ad", "-o", tmp_path / "t3.h5ad",
+                           "--n-reference", "-1"])
+    assert rc == 2 and "expected an integer >= 0" in err
     assert isinstance(res.obs["dgd_cluster"].dtype, pd.CategoricalDtype)
     assert list(res.obs_names) == list(new.obs_names)
 
