@@ -233,12 +233,16 @@ def kang_populations(adata):
     return labels, mapping
 
 
+def normalised_counts(X):
+    """Counts scaled to 10,000 per cell (no log), CSR."""
+    return X.multiply(1e4 / np.asarray(X.sum(1)).ravel()[:, None]).tocsr()
+
+
 def induced_and_markers(adata):
     import scanpy as sc
 
     X = adata.X
-    tot = np.asarray(X.sum(1)).ravel()
-    norm = X.multiply(1e4 / tot[:, None]).tocsr()
+    norm = normalised_counts(X)
     stim = adata.obs["batch"].astype(str).to_numpy() == "stim"
     m_s = np.asarray(norm[stim].mean(0)).ravel()
     m_c = np.asarray(norm[~stim].mean(0)).ravel()
@@ -259,17 +263,17 @@ def type_markers(adata, pops: np.ndarray) -> dict[str, np.ndarray]:
     """Population -> indices of the cell-type markers that the stimulation leaves alone in it (see the
     module docstring): the union of the populations' top Wilcoxon markers on control cells, minus the
     genes whose within-population stim vs ctrl |log2 fold change| is at least 1."""
+    import pandas as pd
     import scanpy as sc
 
     stim = adata.obs["batch"].astype(str).to_numpy() == "stim"
     ln = lognorm(adata[~stim])
-    ln.obs["population"] = pd_categorical(pops[~stim])
+    ln.obs["population"] = pd.Categorical(np.asarray(pops[~stim]).astype(str))
     sc.tl.rank_genes_groups(ln, "population", method="wilcoxon", n_genes=N_TYPE_MARKERS)
     names = ln.uns["rank_genes_groups"]["names"]
     pos = {g: j for j, g in enumerate(adata.var_names)}
     union = sorted({pos[g] for grp in names.dtype.names for g in names[grp]})
-    X = adata.X
-    norm = X.multiply(1e4 / np.asarray(X.sum(1)).ravel()[:, None]).tocsr()
+    norm = normalised_counts(adata.X)
     out = {}
     for p in np.unique(pops):
         s_, c_ = stim & (pops == p), ~stim & (pops == p)
@@ -278,12 +282,6 @@ def type_markers(adata, pops: np.ndarray) -> dict[str, np.ndarray]:
         lfc = np.log2((np.asarray(norm[s_].mean(0)).ravel() + 1e-2) / (np.asarray(norm[c_].mean(0)).ravel() + 1e-2))
         out[str(p)] = np.array([j for j in union if abs(lfc[j]) < 1.0])
     return out
-
-
-def pd_categorical(values):
-    import pandas as pd
-
-    return pd.Categorical(np.asarray(values).astype(str))
 
 
 def counterfactual_stats(expr_self: np.ndarray, expr_ctrl: np.ndarray, stim: np.ndarray, pops: np.ndarray,

@@ -228,7 +228,7 @@ def transform(
         ref_rows = _reference_starts(self, n_reference, generator)
         with frozen(self.module):  # drawn once, for all blocks (and identical on every rank)
             cand = candidate_starts(self.gmm, dict(self.cov_gmms), config.init, config.n_samples, generator,
-                                    reference=self.representation[ref_rows].to(self.device) if len(ref_rows) else None)
+                                    reference=self.representation[ref_rows].to(self.device))
         if self.variational or block_size is None or block_size >= hi - lo:
             cells = _new_cell_set(self, new, d.block(lo, hi) if d.backed or comm is not None else d)
             history = _agreed(comm, "fitting its new cells",
@@ -261,8 +261,7 @@ def transform(
     except BaseException:
         abort_comm(comm)  # the other processes stop at once
         raise
-    record = _transform_record(new, config, layer, seed, history, time.perf_counter() - t0, n_reference)
-    record["reference_rows"] = ref_rows.numpy().astype(np.int64)
+    record = _transform_record(new, config, layer, seed, history, time.perf_counter() - t0, n_reference, ref_rows)
     record["block_size"] = 0 if block_size is None else int(block_size)
     if std is not None:
         record["posterior_history"] = {k: np.asarray(v, dtype=np.float64) for k, v in post.items()}
@@ -276,7 +275,7 @@ def _reference_starts(self, n_reference: int, generator: torch.Generator) -> tor
     is combined with every covariate component, so R is ``n_reference`` divided by their number
     of combinations (at least 1)."""
     rep = self.representation
-    if not n_reference or rep is None or rep.shape[0] == 0:
+    if not n_reference:
         return torch.zeros(0, dtype=torch.long)
     combos = int(np.prod([g.n_mix_comp for g in self.cov_gmms.values()])) if self.cov_gmms else 1
     r = min(rep.shape[0], max(1, n_reference // combos))
@@ -319,7 +318,8 @@ def _new_cell_set(self, new, data=None):
     )
 
 
-def _transform_record(new, config, layer, seed: int, history: dict, seconds: float, n_reference: int = 0) -> dict:
+def _transform_record(new, config, layer, seed: int, history: dict, seconds: float, n_reference: int,
+                      reference_rows: torch.Tensor) -> dict:
     """``uns[key]["transform"]``: settings, overlap, classes, history (h5ad-writable)."""
     return {
         "n_obs": new.data.n_obs,
@@ -327,6 +327,7 @@ def _transform_record(new, config, layer, seed: int, history: dict, seconds: flo
         "n_samples": config.n_samples,
         "n_starts": config.n_starts,
         "n_reference": int(n_reference),
+        "reference_rows": reference_rows.numpy().astype(np.int64),
         "max_epochs": config.max_epochs,
         "batch_size": config.batch_size,
         "lr": config.lr,

@@ -206,14 +206,16 @@ def test_component_variance_is_validated():
         DGD(component_variance="free")
 
 
-def test_models_saved_before_component_variance_load_as_learned(fitted, tmp_path):
+@pytest.mark.parametrize("key, now, before", [("component_variance", "pooled", "learned"),
+                                              ("start_correction", "harmony", "centre")])
+def test_models_saved_before_an_option_load_with_its_old_behaviour(fitted, tmp_path, key, now, before):
     _, model = fitted
     model.save(tmp_path / "m")
     path = tmp_path / "m" / "config.json"
     cfg = json.loads(path.read_text())
-    assert cfg["init_args"].pop("component_variance") == "pooled"
+    assert cfg["init_args"].pop(key) == now
     path.write_text(json.dumps(cfg))
-    assert DGD.load(tmp_path / "m", device="cpu").init_args["component_variance"] == "learned"
+    assert DGD.load(tmp_path / "m", device="cpu").init_args[key] == before
 
 
 def test_balanced_start_clusters_across_covariate_classes(synthetic_batches, monkeypatch):
@@ -257,13 +259,3 @@ def test_start_correction_harmonises_the_start_of_covariate_fits_only(synthetic_
     assert len(calls) == 1  # neither 'centre' nor a fit without covariates harmonises
     with pytest.raises(ValueError, match="start_correction"):
         DGD(start_correction="combat")
-
-
-def test_models_saved_before_start_correction_load_with_centring(fitted, tmp_path):
-    _, model = fitted
-    model.save(tmp_path / "m")
-    path = tmp_path / "m" / "config.json"
-    cfg = json.loads(path.read_text())
-    assert cfg["init_args"].pop("start_correction") == "harmony"
-    path.write_text(json.dumps(cfg))
-    assert DGD.load(tmp_path / "m", device="cpu").init_args["start_correction"] == "centre"
