@@ -19,7 +19,9 @@ import torch
 #: the settings of the 'fit' task (the test fits the same in one process)
 EPOCHS = 15
 FIT = {"guide_epochs": 5}
-TRANSFORM = {"max_epochs": 20}
+# no reference starts: the one- and two-process fits differ by float summation order, and the training
+# representations they would start from amplify that into different starts for a few query cells
+TRANSFORM = {"max_epochs": 20, "n_reference": 0}
 
 
 def main(task: str, out: Path) -> None:
