@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 import dgdcell  # noqa: E402
-import dgdcell.model  # noqa: E402
+import dgdcell._fitting  # noqa: E402
 
 #: static reading of the development run (2-core AMD EPYC, 2 threads), written under the table
 NOTES = [
@@ -77,7 +77,7 @@ def fit_with_trace(adata, k: int, batch_size: int, lr_factor: float = 1.0, seed:
     truth = adata.obs[common.LABEL_KEY].astype(str).to_numpy()
     train_idx, val_idx = _split(adata.n_obs, seed)
     trace: list[dict] = []
-    inner = dgdcell.model.train
+    inner = dgdcell._fitting.train
     t0, c0 = time.perf_counter(), time.process_time()
 
     def traced(decoder, gmm, cov_gmms, train_cells, val_cells, config, generator=None, on_epoch_end=None):
@@ -97,12 +97,12 @@ def fit_with_trace(adata, k: int, batch_size: int, lr_factor: float = 1.0, seed:
 
         return inner(decoder, gmm, cov_gmms, train_cells, val_cells, config, generator, record)
 
-    dgdcell.model.train = traced
+    dgdcell._fitting.train = traced
     try:
         model = dgdcell.DGD(n_components=k, seed=seed).fit(
             adata, batch_size=batch_size, lr_decoder=1e-3 * lr_factor, lr_mixture=1e-2 * lr_factor, verbose=False)
     finally:
-        dgdcell.model.train = inner
+        dgdcell._fitting.train = inner
     return model, trace
 
 

@@ -312,25 +312,25 @@ class Phase:
 
 def fit_measured(adata, device, max_epochs: int, batch_size: int, **model_kw):
     """``DGD(**model_kw).fit(adata, ...)`` without early stopping, measured as a whole and, separately,
-    its training loop (``dgdcell.model.train``, wrapped): ``(model, fit Phase, loop Phase, seconds
+    its training loop (``dgdcell._fitting.train``, wrapped): ``(model, fit Phase, loop Phase, seconds
     from the fit's start to the loop's)``."""
     import dgdcell
-    import dgdcell.model
+    import dgdcell._fitting
 
-    inner, loops = dgdcell.model.train, []
+    inner, loops = dgdcell._fitting.train, []
 
     def train(*args, **kwargs):
         loops.append(Phase(device))
         with loops[-1]:
             return inner(*args, **kwargs)
 
-    dgdcell.model.train = train
+    dgdcell._fitting.train = train
     try:
         with Phase(device) as fit:
             model = dgdcell.DGD(n_components=N_TYPES, seed=0, device=str(device), **model_kw)
             model.fit(adata, max_epochs=max_epochs, early_stopping=False, batch_size=batch_size, verbose=False)
     finally:
-        dgdcell.model.train = inner
+        dgdcell._fitting.train = inner
     return model, fit, loops[-1], loops[-1].t0 - fit.t0
 
 

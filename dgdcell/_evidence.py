@@ -41,7 +41,8 @@ from .train.variational import (
 )
 
 if TYPE_CHECKING:
-    from .model import DGD, _FitRun
+    from ._fitting import _FitRun
+    from .model import DGD
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ def _auto_by_refit(self: "DGD", adata, run: "_FitRun", layer) -> tuple[int, dict
     4. K is the smallest candidate whose mean held-out evidence is within one
        standard error (of the paired per-cell difference) of the best.
     """
-    from .model import _split
+    from ._fitting import _split
     from .train import train
 
     ks = _candidates(self.init_args["n_components"], run.data.n_obs - int(round((1 - run.train_size) * run.data.n_obs)))

@@ -182,16 +182,16 @@ def test_cli_under_torchrun(tmp_path):
 def test_failed_shard_write_keeps_the_last_checkpoint(one_thread, tmp_path, monkeypatch):
     """A rank that cannot write its checkpoint shard stops the fit with its own error; the folder
     keeps the last complete checkpoint and nothing of the failed one; the model is as it was."""
-    import dgdcell.model as model_module
+    import dgdcell._fitting as fitting
 
-    write = model_module.write_shard
+    write = fitting.write_shard
 
     def failing(path, name, *args, **kwargs):
         if name.startswith("representation.3."):
             raise OSError("disk full (simulated)")
         return write(path, name, *args, **kwargs)
 
-    monkeypatch.setattr(model_module, "write_shard", failing)
+    monkeypatch.setattr(fitting, "write_shard", failing)
     adata = make_counts()
     model = dgdcell.DGD(n_components=3, latent_dim=3, seed=0, device="cpu")
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,

@@ -180,10 +180,10 @@ def test_unfitted_model_errors():
 
 @pytest.mark.parametrize("setting", ["pooled", "learned"])
 def test_component_variance_pooled_is_shared_and_kept_learned_moves(synthetic, setting, monkeypatch):
-    import dgdcell.model as model_module
+    import dgdcell._fitting as fitting
 
     started = {}
-    original = model_module.init_mixture_from_labels
+    original = fitting.init_mixture_from_labels
 
     def spy(gmm, z, labels):
         original(gmm, z, labels)
@@ -191,7 +191,7 @@ def test_component_variance_pooled_is_shared_and_kept_learned_moves(synthetic, s
         started["pooled"] = -torch.log((w[:, None] * torch.exp(-gmm.neglogvar)).sum(0) / w.sum())
         started["own"] = gmm.neglogvar.detach().clone()
 
-    monkeypatch.setattr(model_module, "init_mixture_from_labels", spy)
+    monkeypatch.setattr(fitting, "init_mixture_from_labels", spy)
     m = DGD(latent_dim=3, n_components=3, component_variance=setting).fit(synthetic, max_epochs=25, verbose=False)
     nlv = m.gmm.neglogvar.detach()
     if setting == "pooled":  # the start clusters' pooled variance, in every component, unchanged by the fit
@@ -219,16 +219,16 @@ def test_models_saved_before_an_option_load_with_its_old_behaviour(fitted, tmp_p
 
 
 def test_balanced_start_clusters_across_covariate_classes(synthetic_batches, monkeypatch):
-    import dgdcell.model as model_module
+    import dgdcell._fitting as fitting
 
     seen = {}
-    original = model_module.graph_clusters
+    original = fitting.graph_clusters
 
     def spy(z, k, **kw):
         seen["groups"] = kw.get("groups")
         return original(z, k, **kw)
 
-    monkeypatch.setattr(model_module, "graph_clusters", spy)
+    monkeypatch.setattr(fitting, "graph_clusters", spy)
     DGD(latent_dim=3, n_components=3, covariate_keys=["batch"]).fit(synthetic_batches, max_epochs=2, verbose=False)
     assert seen["groups"] is None  # the default start graph ignores the classes
     DGD(latent_dim=3, n_components=3, covariate_keys=["batch"], init_clustering="balanced").fit(
@@ -240,16 +240,16 @@ def test_balanced_start_clusters_across_covariate_classes(synthetic_batches, mon
 
 
 def test_start_correction_harmonises_the_start_of_covariate_fits_only(synthetic_batches, monkeypatch):
-    import dgdcell.model as model_module
+    import dgdcell._fitting as fitting
 
     calls = []
-    original = model_module.harmonise
+    original = fitting.harmonise
 
     def spy(z, groups, **kw):
         calls.append(np.asarray(groups))
         return original(z, groups, **kw)
 
-    monkeypatch.setattr(model_module, "harmonise", spy)
+    monkeypatch.setattr(fitting, "harmonise", spy)
     DGD(latent_dim=3, n_components=3, covariate_keys=["batch"]).fit(synthetic_batches, max_epochs=2, verbose=False)
     codes = synthetic_batches.obs["batch"].cat.codes.to_numpy()
     assert len(calls) == 1 and adjusted_rand_score(calls[0], codes) == 1.0

@@ -45,7 +45,7 @@ def test_checkpoint_dir_never_overwrites_a_folder_with_other_files(tmp_path):
 
 
 def test_interrupt_during_the_start_of_a_refit_leaves_the_model_as_it_was(fitted, monkeypatch):
-    import dgdcell.model as model_module
+    import dgdcell._fitting as fitting
 
     a, model = fitted
     z, module, names = model.representation.clone(), model.module, list(model.obs_names)
@@ -55,7 +55,7 @@ def test_interrupt_during_the_start_of_a_refit_leaves_the_model_as_it_was(fitted
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(model_module, "graph_clusters", interrupted)
+    monkeypatch.setattr(fitting, "graph_clusters", interrupted)
     with pytest.raises(KeyboardInterrupt):
         model.fit(other, **FIT)
     assert model.module is module and torch.equal(model.representation, z) and model.obs_names == names

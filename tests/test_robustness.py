@@ -257,7 +257,7 @@ def test_a_failure_during_training_leaves_adata_unchanged(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("dgdcell.model.train", boom)
+    monkeypatch.setattr("dgdcell._fitting.train", boom)
     with pytest.raises(RuntimeError, match="boom"):
         DGD(**MODEL).fit(a, **FIT)
     assert changed_parts(before, a) == []
@@ -271,7 +271,7 @@ def test_a_failed_refit_leaves_the_fitted_model_unchanged(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("dgdcell.model.train", boom)
+    monkeypatch.setattr("dgdcell._fitting.train", boom)
     with pytest.raises(RuntimeError, match="boom"):
         model.fit(make_counts(n_per_group=(30, 30, 30), n_genes=20, seed=4), **FIT)
     assert model.features == features and torch.equal(model.representation, z)
