@@ -412,7 +412,8 @@ class DGD(FittingMixin, ExpressionMixin, PersistenceMixin):
         A random ``1 - train_size`` share of the cells (default 10%) is held
         out: their representations are fitted against the current decoder
         without changing it, and their loss drives early stopping
-        (``patience`` epochs without a relative improvement of ``min_delta``).
+        (``patience`` epochs without a relative improvement of ``min_delta``,
+        unless the loss's robust trend is still falling faster than that).
         The best state is kept.
 
         Counts stay sparse throughout; canonical float32 CSR counts (what
@@ -475,7 +476,11 @@ class DGD(FittingMixin, ExpressionMixin, PersistenceMixin):
             Share of cells trained on; the rest is the validation set.
         early_stopping, patience, min_delta
             Stop after ``patience`` epochs without a relative validation-loss
-            improvement of ``min_delta`` (after the guided and warm-up phases).
+            improvement of ``min_delta`` (after the guided and warm-up phases),
+            once the Theil-Sen trend of the last ``2 * patience`` validation
+            losses no longer promises that improvement over the next
+            ``patience`` epochs: a noisy loss that keeps falling slowly does not
+            end the fit on a lucky low point (``dgdcell.train.loop.still_improving``).
         warmup_epochs, guide_epochs
             Epochs with fixed representations / with each cell's prior its
             initial cluster's component (see "Schedule").
@@ -640,7 +645,7 @@ class DGD(FittingMixin, ExpressionMixin, PersistenceMixin):
     def _fit_summary(self, adata, key: str) -> str:
         """What a fit prints at its end: epochs, why it stopped, the best validation loss, cluster sizes."""
         f, h = self.fit_settings, self.history
-        why = {"early_stopping": f"early stopping (no improvement for {f.get('patience')} epochs)",
+        why = {"early_stopping": f"early stopping ({f.get('patience')}+ epochs without improvement, a flat trend)",
                "max_epochs": f"the epoch cap ({f.get('max_epochs')})",
                "interrupted": "interrupted (the best state so far is kept)"}.get(f.get("stopped"), "")
         best = int(f.get("best_epoch") or 0)

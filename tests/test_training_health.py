@@ -46,3 +46,56 @@ def test_clustering_does_not_depend_on_cell_order(synthetic):
     perm = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(model.cluster_probabilities(z)[perm.numpy()], model.cluster_probabilities(z[perm]))
     assert dgdcell.__version__ == synthetic.uns["dgd"]["version"]
+
+
+def test_theil_sen_slope_ignores_an_outlying_epoch():
+    y = 100.0 - 0.5 * np.arange(20)
+    y[7] += 40.0  # one spike: a least-squares slope would be pulled far from -0.5
+    assert loop.theil_sen_slope(list(y)) == pytest.approx(-0.5)
+    assert abs(np.polyfit(np.arange(20), y, 1)[0] + 0.5) > 0.1
+
+
+def test_still_improving_tells_a_falling_noisy_loss_from_a_flat_or_rising_one():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 2.0, 20)
+    e = np.arange(20)
+    falling, rising = list(1000 - 0.5 * e + noise), list(1000 + 0.2 * e + noise)
+    flat = list(1000 + np.where(e % 2 == 0, 2.0, -2.0))
+    assert loop.still_improving(falling, patience=10, min_delta=1e-4, best=990.0)
+    assert not loop.still_improving(rising, patience=10, min_delta=1e-4, best=995.0)
+    assert not loop.still_improving(flat, patience=10, min_delta=1e-4, best=998.0)
+    assert loop.still_improving(flat[:19], patience=10, min_delta=1e-4, best=998.0)  # too few epochs to tell
+    # the gain asked for is min_delta of the best's magnitude per patience epochs: 5 nats here
+    assert not loop.still_improving(falling, patience=10, min_delta=6e-3, best=990.0)
+
+
+def _scripted_validation(monkeypatch, losses):
+    """Make every epoch's validation loss the next of ``losses``."""
+    it = iter(losses)
+
+    def scripted(*args, **kwargs):
+        value = float(next(it))
+        return value, value
+
+    monkeypatch.setattr(loop, "representation_epoch", scripted)
+
+
+def test_early_stopping_waits_while_the_validation_loss_keeps_falling(synthetic, monkeypatch):
+    # a lucky low point at epoch 5, then a steady fall that passes it only 40 epochs later, then a plateau:
+    # 'no new best for 10 epochs' alone would stop at epoch 15; the trend keeps the fit going until the plateau
+    e = np.arange(200)
+    losses = np.where(e < 80, 1000.0 - 0.5 * e, 960.0) + np.where(e % 2 == 0, 1.0, -1.0)
+    losses[4] = 978.0
+    _scripted_validation(monkeypatch, losses)
+    m = DGD(latent_dim=3, n_components=3).fit(synthetic, max_epochs=200, guide_epochs=0, patience=10, verbose=False)
+    h = m.history
+    assert m.fit_settings["stopped"] == "early_stopping"
+    assert 80 < len(h["epoch"]) <= 100
+    assert m.fit_settings["best_epoch"] <= 82 and h["val_loss"][m.fit_settings["best_epoch"] - 1] == min(h["val_loss"])
+
+
+def test_early_stopping_ends_a_flat_validation_loss_after_two_patience_windows(synthetic, monkeypatch):
+    losses = 500.0 + np.where(np.arange(100) % 2 == 0, 0.5, -0.5)
+    _scripted_validation(monkeypatch, losses)
+    m = DGD(latent_dim=3, n_components=3).fit(synthetic, max_epochs=100, guide_epochs=0, patience=5, verbose=False)
+    assert m.fit_settings["stopped"] == "early_stopping" and len(m.history["epoch"]) == 10

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
-
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +38,11 @@ class TrainConfig:
     Learning rates are Adam step sizes; ``betas`` are Adam's. Early stopping
     watches the validation loss (per cell); an epoch improves on the best when
     its loss is lower by more than ``min_delta`` times the best's magnitude.
+    The fit stops after ``patience`` epochs without such an improvement unless
+    the loss is still falling: the robust (Theil-Sen) trend of the last
+    ``2 * patience`` losses promises more than that improvement over the next
+    ``patience`` epochs (:func:`still_improving`). A noisy loss that keeps
+    falling slowly thus does not end the fit on a lucky low point.
     During the first ``warmup_epochs`` epochs the representations stay fixed
     (only the decoder and mixtures learn), so that noisy gradients from a
     random decoder do not scramble a data-driven start. During the first
@@ -218,6 +223,24 @@ def adam(params: list[torch.Tensor] | list[dict], lr: float, betas: tuple[float,
         return torch.optim.Adam(fresh(), lr=lr, betas=betas, fused=True)
     except (RuntimeError, TypeError, ValueError):  # fused not available for this device / version (torch < 2.4 on CPU)
         return torch.optim.Adam(fresh(), lr=lr, betas=betas)
+
+
+def theil_sen_slope(values: list[float]) -> float:
+    """The Theil-Sen slope of ``values`` against their positions: the median of
+    the slopes between every pair of points (robust to single outlying epochs)."""
+    y = np.asarray(values, dtype=np.float64)
+    i, j = np.triu_indices(len(y), 1)
+    return float(np.median((y[j] - y[i]) / (j - i)))
+
+
+def still_improving(losses: list[float], patience: int, min_delta: float, best: float) -> bool:
+    """Whether the last ``2 * patience`` of ``losses`` still fall by more than
+    ``min_delta * |best|`` per ``patience`` epochs on their Theil-Sen trend (and
+    True while fewer losses are known: too early to tell)."""
+    window = 2 * patience
+    if len(losses) < window:
+        return True
+    return -theil_sen_slope(losses[-window:]) * patience > min_delta * abs(best)
 
 
 def _snapshot(modules: dict) -> dict:
@@ -469,7 +492,9 @@ def train(
                 stale = 0
             else:
                 stale += 1
-                if config.early_stopping and stale >= config.patience:
+                free = history["val_loss"][max(config.warmup_epochs, config.guide_epochs):]
+                if config.early_stopping and stale >= config.patience and not still_improving(
+                        free, config.patience, config.min_delta, best):
                     logger.info("early stopping at epoch %d (best validation loss %.3f)", epoch + 1, best)
                     stopped = "early_stopping"
                     break
