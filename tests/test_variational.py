@@ -310,9 +310,9 @@ def test_one_se_rule_picks_the_smallest_k_near_the_best():
 
 
 @pytest.mark.skipif(not os.environ.get("DGDCELL_SLOW"), reason="about 60 s: run with DGDCELL_SLOW=1")
-@pytest.mark.xfail(reason="measured 2 of 5 exact (K=3, 5 found; 7->9, 9->10, 12->11): the held-out evidence "
-                          "curve flattens, not peaks, past the true K at this data size; see docs/posteriors.md",
-                   strict=False)
+@pytest.mark.xfail(reason="measured 2 of 5 exact with two torch threads (4 of 5 with one): past the true K the "
+                          "held-out evidence curve is flat within the noise of the 15-epoch refits, so float "
+                          "rounding moves the choice; see docs/posteriors.md", strict=False)
 def test_n_components_auto_recovers_the_true_k():
     hits = []
     for seed, k in enumerate((3, 5, 7, 9, 12)):
@@ -320,3 +320,22 @@ def test_n_components_auto_recovers_the_true_k():
         curve = model.select_n_components(_clustered(k, seed), max_epochs=60, verbose=False)
         hits.append(int(curve.loc[curve.chosen, "n_components"].iloc[0]) == k)
     assert sum(hits) >= 4, hits
+
+
+def test_fit_mixture_keeps_the_best_of_its_kmeans_starts():
+    from dgdcell.latent import GaussianMixture
+    from dgdcell.train.variational import fit_mixture
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0], [3.0, 3.0], [6.0, 6.0]])
+    sizes = [400, 20, 20, 200, 15]
+    z = torch.as_tensor(np.concatenate([c + 0.4 * rng.normal(size=(s, 2)) for c, s in zip(centres, sizes)]),
+                        dtype=torch.float32)
+    template = GaussianMixture(5, 2, "diagonal")
+    gen = torch.Generator().manual_seed(3)
+    singles = [float(fit_mixture(template, z, 5, generator=gen, n_init=1).log_prob(z).mean()) for _ in range(5)]
+    best = fit_mixture(template, z, 5, generator=torch.Generator().manual_seed(3), n_init=5)
+    assert float(best.log_prob(z).mean()) == pytest.approx(max(singles))
+    assert max(singles) > min(singles) + 0.05  # the starts differ: the choice matters
+    with pytest.raises(ValueError, match="n_init"):
+        fit_mixture(template, z, 5, n_init=0)

@@ -91,7 +91,8 @@ dgdcell.pl.history(dgd)
 #   is the component of its initial cluster. When the mixture is released, each cell's prior
 #   becomes the full mixture and the prior term steps (by about a nat per cell).
 # - **Early stopping** starts after the guided phase: the fit ends when the validation loss has
-#   not improved (by a relative `min_delta`) for `patience` epochs (10), and the state of the
+#   not improved (by a relative `min_delta`) for `patience` epochs (10) and its trend over the
+#   last 20 epochs is flat (a slow, noisy fall keeps the fit going), and the state of the
 #   best epoch (dotted line) is restored. If a fit ends at `max_epochs` with the curves still
 #   falling, give it more epochs.
 # - **The gap between training and validation reconstruction** shows how much better the

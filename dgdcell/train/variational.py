@@ -14,7 +14,7 @@ only drives them:
   log-mean-exp, IWAE-style), the ELBO, and their standard errors;
 - :func:`fit_posteriors`: Adam on the means and log stds of cells against a
   frozen module (new cells under ``posterior='normal'``);
-- :func:`fit_mixture`: a fresh K-component mixture fitted by k-means + EM.
+- :func:`fit_mixture`: a fresh K-component mixture fitted by k-means + EM (best of several starts).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import replace
 
 import torch
 
+from .._checks import check_int
 from ..latent import GaussianMixture, NormalRepresentation
 from ..module import DGDModule
 from .cells import CellSet
@@ -39,6 +40,8 @@ from .new_cells import frozen
 
 #: half-width of the central differences of :func:`laplace_log_std`
 LAPLACE_STEP = 1e-2
+#: k-means starts of :func:`fit_mixture` (the mixture with the highest log density of the points is kept)
+MIXTURE_RESTARTS = 5
 
 
 def _n_values(cells: CellSet) -> int:
@@ -198,14 +201,24 @@ def fit_posteriors(
 
 
 @torch.no_grad()
-def fit_mixture(template: GaussianMixture, z: torch.Tensor, k: int, generator: torch.Generator | None = None
-                ) -> GaussianMixture:
+def fit_mixture(template: GaussianMixture, z: torch.Tensor, k: int, generator: torch.Generator | None = None,
+                n_init: int | None = None) -> GaussianMixture:
     """A copy of ``template`` (its covariance type and parameter priors) with
-    ``k`` components fitted to points ``z`` (n, L) by k-means + EM."""
-    g = GaussianMixture(int(k), template.dim, template.covariance_type, mean_init=template.mean_init,
-                        sd_init=template.sd_init, weight_alpha=template.weight_alpha,
-                        generator=torch.Generator().manual_seed(0)).to(z.device)
-    if template.covariance_type == "fixed":
-        g.neglogvar.copy_(template.neglogvar[:1].expand_as(g.neglogvar))
-    init_mixture(g, z, generator=generator)
-    return g
+    ``k`` components fitted to points ``z`` (n, L) by k-means + EM, from
+    ``n_init`` (default :data:`MIXTURE_RESTARTS`) k-means starts drawn from
+    ``generator``: the fit with the highest mean log density of ``z``. One
+    start can leave a local optimum (a small cluster merged, a large one
+    split) that a comparison of K then mistakes for the effect of K."""
+    n_init = MIXTURE_RESTARTS if n_init is None else check_int("n_init", n_init, 1)
+    best, best_ll = None, -math.inf
+    for _ in range(n_init):
+        g = GaussianMixture(int(k), template.dim, template.covariance_type, mean_init=template.mean_init,
+                            sd_init=template.sd_init, weight_alpha=template.weight_alpha,
+                            generator=torch.Generator().manual_seed(0)).to(z.device)
+        if template.covariance_type == "fixed":
+            g.neglogvar.copy_(template.neglogvar[:1].expand_as(g.neglogvar))
+        init_mixture(g, z, generator=generator)
+        ll = float(g.log_prob(z).mean())
+        if best is None or ll > best_ll:
+            best, best_ll = g, ll
+    return best
