@@ -18,6 +18,8 @@ Methods (one thread, seed 0)
 * scanpy PCA (normalize_total 1e4, log1p, scale, 50 PCs), no correction: ``X_pca``;
 * dgdcell ``DGD(covariate_keys=["batch"], seed=0)``, package defaults (``--dgd-epochs`` caps epochs
   if given): ``X_dgd``;
+* dgdcell with per-cell Normal posteriors, ``DGD(covariate_keys=["batch"], posterior="normal", seed=0)``:
+  ``X_dgd`` (posterior means). Its verdicts are listed beside the default's;
 * scVI ``SCVI.setup_anndata(batch_key="batch")``, default model, ``max_epochs`` 100 (CellBench) /
   50 (Kang subsample): ``X_scVI``.
 
@@ -158,12 +160,12 @@ def scib_scores(X, batches, labels) -> dict:
     return out
 
 
-def fit_dgd(adata, max_epochs):
+def fit_dgd(adata, max_epochs, posterior: str = "map"):
     import dgdcell
 
     a = adata.copy()
     t0 = time.perf_counter()
-    model = dgdcell.DGD(covariate_keys=["batch"], seed=SEED)
+    model = dgdcell.DGD(covariate_keys=["batch"], seed=SEED, posterior=posterior)
     model.fit(a, max_epochs=max_epochs)
     secs = time.perf_counter() - t0
     return model, a, secs, len(model.history["epoch"])
@@ -340,14 +342,36 @@ def load_set(name: str, args):
 
 
 DGD_METHOD = "dgdcell DGD(covariate_keys=['batch'])"
+#: posterior -> the method name of its row (the first word is the row's key in the verdicts)
+DGD_METHODS = {"map": DGD_METHOD, "normal": "dgdcell-normal DGD(covariate_keys=['batch'], posterior='normal')"}
 
 
-def dgd_row(name: str, adata, labels, batches, args):
+def dgd_row(name: str, adata, labels, batches, args, posterior: str = "map"):
     """``(row, model, fitted copy)``: dgdcell fitted and scored on the set."""
-    model, a_dgd, secs, ep = fit_dgd(adata, args.dgd_epochs)
+    model, a_dgd, secs, ep = fit_dgd(adata, args.dgd_epochs, posterior)
     s = scib_scores(a_dgd.obsm["X_dgd"], batches, labels)
-    log(f"DGD ({secs:.0f} s, {ep} epochs): {s}")
-    return {"data set": name, "method": DGD_METHOD, **s, "fit s": secs, "epochs": ep}, model, a_dgd
+    log(f"DGD {posterior} ({secs:.0f} s, {ep} epochs): {s}")
+    return {"data set": name, "method": DGD_METHODS[posterior], **s, "fit s": secs, "epochs": ep}, model, a_dgd
+
+
+def dgd_rows(name: str, adata, labels, batches, args) -> list[dict]:
+    """The dgdcell rows of a set (one per posterior), with Kang's counterfactual statistics."""
+    rows = []
+    kang = None
+    if name == "kang":
+        induced, markers, _ = induced_and_markers(adata)
+        kang = (induced, markers, type_markers(adata, labels))
+    for posterior in DGD_METHODS:
+        row, model, a_dgd = dgd_row(name, adata, labels, batches, args, posterior)
+        if kang is not None:
+            induced, markers, typed = kang
+            row.update(dgd_counterfactual(model, a_dgd, adata, batches == "stim", labels, induced, markers, typed))
+            row["induced genes"] = ", ".join(adata.var_names[induced])
+            row["marker genes"] = ", ".join(adata.var_names[markers])
+            log(f"{row['method']}: CF {row['CF ratio (median, 30 genes)']:.3f}, "
+                f"markers {row['marker corr. per population']}")
+        rows.append(row)
+    return rows
 
 
 def dgd_counterfactual(model, a_dgd, adata, stim, labels, induced, markers, typed=None) -> dict:
@@ -373,7 +397,7 @@ def run_set(name: str, args) -> list[dict]:
                  "fit s": time.perf_counter() - t0, "epochs": None})
     log(f"PCA: {s}")
 
-    row_dgd, model, a_dgd = dgd_row(name, adata, labels, batches, args)
+    rows_dgd = dgd_rows(name, adata, labels, batches, args)
 
     smodel, a_scvi, ssecs, sep = fit_scvi(adata, scvi_epochs)
     s = scib_scores(a_scvi.obsm["X_scVI"], batches, labels)
@@ -395,17 +419,15 @@ def run_set(name: str, args) -> list[dict]:
         genes = adata.var_names[induced].tolist()
         log(f"induced genes: {genes}")
         typed = type_markers(adata, labels)
-        row_dgd.update(dgd_counterfactual(model, a_dgd, adata, stim, labels, induced, markers, typed))
         se = smodel.get_normalized_expression(a_scvi, library_size=1.0).to_numpy()
         sc_ = smodel.get_normalized_expression(a_scvi, library_size=1.0, transform_batch="ctrl").to_numpy()
         row_scvi.update(counterfactual_stats(se, sc_, stim, labels, induced, markers, typed))
-        for r in (row_dgd, row_scvi):
-            log(f"{r['method']}: CF {r['CF ratio (median, 30 genes)']:.3f}, obs {r['decoded stim/ctrl ratio (no CF)']:.3f}, "
-                f"markers {r['marker corr. per population']}")
-        row_dgd["induced genes"] = row_scvi["induced genes"] = ", ".join(genes)
-        row_dgd["marker genes"] = row_scvi["marker genes"] = ", ".join(adata.var_names[markers])
+        log(f"{row_scvi['method']}: CF {row_scvi['CF ratio (median, 30 genes)']:.3f}, "
+            f"obs {row_scvi['decoded stim/ctrl ratio (no CF)']:.3f}, markers {row_scvi['marker corr. per population']}")
+        row_scvi["induced genes"] = ", ".join(genes)
+        row_scvi["marker genes"] = ", ".join(adata.var_names[markers])
         rows[0]["induced genes"] = ", ".join(f"{g} ({lfc[j]:.1f})" for g, j in zip(genes, induced))
-    rows += [row_dgd, row_scvi] + ([row_scvi_default] if row_scvi_default else [])
+    rows += rows_dgd + [row_scvi] + ([row_scvi_default] if row_scvi_default else [])
     for r in rows:
         r["note"] = note
         r["set s"] = time.perf_counter() - t_all
@@ -413,20 +435,17 @@ def run_set(name: str, args) -> list[dict]:
 
 
 def run_dgd_only(name: str, args, cached: list[dict]) -> list[dict]:
-    """``run_set`` for dgdcell alone: the dgdcell row refitted and scored as in :func:`run_set`, the
+    """``run_set`` for dgdcell alone: the dgdcell rows refitted and scored as in :func:`run_set`, the
     other methods' rows taken from ``cached`` (an earlier run's rows of the same set and settings)."""
     t_all = time.perf_counter()
     adata, labels, _, note = load_set(name, args)
     batches = adata.obs["batch"].astype(str).to_numpy()
-    row, model, a_dgd = dgd_row(name, adata, labels, batches, args)
-    if name == "kang":
-        induced, markers, _ = induced_and_markers(adata)
-        row.update(dgd_counterfactual(model, a_dgd, adata, batches == "stim", labels, induced, markers,
-                                      type_markers(adata, labels)))
-        row["induced genes"] = ", ".join(adata.var_names[induced])
-        row["marker genes"] = ", ".join(adata.var_names[markers])
-    row["note"], row["set s"] = note, time.perf_counter() - t_all
-    return [row if r["method"] == DGD_METHOD else r for r in cached]
+    rows = dgd_rows(name, adata, labels, batches, args)
+    for row in rows:
+        row["note"], row["set s"] = note, time.perf_counter() - t_all
+    others = [r for r in cached if r["method"] not in DGD_METHODS.values()]
+    pca = [r for r in others if r["method"].startswith("scanpy")]
+    return pca + rows + [r for r in others if r not in pca]
 
 
 MIX = ["iLISI", "kBET", "graph conn.", "30-NN mixing"]
@@ -441,38 +460,40 @@ def verdicts(rows: list[dict]) -> list[str]:
     for r in rows:
         by.setdefault(r["data set"], {})[r["method"].split()[0]] = r
     mix_ok_all, bio_ok_all = [], []
-    for ds, m in by.items():
-        if "dgdcell" not in m or "scVI" not in m:
-            continue
-        d, s = m["dgdcell"], m["scVI"]
-        mix = {k: d[k] >= s[k] for k in MIX if not (np.isnan(d[k]) or np.isnan(s[k]))}
-        bio = {k: d[k] >= s[k] for k in BIO}
-        mix_ok_all.append(all(mix.values()))
-        bio_ok_all.append(all(bio.values()))
-        out.append(f"- {ds}: mixing >= scVI on " + ", ".join(f"{k} {'yes' if v else 'no'} ({d[k]:.3f} vs {s[k]:.3f})"
-                                                           for k, v in mix.items())
-                   + f" -> **{'met' if all(mix.values()) else 'not met'}**")
-        out.append(f"- {ds}: conservation >= scVI on " + ", ".join(f"{k} {'yes' if v else 'no'} ({d[k]:.3f} vs {s[k]:.3f})"
-                                                                 for k, v in bio.items())
-                   + f" -> **{'met' if all(bio.values()) else 'not met'}**")
-        if "scVI-default" in m:
-            s2 = m["scVI-default"]
-            out.append(f"- {ds} (reference, not the target): vs scVI with its default epoch cap ({s2['epochs']} epochs): "
-                       + ", ".join(f"{k} {d[k]:.3f} vs {s2[k]:.3f}" for k in MIX + BIO))
-        if ds == "kang" and CF[0] in d:
-            cf, scf = d[CF[0]], s[CF[0]]
-            ok = cf <= 1.5 and cf <= 0.5 * scf
-            out.append(f"- kang: counterfactual ratio {cf:.3f} (scVI {scf:.3f}); target <= 1.5 and <= half of scVI's "
-                       f"({0.5 * scf:.3f}) -> **{'met' if ok else 'not met'}**"
-                       + ("" if cf <= 1.5 else "") )
-            mc = d[CF[2]]
-            out.append(f"- kang: marker stability min correlation {mc:.3f} (scVI {s[CF[2]]:.3f}); target >= 0.9 -> "
-                       f"**{'met' if mc >= 0.9 else 'not met'}** (the 50 most variable genes with |log2 FC| < 1)")
-            if CF[3] in d and CF[3] in s:
-                tc = d[CF[3]]
-                out.append(f"- kang: cell-type marker stability min correlation {tc:.3f} (scVI {s[CF[3]]:.3f}); "
-                           f"target >= 0.9 -> **{'met' if tc >= 0.9 else 'not met'}** (each population's markers "
-                           "that the stimulation leaves alone there)")
+    for ds0, m in by.items():
+        for key in ("dgdcell", "dgdcell-normal"):
+            if key not in m or "scVI" not in m:
+                continue
+            d, s = m[key], m["scVI"]
+            ds = ds0 if key == "dgdcell" else f"{ds0}, posterior='normal'"
+            mix = {k: d[k] >= s[k] for k in MIX if not (np.isnan(d[k]) or np.isnan(s[k]))}
+            bio = {k: d[k] >= s[k] for k in BIO}
+            mix_ok_all.append(all(mix.values()))
+            bio_ok_all.append(all(bio.values()))
+            out.append(f"- {ds}: mixing >= scVI on " + ", ".join(f"{k} {'yes' if v else 'no'} ({d[k]:.3f} vs {s[k]:.3f})"
+                                                               for k, v in mix.items())
+                       + f" -> **{'met' if all(mix.values()) else 'not met'}**")
+            out.append(f"- {ds}: conservation >= scVI on " + ", ".join(f"{k} {'yes' if v else 'no'} ({d[k]:.3f} vs {s[k]:.3f})"
+                                                                     for k, v in bio.items())
+                       + f" -> **{'met' if all(bio.values()) else 'not met'}**")
+            if "scVI-default" in m:
+                s2 = m["scVI-default"]
+                out.append(f"- {ds} (reference, not the target): vs scVI with its default epoch cap ({s2['epochs']} epochs): "
+                           + ", ".join(f"{k} {d[k]:.3f} vs {s2[k]:.3f}" for k in MIX + BIO))
+            if ds0 == "kang" and CF[0] in d:
+                cf, scf = d[CF[0]], s[CF[0]]
+                ok = cf <= 1.5 and cf <= 0.5 * scf
+                out.append(f"- {ds}: counterfactual ratio {cf:.3f} (scVI {scf:.3f}); target <= 1.5 and <= half of scVI's "
+                           f"({0.5 * scf:.3f}) -> **{'met' if ok else 'not met'}**"
+                           + ("" if cf <= 1.5 else "") )
+                mc = d[CF[2]]
+                out.append(f"- {ds}: marker stability min correlation {mc:.3f} (scVI {s[CF[2]]:.3f}); target >= 0.9 -> "
+                           f"**{'met' if mc >= 0.9 else 'not met'}** (the 50 most variable genes with |log2 FC| < 1)")
+                if CF[3] in d and CF[3] in s:
+                    tc = d[CF[3]]
+                    out.append(f"- {ds}: cell-type marker stability min correlation {tc:.3f} (scVI {s[CF[3]]:.3f}); "
+                               f"target >= 0.9 -> **{'met' if tc >= 0.9 else 'not met'}** (each population's markers "
+                               "that the stimulation leaves alone there)")
     return out
 
 
