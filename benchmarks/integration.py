@@ -354,17 +354,22 @@ def dgd_row(name: str, adata, labels, batches, args, posterior: str = "map"):
     return {"data set": name, "method": DGD_METHODS[posterior], **s, "fit s": secs, "epochs": ep}, model, a_dgd
 
 
-def dgd_rows(name: str, adata, labels, batches, args) -> list[dict]:
-    """The dgdcell rows of a set (one per posterior), with Kang's counterfactual statistics."""
+def kang_genes(adata, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Kang's gene sets, computed once per run: (induced, markers, their log2 fold changes, typed markers)."""
+    induced, markers, lfc = induced_and_markers(adata)
+    return induced, markers, lfc, type_markers(adata, labels)
+
+
+def dgd_rows(name: str, adata, labels, batches, args, kang=None) -> list[dict]:
+    """The dgdcell rows of a set (one per posterior), with Kang's counterfactual statistics
+    (``kang``: :func:`kang_genes`, computed here when not given)."""
     rows = []
-    kang = None
-    if name == "kang":
-        induced, markers, _ = induced_and_markers(adata)
-        kang = (induced, markers, type_markers(adata, labels))
+    if name == "kang" and kang is None:
+        kang = kang_genes(adata, labels)
     for posterior in DGD_METHODS:
         row, model, a_dgd = dgd_row(name, adata, labels, batches, args, posterior)
         if kang is not None:
-            induced, markers, typed = kang
+            induced, markers, _, typed = kang
             row.update(dgd_counterfactual(model, a_dgd, adata, batches == "stim", labels, induced, markers, typed))
             row["induced genes"] = ", ".join(adata.var_names[induced])
             row["marker genes"] = ", ".join(adata.var_names[markers])
@@ -397,7 +402,8 @@ def run_set(name: str, args) -> list[dict]:
                  "fit s": time.perf_counter() - t0, "epochs": None})
     log(f"PCA: {s}")
 
-    rows_dgd = dgd_rows(name, adata, labels, batches, args)
+    kang = kang_genes(adata, labels) if name == "kang" else None
+    rows_dgd = dgd_rows(name, adata, labels, batches, args, kang)
 
     smodel, a_scvi, ssecs, sep = fit_scvi(adata, scvi_epochs)
     s = scib_scores(a_scvi.obsm["X_scVI"], batches, labels)
@@ -413,12 +419,11 @@ def run_set(name: str, args) -> list[dict]:
                             **s, "fit s": s2, "epochs": e2}
         log(f"scVI default ({s2:.0f} s, {e2} epochs): {s}")
 
-    if name == "kang":
-        induced, markers, lfc = induced_and_markers(adata)
+    if kang is not None:
+        induced, markers, lfc, typed = kang
         stim = batches == "stim"
         genes = adata.var_names[induced].tolist()
         log(f"induced genes: {genes}")
-        typed = type_markers(adata, labels)
         se = smodel.get_normalized_expression(a_scvi, library_size=1.0).to_numpy()
         sc_ = smodel.get_normalized_expression(a_scvi, library_size=1.0, transform_batch="ctrl").to_numpy()
         row_scvi.update(counterfactual_stats(se, sc_, stim, labels, induced, markers, typed))
