@@ -137,7 +137,8 @@ class DGD(FittingMixin, ExpressionMixin, PersistenceMixin):
     init_clustering
         With ``init='pca'`` and no ``label_key``: how the mixture starts.
         ``'leiden'`` (default): Leiden clusters of the PCA start (kNN graph,
-        resolution tuned to K clusters) give each component its cells; during
+        resolution tuned to K clusters; the consensus of 10 seeded Leiden runs,
+        the one that agrees best with the others) give each component its cells; during
         the first ``guide_epochs`` epochs of ``fit`` each cell's prior is its
         cluster's component, so the latent forms one Gaussian blob per cluster
         before the mixture runs free. ``'balanced'``: the same on a kNN graph

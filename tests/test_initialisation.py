@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 from sklearn.metrics import adjusted_rand_score
@@ -12,6 +13,7 @@ from dgdcell.train.initialisation import (
     kmeans,
     knn_graph,
     log_normalise,
+    medoid_partition,
     pca_scores,
 )
 
@@ -63,6 +65,36 @@ def test_graph_clusters_find_k_blobs():
     labels_sub = graph_clusters(z, 4, n_neighbors=10, n_fit=100)
     assert adjusted_rand_score(truth, labels_sub) > 0.95
     np.testing.assert_array_equal(labels, graph_clusters(z, 4, n_neighbors=10))
+
+
+def test_medoid_partition_keeps_the_clustering_the_others_agree_with():
+    a = np.repeat([0, 1, 2], 20)
+    relabelled = np.repeat([2, 0, 1], 20)  # the same partition under other names
+    close = a.copy()
+    close[:3] = 1  # three points moved
+    outlier = np.tile([0, 1, 2], 20)  # unrelated to the others
+    # a and its relabelled copy agree with each other and with close: the consensus is one of them, the
+    # first in the list
+    assert medoid_partition([outlier, close, relabelled, a]) == 2
+    assert medoid_partition([close, outlier, a, relabelled]) == 2
+    assert medoid_partition([outlier]) == 0
+
+
+def test_graph_clusters_consensus_is_stable_across_seeds():
+    # six overlapping groups asked for K = 4: single Leiden runs merge different pairs with different seeds
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(6), [80, 70, 60, 60, 50, 40])
+    z = (rng.normal(0, 2.5, size=(6, 4))[truth] + rng.normal(0, 1.0, size=(truth.size, 4))).astype(np.float32)
+
+    def spread(n_restarts):
+        parts = [graph_clusters(z, 4, n_neighbors=10, seed=s, n_restarts=n_restarts) for s in range(8)]
+        return np.mean([adjusted_rand_score(parts[i], parts[j]) for i in range(8) for j in range(i + 1, 8)])
+
+    single, consensus = spread(1), spread(10)
+    assert single < 0.9  # the single runs do disagree here
+    assert consensus > 0.98 and consensus > single
+    with pytest.raises(ValueError, match="n_restarts"):
+        graph_clusters(z, 4, n_restarts=0)
 
 
 def test_init_mixture_from_labels_and_em():

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import numpy as np
 import scipy.sparse as sp
 import torch
+from sklearn.metrics import adjusted_rand_score
 from sklearn.neighbors import NearestNeighbors
 from sklearn.utils.extmath import randomized_svd
 
@@ -355,6 +356,10 @@ def _igraph_seeded(seed: int):
         igraph.set_random_number_generator(random)
 
 
+#: Leiden runs (random seeds) that :func:`graph_clusters` draws before it keeps their consensus
+LEIDEN_RESTARTS = 10
+
+
 def graph_clusters(
     z: np.ndarray,
     n_clusters: int,
@@ -363,6 +368,7 @@ def graph_clusters(
     seed: int = 0,
     n_steps: int = 20,
     groups: np.ndarray | None = None,
+    n_restarts: int = LEIDEN_RESTARTS,
 ) -> np.ndarray:
     """Leiden clusters of points ``z`` (n, dim), resolution tuned to ``n_clusters``.
 
@@ -375,16 +381,60 @@ def graph_clusters(
     covariate classes) the neighbours are balanced across the classes (see
     :func:`knn_graph`), so that clusters follow what the classes share rather
     than split by class.
-    """
-    import igraph
 
+    Leiden's result depends on its random seed: at a resolution tuned to K,
+    runs with different seeds can split a population in one and merge two in
+    another. ``n_restarts`` tuned runs (Leiden seeds ``seed * n_restarts + r``) are
+    drawn on the same graph and their consensus is kept: the run that agrees
+    best with the others (largest summed adjusted Rand index,
+    :func:`medoid_partition`). No labels are involved; ``n_restarts=1`` is a
+    single run.
+    """
+    n_restarts = int(n_restarts)
+    if n_restarts < 1:
+        raise ValueError(f"n_restarts must be >= 1 (Leiden runs to draw), got {n_restarts}.")
     n = z.shape[0]
     rng = np.random.default_rng(seed)
     sub = np.sort(rng.permutation(n)[: min(n, n_fit)])
     zs = np.ascontiguousarray(z[sub], dtype=np.float32)
-    src, tgt = knn_graph(zs, n_neighbors, groups=None if groups is None else np.asarray(groups)[sub])
-    # shared-nearest-neighbour (Jaccard) weights on the symmetrised kNN graph
-    m = sub.size
+    graph = _snn_graph(zs, n_neighbors, None if groups is None else np.asarray(groups)[sub])
+    runs = [_tuned_leiden(graph, n_clusters, seed * n_restarts + r, n_steps) for r in range(n_restarts)]
+    best_labels = runs[medoid_partition(runs)]
+    sizes = np.bincount(best_labels)
+    keep = np.argsort(-sizes, kind="stable")[: min(n_clusters, sizes.size)]
+    centres = np.stack([zs[best_labels == k].mean(0) for k in keep])
+    if keep.size < n_clusters:  # too few clusters: add the points farthest from every centre
+        far = np.argsort(-(((zs[:, None] - centres[None]) ** 2).sum(-1)).min(1))[: n_clusters - keep.size]
+        centres = np.vstack([centres, zs[far]])
+    zt, ct = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)), torch.from_numpy(centres)
+    out = torch.cat([torch.cdist(zt[s : s + 65536], ct).argmin(1) for s in range(0, n, 65536)]).numpy()
+    remap = np.full(sizes.size, -1)
+    remap[keep] = np.arange(keep.size)
+    sub_labels = remap[best_labels]
+    inside = sub_labels >= 0
+    out[sub[inside]] = sub_labels[inside]
+    return out.astype(np.int64)
+
+
+def medoid_partition(partitions: list[np.ndarray]) -> int:
+    """Index of the partition (each (n,) labels of the same points) with the
+    largest summed adjusted Rand index to the others: the consensus of a set of
+    clusterings (the first among equals; 0 for a single partition)."""
+    r = len(partitions)
+    agreement = np.zeros((r, r))
+    for i in range(r):
+        for j in range(i + 1, r):
+            agreement[i, j] = agreement[j, i] = adjusted_rand_score(partitions[i], partitions[j])
+    return int(np.argmax(agreement.sum(1)))
+
+
+def _snn_graph(zs: np.ndarray, n_neighbors: int, groups: np.ndarray | None):
+    """igraph Graph of the points ``zs``: the symmetrised kNN graph with
+    shared-nearest-neighbour (Jaccard) edge weights."""
+    import igraph
+
+    src, tgt = knn_graph(zs, n_neighbors, groups=groups)
+    m = zs.shape[0]
     knn = sp.csr_matrix((np.ones(src.size, dtype=np.float32), (src, tgt)), shape=(m, m))
     knn = knn + sp.identity(m, dtype=np.float32, format="csr")
     adj = ((knn + knn.T) > 0).astype(np.float32).tocoo()
@@ -396,6 +446,13 @@ def graph_clusters(
     ok = weight > 0
     graph = igraph.Graph(n=m, edges=np.stack([rows[ok], cols[ok]], 1).tolist(), directed=False)
     graph.es["weight"] = weight[ok].tolist()
+    return graph
+
+
+def _tuned_leiden(graph, n_clusters: int, seed: int, n_steps: int) -> np.ndarray:
+    """Leiden (modularity) labels of ``graph``'s nodes at the resolution, bisected
+    over at most ``n_steps`` runs, that gives ``n_clusters`` clusters (or the
+    closest count found, preferring more to fewer)."""
     lo, hi = 1e-3, 10.0
     best_labels, best_gap = None, None
     with _igraph_seeded(seed):
@@ -415,20 +472,7 @@ def graph_clusters(
                 lo = res
             else:
                 hi = res
-    sizes = np.bincount(best_labels)
-    keep = np.argsort(-sizes, kind="stable")[: min(n_clusters, sizes.size)]
-    centres = np.stack([zs[best_labels == k].mean(0) for k in keep])
-    if keep.size < n_clusters:  # too few clusters: add the points farthest from every centre
-        far = np.argsort(-(((zs[:, None] - centres[None]) ** 2).sum(-1)).min(1))[: n_clusters - keep.size]
-        centres = np.vstack([centres, zs[far]])
-    zt, ct = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)), torch.from_numpy(centres)
-    out = torch.cat([torch.cdist(zt[s : s + 65536], ct).argmin(1) for s in range(0, n, 65536)]).numpy()
-    remap = np.full(sizes.size, -1)
-    remap[keep] = np.arange(keep.size)
-    sub_labels = remap[best_labels]
-    inside = sub_labels >= 0
-    out[sub[inside]] = sub_labels[inside]
-    return out.astype(np.int64)
+    return best_labels
 
 
 @torch.no_grad()
