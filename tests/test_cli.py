@@ -10,6 +10,7 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import anndata as ad  # noqa: E402
@@ -273,14 +274,14 @@ def _unwritable(folder: Path, monkeypatch) -> None:
     folder.mkdir(exist_ok=True)
     folder.chmod(0o555)
     if os.geteuid() == 0:
-        real = cli.tempfile.mkstemp
+        real = tempfile.mkstemp
 
         def mkstemp(*a, dir=None, **k):
             if dir is not None and Path(dir).resolve() == folder.resolve():
                 raise PermissionError(13, "Permission denied")
             return real(*a, dir=dir, **k)
 
-        monkeypatch.setattr(cli.tempfile, "mkstemp", mkstemp)
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
 
 
 @pytest.mark.parametrize(
