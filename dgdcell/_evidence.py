@@ -1,6 +1,6 @@
 """The evidence of a fit: :meth:`DGD.score`, ``n_components='auto'`` and the evidence curve over K.
 
-AnnData-facing helpers of :class:`~dgdcell.DGD` (bound there); the maths is in
+AnnData-facing helpers of :class:`~dgdcell.DGD` (``score`` and ``select_n_components`` in :class:`EvidenceMixin`, a base of it); the maths is in
 :mod:`dgdcell.train.variational` and :class:`dgdcell.module.DGDModule`.
 
 - ``score``: per-cell importance-sampled ``log p(x)`` with each cell's posterior
@@ -100,94 +100,6 @@ def _obsm_array(adata, name: str, shape: tuple[int, int], hint: str) -> torch.Te
     if value.shape != shape:
         raise ValueError(f"adata.obsm[{name!r}] has shape {value.shape}, expected {shape}; {hint}")
     return torch.from_numpy(value.copy())
-
-
-def score(
-    self: "DGD",
-    adata,
-    n_samples: int = 100,
-    batch_size: int = 4096,
-    seed: int | None = None,
-    key_added: str = "dgd",
-    layer: str | None = None,
-    modality: str | None = None,
-) -> "DGD":
-    """Per-cell evidence: the importance-sampled ``log p(x)`` and the ELBO, with standard errors.
-
-    For each cell, ``n_samples`` draws ``z_s`` from a proposal ``q`` give the
-    log weights ``w_s = log p(x | z_s, c) + log p_GMM(z_s) + log p(c | class)
-    - log q(z_s)`` (``c``: the covariate representations, held at their
-    points); ``log p(x) ~ log mean_s exp(w_s)`` (IWAE-style; it rises towards
-    the true ``log p(x)`` as ``n_samples`` grows and is never below the ELBO
-    ``mean_s w_s`` of the same draws). The proposal is each cell's Normal
-    posterior (``posterior='normal'``), or, for a MAP model, a diagonal
-    Laplace approximation around the cell's point: ``std_d = H_dd^(-1/2)``,
-    with ``H_dd`` the curvature of the cell's loss along coordinate ``d``
-    (central differences, step 0.01, of its autograd gradient; floored at the
-    widest mixture component's precision).
-
-    The cells are those of ``adata`` at the representations in
-    ``adata.obsm[f"X_{key}"]`` (and ``X_{key}_std``, ``X_{key}_<covariate>``),
-    i.e. the training cells after :meth:`fit` or new cells after
-    :meth:`transform`; features are matched by name as in ``transform``.
-    Labels are not used (the full mixture is the prior).
-
-    Writes ``obs[f"{key}_log_evidence"]``, ``obs[f"{key}_log_evidence_se"]``
-    (delta-method standard error of the log-mean-exp), ``obs[f"{key}_elbo"]``,
-    ``obs[f"{key}_elbo_se"]`` (nats per cell) and ``uns[key]["score"]``
-    (settings and means), only after success.
-
-    Parameters
-    ----------
-    adata
-        The AnnData or MuData the model was fitted on or has transformed.
-    n_samples
-        Proposal draws per cell (>= 2).
-    batch_size
-        (cell, draw) pairs decoded at a time.
-    seed
-        Seed of the draws (default: the model's); the same seed gives identical CPU results.
-    key_added
-        The prefix the representations were written under, and of the keys written.
-    layer, modality
-        As for :meth:`transform`.
-
-    Returns
-    -------
-    ``self``.
-    """
-    self._check_fitted()
-    n_samples = check_int("n_samples", n_samples, 2)
-    batch_size = check_int("batch_size", batch_size, 1)
-    seed = self.init_args["seed"] if seed is None else check_int("seed", seed, 0, 2**63 - 1)
-    if not isinstance(key_added, str) or not key_added:
-        raise ValueError(f"key_added must be the non-empty prefix the representations were written under, got "
-                         f"{key_added!r}.")
-    new = read_new_data(adata, self.features, layer, self.covariate_categories, 0.0,
-                        continuous_keys=self.init_args.get("continuous_covariate_keys"),
-                        modality_key=self.init_args.get("modality_key"), modality=modality)
-    binarise(new.data, [m for m in new.data.modalities if self.decoder.likelihoods[m].binary])
-    n, dim = new.data.n_obs, self.latent_dim
-    hint = "run fit(adata) or transform(adata) with this key_added first."
-    z = _obsm_array(adata, f"X_{key_added}", (n, dim), hint)
-    cov = {k: _obsm_array(adata, f"X_{key_added}_{k}", (n, COVARIATE_DIM), hint) for k in self.cov_gmms}
-    std = _obsm_array(adata, f"X_{key_added}_std", (n, dim), hint) if self.variational else None
-    findex = {m: None if a.complete else torch.as_tensor(a.feature_index, device=self.device)
-              for m, a in new.alignments.items()}
-    cells, proposal = _proposal(self, _cells(self, new.data, None, z, cov, findex), std)
-    n_values = max(sum(c.n_features for c in cells.counts.values()), 1)
-    log_w = importance_log_weights(self.module, cells, n_samples, torch.Generator().manual_seed(seed),
-                                   max_elements=batch_size * n_values)[0]
-    est = {k: v.cpu().numpy().astype(np.float64) for k, v in evidence_summary(log_w).items()}
-    record = {"n_samples": n_samples, "seed": seed, "proposal": proposal,
-              "mean_log_evidence": float(est["log_evidence"].mean()), "mean_elbo": float(est["elbo"].mean())}
-    for name in ("log_evidence", "log_evidence_se", "elbo", "elbo_se"):
-        adata.obs[f"{key_added}_{name}"] = est[name]
-    if isinstance(adata.uns.get(key_added), dict):
-        adata.uns[key_added]["score"] = record
-    else:
-        adata.uns[key_added] = {"score": record}
-    return self
 
 
 def _candidates(spec, n_train: int) -> list[int]:
@@ -329,50 +241,6 @@ def evidence_frame(record: dict) -> pd.DataFrame:
                          "se": np.asarray(record["se"]), "chosen": ks == int(record["chosen"])})
 
 
-def select_n_components(self: "DGD", adata, n_components=None, key_added: str = "dgd", **fit_kwargs) -> pd.DataFrame:
-    """Fit with K chosen by held-out evidence and return the evidence curve.
-
-    The same as ``DGD(n_components=candidates).fit(adata)`` (the model keeps
-    ``n_components`` = the candidates and is fitted with the chosen K), with
-    ``n_components`` the candidates (default ``'auto'``: 2..20). Returns a
-    DataFrame with ``n_components``, ``log_evidence`` (mean held-out
-    ``log p(x)`` per validation cell, nats), ``se`` (standard error of its
-    difference to the best K) and ``chosen``; also in ``uns[key]["n_components"]``.
-
-    Parameters
-    ----------
-    adata
-        AnnData or MuData with raw counts (as for :meth:`fit`).
-    n_components
-        Candidate numbers of components (default: the model's own list, or ``'auto'``).
-    key_added
-        Prefix of the keys written (as for :meth:`fit`).
-    **fit_kwargs
-        Passed to :meth:`fit` (``max_epochs``, ``train_size``, ``layer``, ...).
-
-    Returns
-    -------
-    pandas.DataFrame
-        The evidence curve, one row per candidate K.
-    """
-    from .model import DGD
-
-    if n_components is None:
-        own = self.init_args["n_components"]
-        spec = own if isinstance(own, (str, list)) else "auto"
-    else:
-        spec = n_components
-    DGD(n_components=spec)  # validates the candidates before anything changes
-    saved = self.init_args["n_components"]
-    self.init_args["n_components"] = spec if spec == "auto" else sorted({int(k) for k in spec})
-    try:
-        self.fit(adata, key_added=key_added, **fit_kwargs)
-    except BaseException:
-        self.init_args["n_components"] = saved
-        raise
-    return evidence_frame(adata.uns[key_added]["n_components"])
-
-
 def fit_new_posteriors(self: "DGD", cells: CellSet, config, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
     """``transform`` under ``posterior='normal'``: from the MAP points the search found,
     Normal posteriors started at their Laplace approximation and fitted to the ELBO
@@ -385,3 +253,137 @@ def fit_new_posteriors(self: "DGD", cells: CellSet, config, generator: torch.Gen
     with torch.no_grad():
         cells.rep.z.copy_(q.rep.z)
     return q.rep.std.detach().cpu(), history
+
+
+class EvidenceMixin:
+    """``DGD.score`` and ``DGD.select_n_components`` (see the module docstring)."""
+
+    def score(
+        self: "DGD",
+        adata,
+        n_samples: int = 100,
+        batch_size: int = 4096,
+        seed: int | None = None,
+        key_added: str = "dgd",
+        layer: str | None = None,
+        modality: str | None = None,
+    ) -> "DGD":
+        """Per-cell evidence: the importance-sampled ``log p(x)`` and the ELBO, with standard errors.
+
+        For each cell, ``n_samples`` draws ``z_s`` from a proposal ``q`` give the
+        log weights ``w_s = log p(x | z_s, c) + log p_GMM(z_s) + log p(c | class)
+        - log q(z_s)`` (``c``: the covariate representations, held at their
+        points); ``log p(x) ~ log mean_s exp(w_s)`` (IWAE-style; it rises towards
+        the true ``log p(x)`` as ``n_samples`` grows and is never below the ELBO
+        ``mean_s w_s`` of the same draws). The proposal is each cell's Normal
+        posterior (``posterior='normal'``), or, for a MAP model, a diagonal
+        Laplace approximation around the cell's point: ``std_d = H_dd^(-1/2)``,
+        with ``H_dd`` the curvature of the cell's loss along coordinate ``d``
+        (central differences, step 0.01, of its autograd gradient; floored at the
+        widest mixture component's precision).
+
+        The cells are those of ``adata`` at the representations in
+        ``adata.obsm[f"X_{key}"]`` (and ``X_{key}_std``, ``X_{key}_<covariate>``),
+        i.e. the training cells after :meth:`fit` or new cells after
+        :meth:`transform`; features are matched by name as in ``transform``.
+        Labels are not used (the full mixture is the prior).
+
+        Writes ``obs[f"{key}_log_evidence"]``, ``obs[f"{key}_log_evidence_se"]``
+        (delta-method standard error of the log-mean-exp), ``obs[f"{key}_elbo"]``,
+        ``obs[f"{key}_elbo_se"]`` (nats per cell) and ``uns[key]["score"]``
+        (settings and means), only after success.
+
+        Parameters
+        ----------
+        adata
+            The AnnData or MuData the model was fitted on or has transformed.
+        n_samples
+            Proposal draws per cell (>= 2).
+        batch_size
+            (cell, draw) pairs decoded at a time.
+        seed
+            Seed of the draws (default: the model's); the same seed gives identical CPU results.
+        key_added
+            The prefix the representations were written under, and of the keys written.
+        layer, modality
+            As for :meth:`transform`.
+
+        Returns
+        -------
+        ``self``.
+        """
+        self._check_fitted()
+        n_samples = check_int("n_samples", n_samples, 2)
+        batch_size = check_int("batch_size", batch_size, 1)
+        seed = self.init_args["seed"] if seed is None else check_int("seed", seed, 0, 2**63 - 1)
+        if not isinstance(key_added, str) or not key_added:
+            raise ValueError(f"key_added must be the non-empty prefix the representations were written under, got "
+                             f"{key_added!r}.")
+        new = read_new_data(adata, self.features, layer, self.covariate_categories, 0.0,
+                            continuous_keys=self.init_args.get("continuous_covariate_keys"),
+                            modality_key=self.init_args.get("modality_key"), modality=modality)
+        binarise(new.data, [m for m in new.data.modalities if self.decoder.likelihoods[m].binary])
+        n, dim = new.data.n_obs, self.latent_dim
+        hint = "run fit(adata) or transform(adata) with this key_added first."
+        z = _obsm_array(adata, f"X_{key_added}", (n, dim), hint)
+        cov = {k: _obsm_array(adata, f"X_{key_added}_{k}", (n, COVARIATE_DIM), hint) for k in self.cov_gmms}
+        std = _obsm_array(adata, f"X_{key_added}_std", (n, dim), hint) if self.variational else None
+        findex = {m: None if a.complete else torch.as_tensor(a.feature_index, device=self.device)
+                  for m, a in new.alignments.items()}
+        cells, proposal = _proposal(self, _cells(self, new.data, None, z, cov, findex), std)
+        n_values = max(sum(c.n_features for c in cells.counts.values()), 1)
+        log_w = importance_log_weights(self.module, cells, n_samples, torch.Generator().manual_seed(seed),
+                                       max_elements=batch_size * n_values)[0]
+        est = {k: v.cpu().numpy().astype(np.float64) for k, v in evidence_summary(log_w).items()}
+        record = {"n_samples": n_samples, "seed": seed, "proposal": proposal,
+                  "mean_log_evidence": float(est["log_evidence"].mean()), "mean_elbo": float(est["elbo"].mean())}
+        for name in ("log_evidence", "log_evidence_se", "elbo", "elbo_se"):
+            adata.obs[f"{key_added}_{name}"] = est[name]
+        if isinstance(adata.uns.get(key_added), dict):
+            adata.uns[key_added]["score"] = record
+        else:
+            adata.uns[key_added] = {"score": record}
+        return self
+
+    def select_n_components(self: "DGD", adata, n_components=None, key_added: str = "dgd", **fit_kwargs) -> pd.DataFrame:
+        """Fit with K chosen by held-out evidence and return the evidence curve.
+
+        The same as ``DGD(n_components=candidates).fit(adata)`` (the model keeps
+        ``n_components`` = the candidates and is fitted with the chosen K), with
+        ``n_components`` the candidates (default ``'auto'``: 2..20). Returns a
+        DataFrame with ``n_components``, ``log_evidence`` (mean held-out
+        ``log p(x)`` per validation cell, nats), ``se`` (standard error of its
+        difference to the best K) and ``chosen``; also in ``uns[key]["n_components"]``.
+
+        Parameters
+        ----------
+        adata
+            AnnData or MuData with raw counts (as for :meth:`fit`).
+        n_components
+            Candidate numbers of components (default: the model's own list, or ``'auto'``).
+        key_added
+            Prefix of the keys written (as for :meth:`fit`).
+        **fit_kwargs
+            Passed to :meth:`fit` (``max_epochs``, ``train_size``, ``layer``, ...).
+
+        Returns
+        -------
+        pandas.DataFrame
+            The evidence curve, one row per candidate K.
+        """
+        from .model import DGD
+
+        if n_components is None:
+            own = self.init_args["n_components"]
+            spec = own if isinstance(own, (str, list)) else "auto"
+        else:
+            spec = n_components
+        DGD(n_components=spec)  # validates the candidates before anything changes
+        saved = self.init_args["n_components"]
+        self.init_args["n_components"] = spec if spec == "auto" else sorted({int(k) for k in spec})
+        try:
+            self.fit(adata, key_added=key_added, **fit_kwargs)
+        except BaseException:
+            self.init_args["n_components"] = saved
+            raise
+        return evidence_frame(adata.uns[key_added]["n_components"])

@@ -39,6 +39,8 @@ class Decoder(nn.Module):
     dispersion_init
         Initial NB dispersion.
 
+    Notes
+    -----
     ``forward(z)`` returns, per modality, the log fractions ``log p`` of shape
     (n, G_m) whose exp sums to 1 over the modality's features. The expected
     count is ``library_size * p``.
