@@ -141,7 +141,8 @@ class _Source:
 
     def raw_statistics(self, rows: np.ndarray | None) -> dict[str, np.ndarray] | None:
         """Per feature: mean count, share of non-zero cells, mean counts per 10k (over the modality's features
-        present in the counts; NaN for features missing there) over ``rows``."""
+        present in the counts; NaN for features missing there) over ``rows``; and per cell (``library``) its
+        counts summed over those features."""
         if self.counts is None or rows is None:
             return None
         X, cols, map_rows = self.counts
@@ -151,11 +152,12 @@ class _Source:
         n_feat = len(self.features)
         if rows.size == 0:
             nan = np.full(n_feat, np.nan)
-            return {"mean": nan, "nonzero": nan, "normalized": nan}
+            return {"mean": nan, "nonzero": nan, "normalized": nan, "library": np.zeros(0)}
         present = cols >= 0
         total = np.zeros(present.sum())
         nonzero = np.zeros(present.sum())
         normalized = np.zeros(present.sum())
+        libraries = []
         chunk = 8192
         for start in range(0, rows.size, chunk):
             sub = X[rows[start:start + chunk]]
@@ -174,11 +176,13 @@ class _Source:
                 total += sub.sum(axis=0)
                 nonzero += (sub != 0).sum(axis=0)
                 normalized += (sub * scale[:, None]).sum(axis=0)
+            libraries.append(library)
         out = {}
         for name, acc in (("mean", total), ("nonzero", nonzero), ("normalized", normalized)):
             full = np.full(n_feat, np.nan)
             full[present] = acc / rows.size
             out[name] = full
+        out["library"] = np.concatenate(libraries)  # per cell: its counts over the modality's features
         return out
 
 

@@ -11,7 +11,10 @@ import pandas as pd
 #: a feature whose mean raw count in a group is below this counts as not expressed there
 #: (scVI's ``threshold_counts``), for the pseudocount estimate
 THRESHOLD_COUNTS = 0.01
-#: default pseudocount: this quantile, over the features, of their mean decoded fraction (both sides pooled)
+#: default pseudocount: this many counts at the median library size of the compared cells (both sides pooled)
+PSEUDOCOUNT_COUNTS = 0.1
+#: ``pseudocount="quantile"`` (and the default without counts): this quantile, over the features, of their mean
+#: decoded fraction (both sides pooled)
 PSEUDOCOUNT_MEAN_QUANTILE = 0.3
 #: ``pseudocount="scvi"``: quantile of the not-expressed features' largest decoded fraction (scVI's estimate)
 SCVI_PSEUDOCOUNT_QUANTILE = 0.9
@@ -44,20 +47,25 @@ def _raw_columns(raw1, raw2) -> dict[str, np.ndarray] | None:
     }
 
 
-def _zero_reference(raw1, raw2) -> tuple[np.ndarray, np.ndarray] | None:
-    """Mean raw counts of the two sides (NaN where a feature is not in the counts), or None without counts."""
+def _zero_reference(raw1, raw2) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Mean raw counts of the two sides (NaN where a feature is not in the counts) and the library sizes of
+    their cells (pooled; the modality's features in the counts), or None without counts."""
     if raw1 is None or raw2 is None:
         return None
     if np.isnan(raw1["mean"]).all() and np.isnan(raw2["mean"]).all():
         return None
-    return raw1["mean"], raw2["mean"]
+    return raw1["mean"], raw2["mean"], np.concatenate([raw1["library"], raw2["library"]])
 
 
 def _pseudocount(pseudocount, sides: _Sides, reference, n_features: int) -> float:
     """The ``eps`` of the LFC: given, the default estimate, or scVI's (see :func:`differential_expression`)."""
     if pseudocount is not None and not isinstance(pseudocount, str):
         return float(pseudocount)
-    if pseudocount is None:
+    if pseudocount is None and reference is not None and np.any(reference[2] > 0):
+        # a tenth of a count at the compared cells' depth: fold changes of levels below what a cell's
+        # counts resolve are shrunk towards 0, whatever the sequencing depth
+        return max(1e-10, PSEUDOCOUNT_COUNTS / float(np.median(reference[2][reference[2] > 0])))
+    if pseudocount in (None, "quantile"):
         scale = 0.5 * (sides.a1.mean(axis=0, dtype=np.float64) + sides.a2.mean(axis=0, dtype=np.float64))
         return max(1e-10, float(np.quantile(scale, PSEUDOCOUNT_MEAN_QUANTILE)))
     # "scvi": the not-expressed features' largest decoded fraction, as scvi-tools estimates it

@@ -60,6 +60,7 @@ import pandas as pd
 from ._de_decoding import _obs_frame, _run_counterfactual, _run_group, _Source
 from ._de_statistics import (
     LOW_EXPRESSION_SHARE,
+    PSEUDOCOUNT_COUNTS,
     PSEUDOCOUNT_MEAN_QUANTILE,
     SCVI_PSEUDOCOUNT_QUANTILE,
     THRESHOLD_COUNTS,
@@ -70,8 +71,8 @@ from ._de_statistics import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["differential_expression", "fdr_de_prediction", "DE_MODES", "THRESHOLD_COUNTS", "PSEUDOCOUNT_MEAN_QUANTILE",
-           "SCVI_PSEUDOCOUNT_QUANTILE", "LOW_EXPRESSION_SHARE"]
+__all__ = ["differential_expression", "fdr_de_prediction", "DE_MODES", "THRESHOLD_COUNTS", "PSEUDOCOUNT_COUNTS",
+           "PSEUDOCOUNT_MEAN_QUANTILE", "SCVI_PSEUDOCOUNT_QUANTILE", "LOW_EXPRESSION_SHARE"]
 
 #: the two test modes (scVI's names)
 DE_MODES = ("change", "vanilla")
@@ -193,10 +194,16 @@ def differential_expression(
         comparison's result does not depend on the others computed with it).
     pseudocount
         ``eps`` added to the fractions before the log (>= 0), one value per
-        comparison. None (default): the 0.3 quantile, over the features, of
-        their mean decoded fraction (the two sides pooled): fold changes of
-        features expressed below that level are shrunk towards 0, those of
-        features above it hardly change. ``"scvi"``: scvi-tools' estimate: the
+        comparison. None (default): a tenth of a count at the median library
+        size of the compared cells (both sides pooled; their counts over the
+        modality's features), ``0.1 / median library``: fold changes of
+        features expressed below what the cells' counts resolve are shrunk
+        towards 0, those of features above it hardly change, at any
+        sequencing depth. Without counts for the compared cells (counts given
+        by ``adata`` or the training data), the ``"quantile"`` rule.
+        ``"quantile"``: the 0.3 quantile, over the features, of their mean
+        decoded fraction (the two sides pooled; the earlier default, which
+        does not follow the sequencing depth). ``"scvi"``: scvi-tools' estimate: the
         0.9 quantile of the largest decoded fraction of the features not
         expressed in a group (mean raw count below 0.01; without counts the
         10% least expressed by mean decoded fraction), the larger over the two
@@ -391,8 +398,9 @@ def _check_options(mode, delta, fdr_target, n_samples, batch_size, pseudocount, 
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
     if isinstance(pseudocount, str):
-        if pseudocount != "scvi":
-            raise ValueError(f"pseudocount must be None (estimated), 'scvi' or a number >= 0, got {pseudocount!r}.")
+        if pseudocount not in ("scvi", "quantile"):
+            raise ValueError(f"pseudocount must be None (estimated), 'quantile', 'scvi' or a number >= 0, got "
+                             f"{pseudocount!r}.")
     elif pseudocount is not None:
         if isinstance(pseudocount, bool) or not isinstance(pseudocount, (int, float, np.number)) \
                 or not math.isfinite(float(pseudocount)) or float(pseudocount) < 0:

@@ -147,6 +147,28 @@ def test_swapping_the_groups_flips_the_lfc(fitted):
     np.testing.assert_allclose(a["lfc_median"], -b["lfc_median"], atol=0.15)
 
 
+def test_default_pseudocount_is_a_tenth_of_a_count_at_the_compared_cells_depth(fitted):
+    adata, model = fitted
+    de = differential_expression(model, adata, groupby="group", group1="g1", group2="g0")
+    cols = adata.var_names.get_indexer(de.index)
+    rows = adata.obs["group"].isin(["g0", "g1"]).to_numpy()
+    library = np.asarray(adata.X[rows][:, cols].sum(axis=1)).ravel()
+    assert de["pseudocounts"].iloc[0] == pytest.approx(0.1 / np.median(library), rel=1e-9)
+    # it follows the sequencing depth: the same cells with twice the counts get half the pseudocount
+    deeper = adata.copy()
+    deeper.X = deeper.X * 2
+    de2 = differential_expression(model, deeper, groupby="group", group1="g1", group2="g0")
+    assert de2["pseudocounts"].iloc[0] == pytest.approx(de["pseudocounts"].iloc[0] / 2, rel=1e-9)
+    # 'quantile': the 0.3 quantile of the features' mean decoded fractions (all cells decoded, both sides pooled)
+    q = differential_expression(model, adata, groupby="group", group1="g1", group2="g0", pseudocount="quantile")
+    scale = 0.5 * (q["scale1"].to_numpy() + q["scale2"].to_numpy())
+    assert q["pseudocounts"].iloc[0] == pytest.approx(np.quantile(scale, 0.3), rel=1e-6)
+    # a larger pseudocount shrinks every pair's |LFC|, so no feature's proba_de can rise, and some fall
+    big = differential_expression(model, adata, groupby="group", group1="g1", group2="g0",
+                                  pseudocount=100 * de["pseudocounts"].iloc[0]).reindex(de.index)
+    assert (big["proba_de"] <= de["proba_de"] + 1e-12).all() and (big["proba_de"] < de["proba_de"] - 0.05).any()
+
+
 def test_deterministic_and_one_vs_rest(fitted):
     adata, model = fitted
     a = differential_expression(model, adata, groupby="group", n_samples=500, seed=3)
