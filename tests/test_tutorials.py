@@ -1,8 +1,8 @@
 """The tutorials run (fast mode) and their rendered notebooks match their scripts.
 
 Every ``tutorials/NN_*.py`` is run as ``__main__`` with ``DGDCELL_TUTORIAL_FAST=1``
-(few epochs) in a temporary working directory, in two subprocesses of two
-tutorials each (running side by side; sharing a process saves the imports and
+(few epochs) in a temporary working directory, in two subprocesses of two or
+three tutorials each (running side by side; sharing a process saves the imports and
 numba's compilation of UMAP). The rendered ``tutorials/NN_*.ipynb`` must hold the same code as the
 script: after editing a tutorial, re-render it with ``python tutorials/render.py NN``.
 """
@@ -29,10 +29,13 @@ EXPECTED = {
     "02_mapping_new_data.py": [r"unseen batches: \{'batch': \['sc_dropseq'\]\}", r"label transfer accuracy: by component"],
     "03_cite_seq.py": [r"ARI of dgd_cluster vs cell type: joint RNA \+ protein", r"mean correlation:"],
     "04_components_and_history.py": [r"best validation epoch \d+", r"s per epoch"],
+    "05_differential_expression.py": [r"H838: top-50 overlap with scanpy's Wilcoxon markers \d\.\d\d",
+                                      r"features called DE at FDR 5%: \d+ of 3000",
+                                      r"Spearman correlation of the protocol's fold changes"],
 }
 
 
-def test_the_four_tutorials_exist():
+def test_every_tutorial_is_listed():
     names = [p.name for p in SCRIPTS]
     assert names == sorted(EXPECTED), names
 
@@ -63,8 +66,9 @@ for script, workdir, out in json.loads(sys.argv[1]):
 print(json.dumps(results))
 """
 
-# two processes of two tutorials each (the machine has two cores)
-GROUPS = [["01_quickstart.py", "04_components_and_history.py"], ["02_mapping_new_data.py", "03_cite_seq.py"]]
+# two processes (the machine has two cores)
+GROUPS = [["01_quickstart.py", "04_components_and_history.py", "05_differential_expression.py"],
+          ["02_mapping_new_data.py", "03_cite_seq.py"]]
 
 
 def _run_group(names: list[str], root: Path) -> dict:
