@@ -72,19 +72,23 @@ _PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 # usage checks: the arguments themselves, whatever the files (exit status 2)
-def _input_path(path: str) -> Path:
+def _suffixed(path: str, allowed, expected: str) -> Path:
+    """``path`` as a Path if its suffix (any case) is one of ``allowed``, else a UsageError:
+    "<expected>, got <file name>"."""
     p = Path(path)
-    if p.suffix.lower() not in _DATA_KINDS:
-        raise UsageError(f"input must be an .h5ad (AnnData) or .h5mu (MuData) file, got {p.name}")
+    if p.suffix.lower() not in allowed:
+        raise UsageError(f"{expected}, got {p.name}")
     return p
+
+
+def _input_path(path: str) -> Path:
+    return _suffixed(path, _DATA_KINDS, "input must be an .h5ad (AnnData) or .h5mu (MuData) file")
 
 
 def _output_path(path: str, src: Path) -> Path:
     """``-o``: an .h5ad for an AnnData input, an .h5mu for a MuData (the object read is the one written)."""
-    p = Path(path)
+    p = _suffixed(path, _DATA_KINDS, "-o/--output must end in .h5ad or .h5mu")
     suffix, want = p.suffix.lower(), src.suffix.lower()
-    if suffix not in _DATA_KINDS:
-        raise UsageError(f"-o/--output must end in .h5ad or .h5mu, got {p.name}")
     if suffix != want:
         kind = "a MuData" if want == ".h5mu" else "an AnnData"
         raise UsageError(f"-o/--output {p.name}: the input {src.name} is {kind}, written as {want}; "
@@ -93,10 +97,7 @@ def _output_path(path: str, src: Path) -> Path:
 
 
 def _plot_path(path: str) -> Path:
-    p = Path(path)
-    if p.suffix.lower() not in _PLOT_SUFFIXES:
-        raise UsageError(f"--plot must end in .png, .pdf or .svg, got {p.name}")
-    return p
+    return _suffixed(path, _PLOT_SUFFIXES, "--plot must end in .png, .pdf or .svg")
 
 
 def _same_path(a: Path, b: Path) -> bool:

@@ -61,10 +61,11 @@ def _pseudocount(pseudocount, sides: _Sides, reference, n_features: int) -> floa
     """The ``eps`` of the LFC: given, the default estimate, or scVI's (see :func:`differential_expression`)."""
     if pseudocount is not None and not isinstance(pseudocount, str):
         return float(pseudocount)
-    if pseudocount is None and reference is not None and np.any(reference[2] > 0):
+    library = reference[2][reference[2] > 0] if reference is not None else np.zeros(0)
+    if pseudocount is None and library.size:
         # a tenth of a count at the compared cells' depth: fold changes of levels below what a cell's
         # counts resolve are shrunk towards 0, whatever the sequencing depth
-        return max(1e-10, PSEUDOCOUNT_COUNTS / float(np.median(reference[2][reference[2] > 0])))
+        return max(1e-10, PSEUDOCOUNT_COUNTS / float(np.median(library)))
     if pseudocount in (None, "quantile"):
         scale = 0.5 * (sides.a1.mean(axis=0, dtype=np.float64) + sides.a2.mean(axis=0, dtype=np.float64))
         return max(1e-10, float(np.quantile(scale, PSEUDOCOUNT_MEAN_QUANTILE)))
