@@ -15,6 +15,7 @@ from dgdcell.train.initialisation import (
     log_normalise,
     medoid_partition,
     pca_scores,
+    ward_merge,
 )
 
 from .conftest import make_counts
@@ -65,6 +66,36 @@ def test_graph_clusters_find_k_blobs():
     labels_sub = graph_clusters(z, 4, n_neighbors=10, n_fit=100)
     assert adjusted_rand_score(truth, labels_sub) > 0.95
     np.testing.assert_array_equal(labels, graph_clusters(z, 4, n_neighbors=10))
+
+
+def test_ward_merge_joins_the_pair_that_raises_the_sum_of_squares_least():
+    # 1-D clusters: {0: 10 points at 0}, {1: 10 at 1}, {2: 100 at 1.2}, {3: 10 at 10}
+    z = np.concatenate([np.zeros(10), np.ones(10), np.full(100, 1.2), np.full(10, 10.0)])[:, None]
+    labels = np.repeat([0, 1, 2, 3], [10, 10, 100, 10])
+    # Ward: 0+1 costs 5 * 1^2 = 5, 1+2 costs 9.1 * 0.2^2 = 0.36: the small piece joins the big cluster
+    # next to it, not its nearer-in-size neighbour
+    np.testing.assert_array_equal(ward_merge(z, labels, 3), np.repeat([0, 1, 1, 2], [10, 10, 100, 10]))
+    # brute force: every merge of two clusters, the within-cluster sum of squares after it
+    def wss(lab):
+        return sum(((z[lab == k] - z[lab == k].mean(0)) ** 2).sum() for k in np.unique(lab))
+    best = min(((wss(np.where(labels == b, a, labels)), a, b) for a in range(4) for b in range(a + 1, 4)))
+    assert wss(ward_merge(z, labels, 3)) == pytest.approx(best[0])
+    assert ward_merge(z, labels, 4).tolist() == labels.tolist() and set(ward_merge(z, labels, 1)) == {0}
+
+
+def test_graph_clusters_join_pieces_that_leiden_cannot_merge():
+    # three groups; one is cut into two pieces (a batch effect) far enough apart that the 10-NN graph has four
+    # connected pieces, so Leiden cannot find K = 3. The smaller piece lies nearer to another group's centre
+    # than to its sibling's: dropping it and sending its cells to the nearest kept centre joins it to the
+    # wrong group; Ward's criterion joins the two pieces.
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [20.0, 0.0], [6.5, 3.0], [5.0, -4.0]])
+    sizes = [300, 300, 70, 60]
+    truth = np.repeat([0, 1, 2, 2], sizes)
+    z = (np.repeat(centres, sizes, axis=0) + rng.normal(0, 0.3, size=(sum(sizes), 2))).astype(np.float32)
+    labels = graph_clusters(z, 3, n_neighbors=10)
+    assert set(labels) == {0, 1, 2}
+    assert adjusted_rand_score(truth, labels) == 1.0
 
 
 def test_medoid_partition_keeps_the_clustering_the_others_agree_with():

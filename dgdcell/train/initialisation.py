@@ -374,10 +374,14 @@ def graph_clusters(
 
     Builds the symmetrised exact k-nearest-neighbour graph (scikit-learn) of at
     most ``n_fit`` cells (a seeded subsample) with shared-neighbour (Jaccard)
-    edge weights, bisects the resolution of igraph's Leiden (modularity) until it finds ``n_clusters`` clusters (or the closest
-    count), keeps the ``n_clusters`` largest clusters, and gives every other
-    cell the label of the nearest kept cluster centre. Returns (n,) int64
-    labels in ``0..n_clusters-1``. With ``groups`` ((n,) codes of the
+    edge weights and bisects the resolution of igraph's Leiden (modularity)
+    until it finds ``n_clusters`` clusters (or the closest count, preferring
+    more). Where Leiden cannot come down to ``n_clusters`` (a graph with
+    more connected pieces than that: populations split by a batch effect),
+    its clusters are joined whole by Ward's criterion (:func:`ward_merge`).
+    Cells outside the subsample take the label of the nearest cluster centre
+    (and with too few clusters, the points farthest from every centre start
+    the missing ones). Returns (n,) int64 labels in ``0..n_clusters-1``. With ``groups`` ((n,) codes of the
     covariate classes) the neighbours are balanced across the classes (see
     :func:`knn_graph`), so that clusters follow what the classes share rather
     than split by class.
@@ -400,6 +404,8 @@ def graph_clusters(
     graph = _snn_graph(zs, n_neighbors, None if groups is None else np.asarray(groups)[sub])
     runs = [_tuned_leiden(graph, n_clusters, seed * n_restarts + r, n_steps) for r in range(n_restarts)]
     best_labels = runs[medoid_partition(runs)]
+    if int(best_labels.max()) + 1 > n_clusters:
+        best_labels = ward_merge(zs, best_labels, n_clusters)
     sizes = np.bincount(best_labels)
     keep = np.argsort(-sizes, kind="stable")[: min(n_clusters, sizes.size)]
     centres = np.stack([zs[best_labels == k].mean(0) for k in keep])
@@ -414,6 +420,38 @@ def graph_clusters(
     inside = sub_labels >= 0
     out[sub[inside]] = sub_labels[inside]
     return out.astype(np.int64)
+
+
+def ward_merge(z: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Join the clusters ``labels`` ((n,) codes ``0..m-1``) of points ``z`` (n, dim)
+    until ``n_clusters`` are left, each time the pair whose union raises the
+    within-cluster sum of squares least (Ward's criterion,
+    ``n_a n_b / (n_a + n_b) * |c_a - c_b|^2``). Clusters move whole, so a
+    population that a batch effect cut into pieces is put back together
+    before it is joined to another one. Returns (n,) int64 codes
+    ``0..n_clusters-1`` (numbered in order of their smallest old code)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    m = int(labels.max()) + 1
+    z = np.asarray(z, dtype=np.float64)
+    size = np.bincount(labels, minlength=m).astype(np.float64)
+    sums = np.zeros((m, z.shape[1]))
+    np.add.at(sums, labels, z)
+    alive = size > 0
+    owner = np.arange(m)  # old code -> the cluster it now belongs to
+    while int(alive.sum()) > max(int(n_clusters), 1):
+        ids = np.flatnonzero(alive)
+        c = sums[ids] / size[ids, None]
+        n = size[ids]
+        cost = (n[:, None] * n[None] / (n[:, None] + n[None])) * ((c[:, None] - c[None]) ** 2).sum(-1)
+        np.fill_diagonal(cost, np.inf)
+        i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
+        a, b = ids[min(i, j)], ids[max(i, j)]
+        sums[a] += sums[b]
+        size[a] += size[b]
+        alive[b] = False
+        owner[owner == b] = a
+    _, codes = np.unique(owner, return_inverse=True)
+    return codes[labels].astype(np.int64)
 
 
 def medoid_partition(partitions: list[np.ndarray]) -> int:
