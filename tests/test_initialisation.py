@@ -81,6 +81,8 @@ def test_ward_merge_joins_the_pair_that_raises_the_sum_of_squares_least():
     best = min(((wss(np.where(labels == b, a, labels)), a, b) for a in range(4) for b in range(a + 1, 4)))
     assert wss(ward_merge(z, labels, 3)) == pytest.approx(best[0])
     assert ward_merge(z, labels, 4).tolist() == labels.tolist() and set(ward_merge(z, labels, 1)) == {0}
+    # codes with gaps (an empty cluster) come back as 0..n_clusters-1
+    assert set(ward_merge(z, labels * 2, 2)) == {0, 1}
 
 
 def test_graph_clusters_join_pieces_that_leiden_cannot_merge():

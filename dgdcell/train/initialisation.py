@@ -450,8 +450,8 @@ def ward_merge(z: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray
         size[a] += size[b]
         alive[b] = False
         owner[owner == b] = a
-    _, codes = np.unique(owner, return_inverse=True)
-    return codes[labels].astype(np.int64)
+    _, codes = np.unique(owner[labels], return_inverse=True)
+    return codes.reshape(labels.shape).astype(np.int64)
 
 
 def medoid_partition(partitions: list[np.ndarray]) -> int:
