@@ -376,13 +376,13 @@ def graph_clusters(
     most ``n_fit`` cells (a seeded subsample) with shared-neighbour (Jaccard)
     edge weights and bisects the resolution of igraph's Leiden (modularity)
     until it finds ``n_clusters`` clusters (or the closest count, preferring
-    more). Where Leiden cannot come down to ``n_clusters`` (a graph with
-    more connected pieces than that: populations split by a batch effect),
-    its clusters are joined whole by Ward's criterion (:func:`ward_merge`).
-    Cells outside the subsample take the label of the nearest cluster centre
-    (and with too few clusters, the points farthest from every centre start
-    the missing ones). Returns (n,) int64 labels in ``0..n_clusters-1``. With ``groups`` ((n,) codes of the
-    covariate classes) the neighbours are balanced across the classes (see
+    more). Where Leiden cannot come down to ``n_clusters`` (typically a graph
+    that falls into pieces: populations cut by a batch effect), its clusters
+    are joined whole by Ward's criterion (:func:`ward_merge`). Cells outside
+    the subsample take the label of the nearest cluster centre (and with too
+    few clusters, the points farthest from every centre start the missing
+    ones). Returns (n,) int64 labels in ``0..n_clusters-1``. With ``groups``
+    ((n,) codes of the covariate classes) the neighbours are balanced across the classes (see
     :func:`knn_graph`), so that clusters follow what the classes share rather
     than split by class.
 
