@@ -403,22 +403,18 @@ def graph_clusters(
     zs = np.ascontiguousarray(z[sub], dtype=np.float32)
     graph = _snn_graph(zs, n_neighbors, None if groups is None else np.asarray(groups)[sub])
     runs = [_tuned_leiden(graph, n_clusters, seed * n_restarts + r, n_steps) for r in range(n_restarts)]
-    best_labels = runs[medoid_partition(runs)]
-    if int(best_labels.max()) + 1 > n_clusters:
-        best_labels = ward_merge(zs, best_labels, n_clusters)
+    best_labels = ward_merge(zs, runs[medoid_partition(runs)], n_clusters)  # at most n_clusters
     sizes = np.bincount(best_labels)
-    keep = np.argsort(-sizes, kind="stable")[: min(n_clusters, sizes.size)]
-    centres = np.stack([zs[best_labels == k].mean(0) for k in keep])
-    if keep.size < n_clusters:  # too few clusters: add the points farthest from every centre
-        far = np.argsort(-(((zs[:, None] - centres[None]) ** 2).sum(-1)).min(1))[: n_clusters - keep.size]
+    order = np.argsort(-sizes, kind="stable")  # clusters numbered by size, largest first
+    centres = np.stack([zs[best_labels == k].mean(0) for k in order])
+    if order.size < n_clusters:  # too few clusters: add the points farthest from every centre
+        far = np.argsort(-(((zs[:, None] - centres[None]) ** 2).sum(-1)).min(1))[: n_clusters - order.size]
         centres = np.vstack([centres, zs[far]])
     zt, ct = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)), torch.from_numpy(centres)
     out = torch.cat([torch.cdist(zt[s : s + 65536], ct).argmin(1) for s in range(0, n, 65536)]).numpy()
-    remap = np.full(sizes.size, -1)
-    remap[keep] = np.arange(keep.size)
-    sub_labels = remap[best_labels]
-    inside = sub_labels >= 0
-    out[sub[inside]] = sub_labels[inside]
+    rank = np.empty(sizes.size, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    out[sub] = rank[best_labels]
     return out.astype(np.int64)
 
 
@@ -429,7 +425,9 @@ def ward_merge(z: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray
     ``n_a n_b / (n_a + n_b) * |c_a - c_b|^2``). Clusters move whole, so a
     population that a batch effect cut into pieces is put back together
     before it is joined to another one. Returns (n,) int64 codes
-    ``0..n_clusters-1`` (numbered in order of their smallest old code)."""
+    ``0..min(m, n_clusters)-1``, numbered in order of their smallest old code
+    (so labels without gaps and with at most ``n_clusters`` clusters come back
+    unchanged)."""
     labels = np.asarray(labels, dtype=np.int64)
     m = int(labels.max()) + 1
     z = np.asarray(z, dtype=np.float64)
