@@ -300,6 +300,7 @@ def scanpy_standard(
         n_clusters_found=n_found,
         knn_acc=knn_accuracy(a.obsm["X_pca"], truth, k=15),
         seconds=float(seconds),
+        labels=np.asarray(labels).astype(str),
     )
 
 

@@ -9,7 +9,7 @@ Three parts, every DGD fitted with package defaults (seed 0):
     total is unchanged: the other genes' fractions do not shift). Scenarios differ
     in sequencing depth. Ranking of the genes for group g1 vs g0:
     ``differential_expression(groupby="group", group1="g1", group2="g0")`` in its
-    order (``proba_de``, then ``|lfc_mean|``) against
+    order (the features flagged ``is_de_fdr_0.05`` first, each part by ``|lfc_shrunk|``) against
     ``sc.tl.rank_genes_groups(method="wilcoxon", reference="g0")`` by ``|score|``
     (normalize_total 1e4 + log1p). Metric: average precision (AUPRC) of the true
     DE genes, overall, per effect size (DE genes of that size against all non-DE

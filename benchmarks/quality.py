@@ -13,6 +13,8 @@ counts dropped; K = number of distinct labels in ``obs["cell_type"]``) and each 
   - Per-component purity: for every mixture component holding cells, the share of its majority
     label. Reported: the minimum purity over components, the size share (of all cells) of that least
     pure component, and catch-all components: those holding >= 5% of the cells with purity < 0.5.
+    The same for the scanpy standard's Leiden clusters, so that a dgdcell catch-all can be told from
+    labels that no clustering of the data separates.
   - Re-embedding: after the fit, ``dgd.transform(copy)`` on an untouched copy of the same cells
     (transform's defaults; it writes ``obs["dgd_cluster"]`` of the copy) and the share of cells whose
     cluster is unchanged ("re-embed agreement"). Transform's seconds are kept apart from the fit's.
@@ -308,9 +310,13 @@ def run_dgd(dgdcell, adata, n_clusters: int, seed: int, max_epochs: int | None) 
 def run_scanpy(adata, n_clusters: int, seed: int) -> dict:
     _seed_everything(seed)
     base = common.scanpy_standard(adata, n_clusters, seed=seed)
-    return {"ari": base["ari"], "nmi": base["nmi"], "rep_leiden_ari": base["ari"], "knn_acc": base["knn_acc"],
-            "leiden_resolution": base["leiden_resolution"], "clusters_found": base["n_clusters_found"],
-            "clusters_used": base["n_clusters_found"], "seconds": base["seconds"]}
+    rec = {"ari": base["ari"], "nmi": base["nmi"], "rep_leiden_ari": base["ari"], "knn_acc": base["knn_acc"],
+           "leiden_resolution": base["leiden_resolution"], "clusters_found": base["n_clusters_found"],
+           "clusters_used": base["n_clusters_found"], "seconds": base["seconds"]}
+    # the same purity measures on its Leiden clusters, so that a catch-all can be told from labels no clustering
+    # of the data separates
+    rec.update(component_purity(adata.obs[LABEL_KEY].astype(str).to_numpy(), base["labels"]))
+    return rec
 
 
 def run_scvi(adata, n_clusters: int, seed: int, max_epochs: int | None = None) -> dict:
@@ -396,7 +402,7 @@ def summarise(got: dict) -> dict:
             d = {f: _mean_sd([r.get(f) for r in recs]) for f, _ in SUMMARY_SCORES}
             d["n_seeds"] = len(recs)
             d["seeds"] = sorted(int(r["seed"]) for r in recs)
-            if method == "dgd":
+            if any("n_catch_all" in r for r in recs):
                 d["catch_all_seeds"] = sum(int(r.get("n_catch_all", 0) > 0) for r in recs)
             summ[name][method] = d
     return summ
@@ -415,7 +421,7 @@ def table_rows(summ: dict, meta: dict, n_requested: int) -> list[dict]:
                    **{k: meta.get(name, {}).get(k) for k in ("cells", "K")}}
             for field, col in SUMMARY_SCORES:
                 row[col] = _pm(*d[field][:2], fmt=FMT.get(field, ".3f"))
-            if method == "dgd":
+            if "catch_all_seeds" in d:
                 row["catch-all seeds"] = f"{d['catch_all_seeds']} of {d['n_seeds']}"
             if pub and not any(r["dataset"] == name for r in rows):  # on the set's first row
                 row["published ARI"] = f"{pub[0]} ({pub[1]})"
@@ -564,11 +570,12 @@ def write_report(out: Path, args, argv, got: dict, meta: dict, machine: str, sta
                 "tune per data set. Sources:"), ""]
     footer += [f"- {name}: {rng} ({who})" for name, (rng, who) in PUBLISHED.items()]
     footer += [""] + [f"- {s}" for s in PUBLISHED_SOURCES]
-    catch = [(name, r["seed"], c) for name, by in got.items() for r in by["dgd"] for c in r.get("catch_all", [])]
-    if catch:
-        footer += ["", "## Catch-all components (dgd)", ""]
-        footer += [f"- {name} seed {s}: component {c[0]} holds {c[1]:.1%} of the cells, purity {c[2]:.2f}"
-                   for name, s, c in catch]
+    for method, what in (("dgd", "component"), ("scanpy", "Leiden cluster")):
+        catch = [(name, r["seed"], c) for name, by in got.items() for r in by[method] for c in r.get("catch_all", [])]
+        if catch:
+            footer += ["", f"## Catch-all clusters ({METHOD_NAMES[method]})", ""]
+            footer += [f"- {name} seed {s}: {what} {c[0]} holds {c[1]:.1%} of the cells, purity {c[2]:.2f}"
+                       for name, s, c in catch]
     errs = [(name, m, r["seed"], r["error"]) for name, by in got.items() for m in METHODS for r in by[m]
             if r.get("error")]
     if errs:
@@ -679,7 +686,7 @@ def main(argv=None) -> int:
         for name in args.datasets:
             peers = load_cache(peers_path)
             dgd_cache = load_cache(dgd_path)
-            todo_sc = [s for s in args.seeds if do_scanpy and peer_key(name, "scanpy", s) not in peers]
+            todo_sc = [s for s in args.seeds if do_scanpy and "min_purity" not in peers.get(peer_key(name, "scanpy", s), {})]
             todo_dgd = [s for s in args.seeds
                         if do_dgd and (args.recompute or dgd_key(name, s, args.max_epochs) not in dgd_cache)]
             todo_scvi = [s for s in args.scvi_seeds

@@ -97,6 +97,7 @@ def _lfc_statistics(sides: _Sides, eps: float, delta: float, mode: str, test_mod
         names += [f"lfc_confidence_interval_{tag}_min", f"lfc_confidence_interval_{tag}_max"]
     lfc = {n: np.empty(n_feat) for n in names}
     p_plus, p_minus, p_greater = np.empty(n_feat), np.empty(n_feat), np.empty(n_feat)
+    shrunk = np.empty(n_feat)  # mean LFC with eps: the effect size the rows are ranked by
     eps_lfc = 1e-3 * eps
     for start in range(0, n_feat, chunk):
         cols = slice(start, min(start + chunk, n_feat))
@@ -115,6 +116,7 @@ def _lfc_statistics(sides: _Sides, eps: float, delta: float, mode: str, test_mod
         if sides.all_pairs:
             l1, l2 = np.log2(a1 + eps), np.log2(a2 + eps)
             p_plus[cols], p_minus[cols], p_greater[cols] = _all_pair_tails(l1, l2, delta)
+            shrunk[cols] = l1.mean(axis=0) - l2.mean(axis=0)
             l1, l2 = np.log2(a1 + eps_lfc), np.log2(a2 + eps_lfc)
             lfc["lfc_mean"][cols] = l1.mean(axis=0) - l2.mean(axis=0)
             lfc["lfc_std"][cols] = np.sqrt(l1.var(axis=0) + l2.var(axis=0))
@@ -126,6 +128,7 @@ def _lfc_statistics(sides: _Sides, eps: float, delta: float, mode: str, test_mod
             lfc["lfc_min"][cols] = change.min(axis=0)
             lfc["lfc_max"][cols] = change.max(axis=0)
             change = np.log2(x + eps) - np.log2(y + eps)
+            shrunk[cols] = change.mean(axis=0)
             p_plus[cols] = (change >= delta).mean(axis=0)
             p_minus[cols] = (change < -delta).mean(axis=0)
             p_greater[cols] = (x > y).mean(axis=0)
@@ -146,7 +149,7 @@ def _lfc_statistics(sides: _Sides, eps: float, delta: float, mode: str, test_mod
             "bayes_factor": np.log(p_greater + _EPS_BF) - np.log(1.0 - p_greater + _EPS_BF),
         }
     return {**head, "scale1": scale1, "scale2": scale2, "pseudocounts": np.full(n_feat, eps),
-            "delta": np.full(n_feat, delta), **lfc}
+            "delta": np.full(n_feat, delta), **lfc, "lfc_shrunk": shrunk}
 
 
 def _all_pair_tails(l1: np.ndarray, l2: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -184,7 +187,11 @@ def _hpd(ordered: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     return ordered[best, columns], ordered[best + width, columns]
 
 
-def _sort(frame: pd.DataFrame, mode: str) -> pd.DataFrame:
-    primary = frame["proba_de" if mode == "change" else "bayes_factor"].to_numpy()
-    order = np.lexsort((-np.abs(frame["lfc_mean"].to_numpy()), -primary))
+def _sort(frame: pd.DataFrame, mode: str, is_de: np.ndarray | None = None) -> pd.DataFrame:
+    """Change mode: the features flagged DE (``is_de``, the FDR flag) first, each part by the size of the
+    shrunken fold change ``|lfc_shrunk|``; vanilla mode: by ``bayes_factor``, then ``|lfc_mean|``."""
+    if mode == "change":
+        order = np.lexsort((-np.abs(frame["lfc_shrunk"].to_numpy()), ~np.asarray(is_de, dtype=bool)))
+    else:
+        order = np.lexsort((-np.abs(frame["lfc_mean"].to_numpy()), -frame["bayes_factor"].to_numpy()))
     return frame.iloc[order]

@@ -109,11 +109,13 @@ def test_group_mode_ranks_the_true_de_genes_on_top(fitted):
     true_lfc = adata.var.loc[top.index, "true_lfc"].to_numpy()
     assert (np.sign(top["lfc_mean"]) == np.sign(true_lfc)).all()
     assert np.corrcoef(top["lfc_mean"], true_lfc)[0, 1] > 0.9
-    # sorted by proba_de; the FDR flag is a prefix of that order and flags mostly true DE genes
-    assert (np.diff(de["proba_de"].to_numpy()) <= 1e-12).all()
+    # the FDR-flagged features first (a prefix), each part by |lfc_shrunk|; the flags are mostly true DE genes
     flags = de["is_de_fdr_0.05"].to_numpy()
     assert flags.sum() >= n_de // 2 and not flags[flags.argmin():].any()
     assert truth[flags].mean() >= 0.8
+    size = de["lfc_shrunk"].abs().to_numpy()
+    assert (np.diff(size[flags]) <= 1e-12).all() and (np.diff(size[~flags]) <= 1e-12).all()
+    assert de.loc[flags, "proba_de"].min() >= de.loc[~flags, "proba_de"].max()
     np.testing.assert_allclose(de["proba_de"] + de["proba_not_de"], 1.0)
     p = de["proba_de"].to_numpy()
     np.testing.assert_allclose(de["bayes_factor"], np.log(p + 1e-8) - np.log(1 - p + 1e-8))
@@ -122,6 +124,11 @@ def test_group_mode_ranks_the_true_de_genes_on_top(fitted):
     g = adata.obs["group"].to_numpy()
     np.testing.assert_allclose(de["scale1"], expr[g == "g1"].mean(0).reindex(de.index), rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(de["scale2"], expr[g == "g0"].mean(0).reindex(de.index), rtol=1e-5, atol=1e-9)
+    # lfc_shrunk: the mean over all cell pairs of log2(p1 + eps) - log2(p2 + eps), eps the pseudocount
+    eps = float(de["pseudocounts"].iloc[0])
+    logs = np.log2(expr.astype(np.float64) + eps)
+    np.testing.assert_allclose(de["lfc_shrunk"], (logs[g == "g1"].mean(0) - logs[g == "g0"].mean(0)).reindex(de.index),
+                               rtol=1e-4, atol=1e-5)
     # raw statistics from the counts
     X = adata.X.toarray()
     cols = adata.var_names.get_indexer(de.index)
@@ -129,6 +136,28 @@ def test_group_mode_ranks_the_true_de_genes_on_top(fitted):
     np.testing.assert_allclose(de["non_zeros_proportion2"], (X[g == "g0"][:, cols] > 0).mean(0))
     assert (de["comparison"] == "g1 vs g0").all() and (de["n_cells1"] == (g == "g1").sum()).all()
     assert de.attrs["dgdcell_de"]["groupby"] == "group"
+
+
+def test_rows_rank_by_the_shrunken_fold_change_not_the_raw_one():
+    """Two features that differ in every cell pair: A is expressed near the pseudocount (raw LFC ~9, shrunk
+    ~2.6), B well above it (LFC ~3.3 either way). B comes first: the ranking uses the fold change the
+    pseudocount shrinks, as proba_de does; the reported lfc_mean stays the nearly unshrunk one."""
+    from dgdcell._de_statistics import _lfc_statistics, _Sides, _sort
+
+    rng = np.random.default_rng(0)
+    a1 = np.column_stack([5e-4 * rng.uniform(0.9, 1.1, 50), 0.04 * rng.uniform(0.9, 1.1, 50)])
+    a2 = np.column_stack([1e-6 * rng.uniform(0.9, 1.1, 60), 0.004 * rng.uniform(0.9, 1.1, 60)])
+    sides = _Sides(a1, rng.integers(0, 50, 200), a2, rng.integers(0, 60, 200), all_pairs=True)
+    stats = _lfc_statistics(sides, 1e-4, 0.25, "change", "three", [])
+    frame = pd.DataFrame(stats, index=["A", "B"])
+    assert (frame["proba_de"] == 1).all()
+    assert frame.loc["A", "lfc_mean"] > 8 > frame.loc["B", "lfc_mean"] > 3
+    np.testing.assert_allclose(frame["lfc_shrunk"], np.log2(a1 + 1e-4).mean(0) - np.log2(a2 + 1e-4).mean(0))
+    assert list(_sort(frame, "change", np.array([True, True])).index) == ["B", "A"]
+    # a flagged feature comes before an unflagged one whatever their fold changes
+    assert list(_sort(frame, "change", np.array([True, False])).index) == ["A", "B"]
+    # vanilla mode keeps scVI's order: the Bayes factor, then |lfc_mean|
+    assert list(_sort(frame, "vanilla").index) == ["A", "B"]
 
 
 def test_swapping_the_groups_flips_the_lfc(fitted):

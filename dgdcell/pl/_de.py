@@ -73,7 +73,7 @@ def volcano(
         numeric column.
     n_labels
         Label this many features: the first ones in the frame's order (its
-        ranking: ``proba_de``, then ``|lfc_mean|``).
+        ranking: the features flagged DE first, each part by ``|lfc_shrunk|``).
     labels
         Label these features instead (names in the index).
     fdr_column
