@@ -63,16 +63,7 @@ class ExpressionMixin:
         z, cov, names = self._stored_representations(adata, key, skip=set(fixed))
         n = z.shape[0]
         scale = self._library_scale(adata, library_size, layer, n, modality)
-        continuous = self._stored_continuous(adata)
-        out = np.empty((n, len(self.features[modality])), dtype=np.float32)
-        with torch.no_grad():
-            for start in range(0, n, batch_size):
-                stop = min(start + batch_size, n)
-                c = {k: (fixed[k].expand(stop - start, -1) if k in fixed else cov[k][start:stop]).to(self.device)
-                     for k in self.cov_gmms}
-                cont = None if continuous is None else continuous[start:stop].to(self.device)
-                log_frac = self.module.log_fractions(z[start:stop].to(self.device), c, [modality], continuous=cont)
-                out[start:stop] = torch.exp(log_frac[modality]).cpu().numpy()
+        out = self._decode_fractions(z, cov, self._stored_continuous(adata), modality, fixed, batch_size)
         if isinstance(scale, tuple):  # 'latent': observed totals over the features present / their decoded share
             library, columns = scale
             scale = library / np.maximum(out[:, columns].sum(axis=1, dtype=np.float64), 1e-12)
@@ -159,6 +150,78 @@ class ExpressionMixin:
         from .differential import differential_expression
 
         return differential_expression(self, adata, groupby=groupby, group1=group1, group2=group2, **kwargs)
+
+    def posterior_sampler(self, modality: str = "rna", key: str = "dgd", seed: int = 0, batch_size: int = 1024):
+        """A sampler of the cells' posteriors for :func:`dgdcell.differential.differential_expression`.
+
+        For a model fitted with ``posterior="normal"``: the returned callable
+        ``sampler(cells, transform_batches)`` draws one point per cell from its
+        Normal posterior, ``z = mean + std * e`` with ``e ~ N(0, I)`` (means and
+        standard deviations read from ``cells.obsm[f"X_{key}"]`` and
+        ``obsm[f"X_{key}_std"]``, written by :meth:`fit` or :meth:`transform`),
+        and decodes that same draw under each entry of ``transform_batches``
+        (None or a ``transform_batch``), returning one ``(cells, features)``
+        array of fractions of ``modality`` per entry. The covariate
+        representations are held at their points. Draws come from a CPU
+        generator seeded with ``seed``, so a sequence of calls is reproducible.
+
+        ``differential_expression`` uses it by default for such models
+        (``sampler=None``), which makes its statistics scVI's Monte Carlo
+        estimates over posterior samples.
+
+        Parameters
+        ----------
+        modality
+            The modality whose features are decoded.
+        key
+            The ``key_added`` of the fit or transform that wrote the posteriors.
+        seed
+            Seed of the draws.
+        batch_size
+            Cells decoded at a time.
+
+        Returns
+        -------
+        The sampler, a callable ``(cells, transform_batches) -> list of arrays``.
+        """
+        self._check_fitted()
+        if not self.variational:
+            raise ValueError("posterior_sampler needs a model with per-cell posteriors: DGD(posterior='normal'). "
+                             "A MAP model has one point per cell (differential_expression then compares cells).")
+        if modality not in self.features:
+            raise KeyError(f"modality {modality!r} is not in the model (modalities: {sorted(self.features)}).")
+        batch_size = check_int("batch_size", batch_size, 1)
+        generator = torch.Generator().manual_seed(check_int("seed", seed, 0, 2**63 - 1))
+
+        def sampler(cells, transform_batches):
+            mean, cov, _ = self._stored_representations(cells, key, skip=set())
+            name = f"X_{key}_std"
+            if name not in cells.obsm:
+                raise KeyError(f"cells.obsm has no {name!r}: fit or transform the cells with this model "
+                               f"(posterior='normal') first, or pass key= the key_added used.")
+            std = torch.as_tensor(_stored(cells, name, self.latent_dim))
+            z = mean + std * torch.randn(mean.shape, generator=generator)
+            continuous = self._stored_continuous(cells)
+            return [self._decode_fractions(z, cov, continuous, modality, self._transform_batch_inputs(tb), batch_size)
+                    for tb in transform_batches]
+
+        return sampler
+
+    def _decode_fractions(self, z: torch.Tensor, cov: dict[str, torch.Tensor], continuous: torch.Tensor | None,
+                          modality: str, fixed: dict[str, torch.Tensor], batch_size: int) -> np.ndarray:
+        """(n, features) float32 decoded fractions of ``modality`` at points ``z`` (n, L), with the covariate
+        representations ``cov`` (classes in ``fixed`` replaced by their (1, 2) component means)."""
+        n = z.shape[0]
+        out = np.empty((n, len(self.features[modality])), dtype=np.float32)
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                c = {k: (fixed[k].expand(stop - start, -1) if k in fixed else cov[k][start:stop]).to(self.device)
+                     for k in self.cov_gmms}
+                cont = None if continuous is None else continuous[start:stop].to(self.device)
+                log_frac = self.module.log_fractions(z[start:stop].to(self.device), c, [modality], continuous=cont)
+                out[start:stop] = torch.exp(log_frac[modality]).cpu().numpy()
+        return out
 
     def _stored_continuous(self, adata) -> torch.Tensor | None:
         """(n, C) standardised continuous covariates of the cells to decode: the training cells'

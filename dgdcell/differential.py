@@ -45,14 +45,15 @@ expression is denoised, so features the decoder separates cleanly get
 ``proba_de`` at or near 1 even when they are lowly expressed; the pseudocount
 (see ``pseudocount``) shrinks the fold changes of such features. With few
 cells, an under-fitted decoder or very similar groups the evidence can be
-over-stated, and the ``is_de_fdr_*`` flag is then optimistic. A model with a
-per-cell posterior plugs its samples in through ``sampler`` (see
-:func:`differential_expression`): each sampled cell then contributes a fresh
-posterior draw and the same statistics become scVI's Monte Carlo estimates.
+over-stated, and the ``is_de_fdr_*`` flag is then optimistic. For a model with
+a per-cell posterior (``DGD(posterior="normal")``) the cells are decoded from
+posterior draws by default (``sampler=None``, :meth:`DGD.posterior_sampler`):
+each sampled cell then contributes a fresh draw and the same statistics become
+scVI's Monte Carlo estimates; a custom ``sampler`` plugs in the same way.
 
 This module only uses the model's public interface
-(``get_normalized_expression``, ``features``, ``covariate_categories``,
-``obs_names``, ``is_fitted``), and never modifies the AnnData.
+(``get_normalized_expression``, ``posterior_sampler``, ``variational``, ``features``,
+``covariate_categories``, ``obs_names``, ``is_fitted``), and never modifies the AnnData.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def differential_expression(
     all_stats: bool = True,
     test_mode: str = "three",
     cred_interval_lvls: Sequence[float] | None = None,
-    sampler: Callable | None = None,
+    sampler: Callable | str | None = None,
 ) -> pd.DataFrame:
     """Differential expression between groups of cells, or between covariate classes for the same cells.
 
@@ -242,16 +243,22 @@ def differential_expression(
         Levels in (0, 1) of highest-density credible intervals of the LFC, as
         columns ``lfc_confidence_interval_<lvl>_min`` / ``_max`` (scVI's names).
     sampler
-        Optional per-cell posterior sampler, for models with a posterior over
-        each cell: ``sampler(cells, transform_batches) -> list of arrays``,
+        How cells are decoded. None (default): from their posteriors
+        (``"posterior"``) for a model fitted with ``posterior="normal"`` when
+        ``adata`` carries ``obsm[f"X_{key}_std"]``, else at their points
+        (``"map"``). ``"posterior"``: :meth:`DGD.posterior_sampler` (one fresh
+        draw per cell and call, seeded from ``seed``). ``"map"``: the points,
+        also for a posterior model (the statistics are then over cells). Or a
+        custom per-cell posterior sampler:
+        ``sampler(cells, transform_batches) -> list of arrays``,
         where ``cells`` is an AnnData / MuData view of distinct cells (at most
         ``batch_size``) and ``transform_batches`` a list of ``transform_batch``
         values (None or dicts); it returns, for each entry, an
         ``(cells.n_obs, n_features)`` array of normalized expression (fractions
         of ``modality``) computed from one fresh posterior draw per cell,
         shared across the entries (so that counterfactual pairs are paired). It
-        is called once per batch and per repeat of a cell. None: the MAP
-        decoder (``model.get_normalized_expression``). Requires ``adata``.
+        is called once per batch and per repeat of a cell. Samplers require
+        ``adata``. ``attrs["dgdcell_de"]["posterior"]`` records which was used.
 
     Returns
     -------
@@ -283,9 +290,8 @@ def differential_expression(
     _check_model(model)
     features = _check_modality(model, modality)
     _check_options(mode, delta, fdr_target, n_samples, batch_size, pseudocount, test_mode, cred_interval_lvls)
-    if sampler is not None and not callable(sampler):
-        raise TypeError(f"sampler must be a callable (or None), got {type(sampler).__name__}.")
     n_samples, batch_size = int(n_samples), int(batch_size)
+    sampler, posterior = _resolve_sampler(model, adata, sampler, modality, key, seed, batch_size)
     cred = [float(c) for c in (cred_interval_lvls or [])]
 
     source = _Source(model, adata, modality, key, batch_size, sampler, layer)
@@ -345,7 +351,7 @@ def differential_expression(
         "n_samples": n_samples,
         "seed": int(seed),
         "transform_batch": None if not fixed else dict(fixed),
-        "posterior": "sampler" if sampler is not None else "map (distribution over cells)",
+        "posterior": posterior,
     }
     return out
 
@@ -380,6 +386,26 @@ def fdr_de_prediction(posterior_probas: pd.Series | np.ndarray, fdr: float = 0.0
 
 
 # --------------------------------------------------------------------------- validation
+def _resolve_sampler(model, adata, sampler, modality: str, key: str, seed: int, batch_size: int):
+    """(the sampler to decode with or None for the points, what ``attrs["dgdcell_de"]["posterior"]`` says)."""
+    if callable(sampler):
+        return sampler, "sampler"
+    if sampler is not None and sampler not in ("posterior", "map"):
+        raise TypeError(f"sampler must be None, 'posterior', 'map' or a callable, got {sampler!r}.")
+    has_posterior = bool(getattr(model, "variational", False))
+    if sampler == "posterior" and not has_posterior:
+        raise ValueError("sampler='posterior' needs a model with per-cell posteriors (DGD(posterior='normal')); "
+                         "this one is MAP: use sampler=None or 'map'.")
+    stored = adata is not None and hasattr(adata, "obsm") and f"X_{key}_std" in adata.obsm
+    if sampler == "posterior" and not stored:
+        raise ValueError(f"sampler='posterior' needs adata= with obsm['X_{key}_std'] (written by fit or transform "
+                         "of a posterior='normal' model).")
+    if sampler == "posterior" or (sampler is None and has_posterior and stored):
+        draw_seed = int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x5EED]).generate_state(1)[0])
+        return model.posterior_sampler(modality=modality, key=key, seed=draw_seed, batch_size=batch_size), "posterior"
+    return None, "map (distribution over cells)"
+
+
 def _check_model(model) -> None:
     for attr in ("get_normalized_expression", "features", "covariate_categories", "obs_names", "is_fitted"):
         if not hasattr(model, attr):

@@ -382,6 +382,44 @@ def test_sampler_hook_gets_distinct_cells_and_shared_draws(fitted):
         differential_expression(model, groupby=np.zeros(adata.n_obs), sampler=sampler)
 
 
+def test_posterior_models_decode_posterior_draws_by_default():
+    """posterior='normal': the default decodes fresh draws of each cell's posterior (scVI's estimates); the draws
+    are seeded, 'map' decodes the means, and the draws' spread reaches the statistics."""
+    adata = make_de_counts(seed=1)
+    model = DGD(latent_dim=5, n_components=3, covariate_keys=["batch"], n_hidden=(32,), n_hidden_head=(32,),
+                posterior="normal", seed=0).fit(adata, max_epochs=60, verbose=False)
+    assert "X_dgd_std" in adata.obsm
+    kw = dict(groupby="group", group1="g1", group2="g0", n_samples=400)
+    post = differential_expression(model, adata, **kw)
+    assert post.attrs["dgdcell_de"]["posterior"] == "posterior"
+    again = differential_expression(model, adata, **kw)
+    pd.testing.assert_frame_equal(post, again)
+    other = differential_expression(model, adata, seed=3, **kw)
+    assert not np.allclose(other["lfc_std"].reindex(post.index), post["lfc_std"])
+    point = differential_expression(model, adata, sampler="map", **kw)
+    assert point.attrs["dgdcell_de"]["posterior"] == "map (distribution over cells)"
+    # the same fold changes on the true DE genes, with the posterior's extra spread in the sampled LFCs
+    de = adata.var_names[adata.var["de"].to_numpy()]
+    assert np.corrcoef(post.loc[de, "lfc_mean"], point.loc[de, "lfc_mean"])[0, 1] > 0.95
+    assert post.loc[de, "lfc_std"].median() > point.loc[de, "lfc_std"].median()
+    # the draws themselves: one per cell, around the stored means with the stored spread
+    cells = adata[:50]
+    draws = model.posterior_sampler(seed=0)(cells, [None, None])
+    assert len(draws) == 2 and np.array_equal(draws[0], draws[1])  # one draw, shared by the settings
+    mean = model.get_normalized_expression(cells).to_numpy()
+    assert not np.allclose(draws[0], mean) and np.allclose(draws[0].sum(1), 1.0, atol=1e-4)
+    with pytest.raises(ValueError, match="posterior='normal'"):
+        differential_expression(_map_model(), adata, sampler="posterior", **kw)
+    with pytest.raises(TypeError, match="'posterior', 'map' or a callable"):
+        differential_expression(model, adata, sampler="normal", **kw)
+
+
+def _map_model():
+    adata = make_de_counts(seed=2)
+    return DGD(latent_dim=3, n_components=2, n_hidden=(8,), n_hidden_head=(8,), seed=0).fit(
+        adata, max_epochs=2, verbose=False)
+
+
 # --------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "kwargs, exc, match",

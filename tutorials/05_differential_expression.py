@@ -143,8 +143,9 @@ print(f"Spearman correlation of the protocol's fold changes, H1975 vs HCC827 cel
 #
 # A MAP-fitted model has no posterior per cell, so `proba_de` is a share of cell pairs rather
 # than a posterior probability (see the docstring of
-# `dgdcell.differential.differential_expression`); with `DGD(posterior="normal")` the
-# per-cell posteriors can be sampled (`sampler=`).
+# `dgdcell.differential.differential_expression`); a model fitted with
+# `DGD(posterior="normal")` decodes draws of each cell's posterior by default, which makes
+# `proba_de` scVI's Monte Carlo estimate (`sampler="map"` compares the posterior means).
 
 # %%
 print(f"pseudocount used: {markers['pseudocounts'].iloc[0]:.2e}")
