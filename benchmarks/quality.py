@@ -686,7 +686,9 @@ def main(argv=None) -> int:
         for name in args.datasets:
             peers = load_cache(peers_path)
             dgd_cache = load_cache(dgd_path)
-            todo_sc = [s for s in args.seeds if do_scanpy and "min_purity" not in peers.get(peer_key(name, "scanpy", s), {})]
+            # scanpy records from before the purity columns are refitted
+            todo_sc = [s for s in args.seeds
+                       if do_scanpy and "min_purity" not in peers.get(peer_key(name, "scanpy", s), {})]
             todo_dgd = [s for s in args.seeds
                         if do_dgd and (args.recompute or dgd_key(name, s, args.max_epochs) not in dgd_cache)]
             todo_scvi = [s for s in args.scvi_seeds

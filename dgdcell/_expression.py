@@ -194,7 +194,10 @@ class ExpressionMixin:
         generator = torch.Generator().manual_seed(check_int("seed", seed, 0, 2**63 - 1))
 
         def sampler(cells, transform_batches):
-            mean, cov, _ = self._stored_representations(cells, key, skip=set())
+            fixed = [self._transform_batch_inputs(tb) for tb in transform_batches]
+            # covariate representations every setting replaces need not be stored (as in get_normalized_expression)
+            skip = set.intersection(*(set(f) for f in fixed)) if fixed else set()
+            mean, cov, _ = self._stored_representations(cells, key, skip=skip)
             name = f"X_{key}_std"
             if name not in cells.obsm:
                 raise KeyError(f"cells.obsm has no {name!r}: fit or transform the cells with this model "
@@ -202,8 +205,7 @@ class ExpressionMixin:
             std = torch.as_tensor(_stored(cells, name, self.latent_dim))
             z = mean + std * torch.randn(mean.shape, generator=generator)
             continuous = self._stored_continuous(cells)
-            return [self._decode_fractions(z, cov, continuous, modality, self._transform_batch_inputs(tb), batch_size)
-                    for tb in transform_batches]
+            return [self._decode_fractions(z, cov, continuous, modality, f, batch_size) for f in fixed]
 
         return sampler
 

@@ -408,6 +408,11 @@ def test_posterior_models_decode_posterior_draws_by_default():
     assert len(draws) == 2 and np.array_equal(draws[0], draws[1])  # one draw, shared by the settings
     mean = model.get_normalized_expression(cells).to_numpy()
     assert not np.allclose(draws[0], mean) and np.allclose(draws[0].sum(1), 1.0, atol=1e-4)
+    # counterfactual: both decodings replace the batch representation, so the cells need not store it
+    bare = adata.copy()
+    del bare.obsm["X_dgd_batch"]
+    cf = differential_expression(model, bare, covariate="batch", group1="b1", group2="b0", n_samples=200)
+    assert cf.attrs["dgdcell_de"]["posterior"] == "posterior" and np.isfinite(cf["lfc_mean"]).all()
     with pytest.raises(ValueError, match="posterior='normal'"):
         differential_expression(_map_model(), adata, sampler="posterior", **kw)
     with pytest.raises(TypeError, match="'posterior', 'map' or a callable"):
