@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import numpy as np
@@ -10,6 +11,14 @@ import torch
 
 from ._checks import check_int, check_number
 from .data import read_continuous, read_new_data
+from .module import COVARIATE_DIM
+
+logger = logging.getLogger(__name__)
+
+#: ``predict_modality``'s estimates (see its docstring)
+PREDICTION_METHODS = ("empirical", "point")
+#: most training representations in ``predict_modality``'s empirical prior
+EMPIRICAL_CANDIDATES = 10_000
 
 
 class ExpressionMixin:
@@ -79,19 +88,50 @@ class ExpressionMixin:
         key: str = "dgd",
         transform_batch: str | dict[str, str] | None = None,
         batch_size: int = 1024,
+        method: str | None = None,
+        layer: str | None = None,
+        n_candidates: int = EMPIRICAL_CANDIDATES,
+        seed: int | None = None,
+        max_elements: int = 20_000_000,
     ) -> pd.DataFrame:
         """Predict a modality the cells were not measured in (e.g. proteins of an RNA-only query).
 
-        Decodes the cells' representations through the head of ``modality``:
-        the representations come from :meth:`fit` (``adata`` None: the training
-        cells, or an object ``fit`` wrote into) or :meth:`transform` (run it on
-        the query first: it fits the cells on the modalities they have). Reads
-        ``obsm[f"X_{key}"]`` and ``obsm[f"X_{key}_{covariate}"]``; writes nothing.
+        Two estimates (``method``):
+
+        - ``'empirical'`` (the default for cells passed as ``adata``): the
+          posterior mean of the modality's decoded fractions given the cells'
+          measured counts, under an empirical prior: the training cells'
+          representations (at most ``n_candidates``, a sample drawn with
+          ``seed`` beyond that), equally likely a priori. Each training point
+          ``z_j`` is weighted by the likelihood of the cell's counts there,
+          ``w_ij ~ p(x_i | z_j, c_i)`` (every modality the cell was measured in,
+          with the model's ``modality_weights``; covariates at the cell's class),
+          and the prediction is ``sum_j w_ij decode(z_j)``. Reads the cells'
+          counts (``adata.X`` / ``layer``, or the MuData's modalities), matched
+          to the training features by name as in :meth:`transform`.
+          Why: a point fitted from one modality alone lies where no training
+          cell was, and the decoder's head of the missing modality was only
+          trained at the points of cells measured in it; the empirical prior
+          keeps the prediction where the training cells are
+          (``benchmarks/results/multimodal.md``: proteins of held-out CITE-seq
+          cells from RNA alone, mean Spearman 0.754 against 0.688 on PBMC 10k,
+          0.628 against 0.594 on CBMC). The cost is one likelihood per (cell,
+          training point) pair, as for ``transform``'s candidate scoring.
+        - ``'point'`` (the default for ``adata=None``, and for models with
+          continuous covariates or saved without training representations):
+          decodes each cell's representation through the head of ``modality``:
+          the representations come from :meth:`fit` (``adata`` None: the training
+          cells, or an object ``fit`` wrote into) or :meth:`transform` (run it on
+          the query first: it fits the cells on the modalities they have). Reads
+          ``obsm[f"X_{key}"]`` and ``obsm[f"X_{key}_{covariate}"]``.
+
+        Writes nothing.
 
         Parameters
         ----------
         adata
-            AnnData / MuData carrying the representations, or None.
+            AnnData / MuData of the cells (carrying the representations for
+            ``'point'``; their counts for ``'empirical'``), or None: the training cells.
         modality
             The modality to predict; required when the model has several.
         library_size
@@ -103,7 +143,18 @@ class ExpressionMixin:
             Decode as if measured in this covariate class (see
             :meth:`get_normalized_expression`).
         batch_size
-            Cells decoded at a time.
+            Cells decoded at a time (``'point'``).
+        method
+            ``'empirical'``, ``'point'`` or None (see above).
+        layer
+            Layer of ``adata`` holding the counts (``'empirical'``; default ``.X``).
+        n_candidates
+            Most training representations in the empirical prior (``'empirical'``).
+        seed
+            Seed of the sample of training representations when there are more
+            than ``n_candidates`` (default: the model's).
+        max_elements
+            Memory bound of the likelihood pass, in floats (``'empirical'``).
 
         Returns
         -------
@@ -114,10 +165,79 @@ class ExpressionMixin:
             if len(self.features) > 1:
                 raise ValueError(f"the model has modalities {sorted(self.features)}; pass modality= to choose one.")
             modality = next(iter(self.features))
+        if modality not in self.features:
+            raise KeyError(f"modality {modality!r} is not in the model (modalities: {sorted(self.features)}).")
         if isinstance(library_size, str):
             raise ValueError("predict_modality takes library_size None or a number; the cells' own library size "
                              "in an unmeasured modality is unknown.")
-        return self.get_normalized_expression(adata, library_size, modality, key, transform_batch, None, batch_size)
+        method = self._prediction_method(adata, method)
+        if method == "point":
+            return self.get_normalized_expression(adata, library_size, modality, key, transform_batch, None,
+                                                  batch_size)
+        n_candidates = check_int("n_candidates", n_candidates, 1)
+        max_elements = check_int("max_elements", max_elements, 1)
+        seed = self.init_args["seed"] if seed is None else check_int("seed", seed, 0, 2**63 - 1)
+        scale = None if library_size is None else check_number("library_size", library_size)
+        out, names = self._empirical_fractions(adata, modality, layer, self._transform_batch_inputs(transform_batch),
+                                               n_candidates, seed, max_elements)
+        if scale is not None:
+            out *= np.float32(scale)
+        return pd.DataFrame(out, index=pd.Index(names), columns=pd.Index(self.features[modality]), copy=False)
+
+    def _prediction_method(self, adata, method: str | None) -> str:
+        """``predict_modality``'s method: the one asked for (checked) or the default."""
+        continuous = bool(self.init_args.get("continuous_covariate_keys"))
+        stored = self.representation is not None and self.representation.shape[0] > 0
+        if method is None:
+            return "empirical" if adata is not None and stored and not continuous else "point"
+        if method not in PREDICTION_METHODS:
+            raise ValueError(f"method must be one of {PREDICTION_METHODS} (or None for the default), got {method!r}.")
+        if method == "empirical":
+            if adata is None:
+                raise ValueError("method='empirical' weighs training points by the likelihood of the cells' counts: "
+                                 "pass adata= the cells (or method='point' to decode the training cells' points).")
+            if continuous:
+                raise ValueError("method='empirical' does not support models with continuous_covariate_keys yet "
+                                 "(the candidates are decoded once for all cells); use method='point'.")
+            if not stored:
+                raise ValueError("method='empirical' needs the training cells' representations, and this model has "
+                                 "none (saved without them); use method='point'.")
+        return method
+
+    def _empirical_fractions(self, adata, modality: str, layer, fixed: dict[str, torch.Tensor], n_candidates: int,
+                             seed: int, max_elements: int) -> tuple[np.ndarray, list[str]]:
+        """(n, features) float32 posterior-mean fractions of ``modality`` under the empirical prior of the
+        training representations (see :meth:`predict_modality`), and the cells' names."""
+        from ._evidence import _cells
+        from .data import binarise
+        from .train.new_cells import candidate_posterior_mean, candidate_starts, frozen
+
+        new = read_new_data(adata, self.features, layer, self.covariate_categories, 0.0,
+                            modality_key=self.init_args.get("modality_key"))
+        binarise(new.data, [m for m in new.data.modalities if self.decoder.likelihoods[m].binary])
+        n = new.data.n_obs
+        findex = {m: None if a.complete else torch.as_tensor(a.feature_index, device=self.device)
+                  for m, a in new.alignments.items()}
+        # the cells' own representations are not read: only their counts and covariate classes
+        cells = _cells(self, new.data, None, torch.zeros(n, self.latent_dim),
+                       {k: torch.zeros(n, COVARIATE_DIM) for k in self.cov_gmms}, findex)
+        reference = self.representation.detach()
+        if reference.shape[0] > n_candidates:
+            rows = torch.randperm(reference.shape[0], generator=torch.Generator().manual_seed(seed))[:n_candidates]
+            reference = reference[rows.sort().values]
+        with frozen(self.module):
+            cand = candidate_starts(self.gmm, dict(self.cov_gmms), reference=reference.to(self.device),
+                                    include_means=False)
+
+            def values(ci: torch.Tensor) -> torch.Tensor:
+                cov = {k: (fixed[k].to(self.device).expand(ci.shape[0], -1) if k in fixed else v[ci])
+                       for k, v in cand.cov.items()}
+                return torch.exp(self.module.log_fractions(cand.z[ci], cov, [modality])[modality])
+
+            mean, ess = candidate_posterior_mean(self.module, cells, cand, values, max_elements)
+        logger.info("predict_modality: empirical prior of %d training representations; median effective sample "
+                    "size of the weights %.1f", reference.shape[0], float(ess.median()))
+        return mean.cpu().numpy().astype(np.float32, copy=False), [str(v) for v in adata.obs_names]
 
     def differential_expression(self, adata=None, groupby=None, group1=None, group2=None, **kwargs):
         """Differential expression from decoded expression, between groups of cells or between two

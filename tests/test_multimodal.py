@@ -110,6 +110,88 @@ def test_predict_modality_for_rna_only_query(cite_fit):
         model.predict_modality(rna)
 
 
+def _brute_force_empirical(model, rna, modality):
+    """The empirical-prior posterior mean of ``predict_modality`` written out: every query cell's RNA
+    negative log-likelihood at every training representation through the module's loss, softmax,
+    then the weighted mean of the decoded fractions."""
+    from dgdcell._evidence import _cells
+    from dgdcell.data import read_new_data
+
+    new = read_new_data(rna, model.features, None, model.covariate_categories, 0.0)
+    ref = model.representation
+    n, r = new.data.n_obs, ref.shape[0]
+    rows = np.repeat(np.arange(n), r)
+    z = torch.zeros(n, model.latent_dim)
+    cells = _cells(model, new.data, rows, z, {})
+    cells.rep.z.data.copy_(ref.repeat(n, 1))
+    with torch.no_grad():
+        out = model.module.loss(cells.minibatch(torch.arange(n * r), z=cells.rep.z, cov={}))
+        nll = out.reconstruction_total.view(n, r)
+        frac = torch.exp(model.module.log_fractions(ref, {}, [modality])[modality])
+    return (torch.softmax(-nll.double(), 1) @ frac.double()).numpy()
+
+
+def test_predict_modality_empirical_prior_is_the_posterior_mean_over_training_points(cite_fit):
+    mdata, model = cite_fit
+    query = make_cite(n_per_group=(10, 10, 10), seed=6)
+    rna = query.mod["rna"].copy()
+    before = rna.copy()
+    got = model.predict_modality(rna, "adt", method="empirical")
+    np.testing.assert_allclose(got.to_numpy(), _brute_force_empirical(model, rna, "adt"), rtol=2e-3, atol=1e-6)
+    # the default for cells passed in, and it needs no transform (only the counts); nothing is written
+    np.testing.assert_array_equal(model.predict_modality(rna, "adt").to_numpy(), got.to_numpy())
+    assert rna.obsm.keys() == before.obsm.keys() and rna.obs.equals(before.obs)
+    # better than the point from RNA alone on these cells (the decoder's protein head was trained at joint points)
+    model.transform(rna, verbose=False)
+    point = model.predict_modality(rna, "adt", method="point")
+    truth = query.mod["adt"].X.toarray()
+    truth = truth / truth.sum(1, keepdims=True)
+
+    def rho(pred):
+        return np.mean([spearmanr(pred.iloc[:, j], truth[:, j]).statistic for j in range(truth.shape[1])])
+
+    assert rho(got) >= rho(point) - 0.02
+    # a seeded sample of the training points when there are more than n_candidates
+    a = model.predict_modality(rna, "adt", n_candidates=50, seed=1)
+    b = model.predict_modality(rna, "adt", n_candidates=50, seed=1)
+    np.testing.assert_array_equal(a.to_numpy(), b.to_numpy())
+    assert not np.allclose(a.to_numpy(), got.to_numpy())
+    # the training cells' own points without adata; errors name the fix
+    np.testing.assert_array_equal(model.predict_modality(modality="adt").to_numpy(),
+                                  model.get_normalized_expression(modality="adt").to_numpy())
+    with pytest.raises(ValueError, match="pass adata="):
+        model.predict_modality(modality="adt", method="empirical")
+    with pytest.raises(ValueError, match="method must be one of"):
+        model.predict_modality(rna, "adt", method="knn")
+    with pytest.raises(ValueError, match="n_candidates"):
+        model.predict_modality(rna, "adt", n_candidates=0)
+
+
+def test_predict_modality_empirical_with_a_covariate():
+    mdata = make_cite(seed=2)
+    mdata.obs["batch"] = np.where(np.arange(mdata.n_obs) % 2, "b1", "b0")
+    model = DGD(latent_dim=4, n_components=3, covariate_keys=["batch"], seed=0).fit(mdata, **FAST)
+    query = make_cite(n_per_group=(10, 10, 10), seed=7)
+    rna = query.mod["rna"].copy()
+    rna.obs["batch"] = np.where(np.arange(rna.n_obs) % 2, "b1", "b0")
+    pred = model.predict_modality(rna, "adt")
+    assert np.isfinite(pred.to_numpy()).all()
+    np.testing.assert_allclose(pred.sum(1), 1.0, rtol=1e-4)
+    first = model.covariate_categories["batch"][0]
+    moved = model.predict_modality(rna, "adt", transform_batch=first)
+    assert not np.allclose(moved.to_numpy(), pred.to_numpy())
+    cont = make_cite(seed=3)
+    cont.obs["pct"] = np.linspace(0.0, 1.0, cont.n_obs)
+    fitted = DGD(latent_dim=3, n_components=3, continuous_covariate_keys=["pct"], seed=0).fit(
+        cont, max_epochs=3, verbose=False)
+    q = cont.mod["rna"][:20].copy()
+    q.obs["pct"] = 0.5
+    fitted.transform(q, verbose=False, max_epochs=3)
+    assert fitted.predict_modality(q, "adt").shape == (20, 8)  # the default falls back to the points
+    with pytest.raises(ValueError, match="does not support models with continuous_covariate_keys"):
+        fitted.predict_modality(q, "adt", method="empirical")
+
+
 def test_transform_mudata_with_both_modalities(cite_fit):
     mdata, model = cite_fit
     new = mdata[:60].copy()

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -152,17 +152,24 @@ def candidate_starts(
     n_samples: int = 1,
     generator: torch.Generator | None = None,
     reference: torch.Tensor | None = None,
+    include_means: bool = True,
 ) -> Candidates:
     """Candidate starts: the main mixture's ``sample_new_points(init, n_samples)``
-    ((K,) or (K * n_samples,) points), then the ``reference`` points ((R, L),
-    e.g. fitted cells' representations; each counts as from its most probable
-    component), times every component mean of each covariate mixture, as a
-    Cartesian product (main candidate outermost)."""
+    ((K,) or (K * n_samples,) points; left out with ``include_means=False``),
+    then the ``reference`` points ((R, L), e.g. fitted cells' representations;
+    each counts as from its most probable component), times every component
+    mean of each covariate mixture, as a Cartesian product (main candidate
+    outermost)."""
     if init not in INIT_TYPES:
         raise ValueError(f"init must be one of {INIT_TYPES}, got {init!r}.")
     if int(n_samples) < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
-    z = gmm.sample_new_points(init, int(n_samples), generator=generator).detach()
+    if include_means:
+        z = gmm.sample_new_points(init, int(n_samples), generator=generator).detach()
+    else:
+        if reference is None or not reference.shape[0]:
+            raise ValueError("include_means=False needs reference points.")
+        z = gmm.mean.detach()[:0]
     comp = torch.arange(gmm.n_mix_comp, device=z.device).repeat_interleave(z.shape[0] // gmm.n_mix_comp)
     if reference is not None and reference.shape[0]:
         reference = reference.detach().to(z.device, z.dtype)
@@ -335,11 +342,13 @@ def _iter_scores(
     cand: Candidates,
     max_elements: int = 20_000_000,
     n_grid: int | None = 64,
+    mixture_prior: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(rows (B,), candidates (C',), scores (B, C'))``: the per-cell total
     NLL (NB + priors, nats) of those cells at those candidates. Covers every
     admissible (cell, candidate) pair exactly once (see :func:`_class_groups`);
-    each cell's candidates come in increasing order."""
+    each cell's candidates come in increasing order. ``mixture_prior=False``
+    leaves out the main mixture's term (the covariate priors stay)."""
     max_elements = max(int(max_elements), 1)
     decoder, gmm, cov_gmms = module.decoder, module.gmm, dict(module.cov_gmms)
     fidx = cells.feature_index or {}
@@ -372,7 +381,9 @@ def _iter_scores(
             for r0, r1 in _row_chunks(row_cost, min(max_elements, CACHE_ELEMENTS)):
                 local = torch.arange(r0, r1, device=cand.z.device)
                 idx = rows_g[r0:r1]
-                score = main[main_row[idx].unsqueeze(1), ci] - constant[idx].unsqueeze(1)
+                score = -constant[idx].unsqueeze(1).expand(-1, ci.shape[0])
+                if mixture_prior:
+                    score = score + main[main_row[idx].unsqueeze(1), ci]
                 for key, table in tables.items():
                     score = score + table[(cells.cov_codes[key][idx] + 1).unsqueeze(1), ci]
                 for m in mods:
@@ -460,6 +471,48 @@ def best_candidates(
     """Each cell's best candidate: ``(index (n,) long, score (n,) nats)``; see :func:`top_candidates`."""
     idx, score = top_candidates(module, cells, cand, 1, max_elements, n_grid)
     return idx[:, 0], score[:, 0]
+
+
+@torch.no_grad()
+def candidate_posterior_mean(
+    module: DGDModule,
+    cells: CellSet,
+    cand: Candidates,
+    values: Callable[[torch.Tensor], torch.Tensor],
+    max_elements: int = 20_000_000,
+    n_grid: int | None = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each cell's posterior mean of ``values`` under an empirical prior: the
+    candidates, equally likely a priori (the main mixture's density left out;
+    covariate priors kept), weighted by the likelihood of the cell's counts
+    there, ``w_ic ~ p(x_i | z_c, c_c)``; ``values(ci)`` gives the (C', G) values
+    at candidates ``ci``. One pass over the (cell, candidate) pairs with a
+    running log-sum-exp, so memory stays within about ``max_elements`` floats plus
+    (n, G). Returns ``(mean (n, G), effective sample size of the weights (n,))``."""
+    n = cells.n
+    dev = cand.z.device
+    peak = torch.full((n,), -math.inf, device=dev)
+    total = torch.zeros(n, device=dev)
+    total_sq = torch.zeros(n, device=dev)
+    acc = None
+    last, last_values = None, None
+    for idx, ci, score in _iter_scores(module, cells, cand, max_elements, n_grid, mixture_prior=False):
+        if last is None or last.shape != ci.shape or not torch.equal(last, ci):
+            last, last_values = ci, values(ci)  # consecutive chunks share their candidates
+        log_w = -score
+        new_peak = torch.maximum(peak[idx], log_w.max(1).values)
+        shrink = torch.exp(peak[idx] - new_peak)
+        w = torch.exp(log_w - new_peak.unsqueeze(1))
+        if acc is None:
+            acc = torch.zeros(n, last_values.shape[1], device=dev, dtype=last_values.dtype)
+        total[idx] = total[idx] * shrink + w.sum(1)
+        total_sq[idx] = total_sq[idx] * shrink.square() + w.square().sum(1)
+        acc[idx] = acc[idx] * shrink.unsqueeze(1) + w @ last_values
+        peak[idx] = new_peak
+    if acc is None or not bool((total > 0).all()):
+        raise ValueError("some cells have no admissible candidate (every candidate's likelihood is zero); "
+                         "check that the cells' counts and covariate classes match the model.")
+    return acc / total.unsqueeze(1), total.square() / total_sq
 
 
 # --------------------------------------------------------------------------- optimisation
