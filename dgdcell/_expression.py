@@ -98,7 +98,8 @@ class ExpressionMixin:
 
         Two estimates (``method``):
 
-        - ``'empirical'`` (the default for cells passed as ``adata``): the
+        - ``'empirical'`` (the default for cells passed as ``adata`` with counts of
+          the model's features): the
           posterior mean of the modality's decoded fractions given the cells'
           measured counts, under an empirical prior: the training cells'
           representations (at most ``n_candidates``, a sample drawn with
@@ -117,8 +118,9 @@ class ExpressionMixin:
           cells from RNA alone, mean Spearman 0.754 against 0.688 on PBMC 10k,
           0.628 against 0.594 on CBMC). The cost is one likelihood per (cell,
           training point) pair, as for ``transform``'s candidate scoring.
-        - ``'point'`` (the default for ``adata=None``, and for models with
-          continuous covariates or saved without training representations):
+        - ``'point'`` (the default for ``adata=None``, for cells without counts
+          of the model's features, and for models with continuous covariates or
+          saved without training representations):
           decodes each cell's representation through the head of ``modality``:
           the representations come from :meth:`fit` (``adata`` None: the training
           cells, or an object ``fit`` wrote into) or :meth:`transform` (run it on
@@ -189,7 +191,8 @@ class ExpressionMixin:
         continuous = bool(self.init_args.get("continuous_covariate_keys"))
         stored = self.representation is not None and self.representation.shape[0] > 0
         if method is None:
-            return "empirical" if adata is not None and stored and not continuous else "point"
+            usable = adata is not None and stored and not continuous and self._shares_features(adata)
+            return "empirical" if usable else "point"
         if method not in PREDICTION_METHODS:
             raise ValueError(f"method must be one of {PREDICTION_METHODS} (or None for the default), got {method!r}.")
         if method == "empirical":
@@ -204,6 +207,15 @@ class ExpressionMixin:
                                  "none (saved without them); use method='point'.")
         return method
 
+    def _shares_features(self, adata) -> bool:
+        """Whether ``adata`` holds counts of any of the model's features (a MuData: in a modality of the
+        model's name), i.e. whether ``predict_modality``'s default can weigh training points by them."""
+        mods = getattr(adata, "mod", None)
+        if mods is not None:
+            return any(m in mods and bool(mods[m].var_names.isin(list(f)).any()) for m, f in self.features.items())
+        names = {str(v) for v in adata.var_names}
+        return any(not names.isdisjoint(f) for f in self.features.values())
+
     def _empirical_fractions(self, adata, modality: str, layer, fixed: dict[str, torch.Tensor], n_candidates: int,
                              seed: int, max_elements: int) -> tuple[np.ndarray, list[str]]:
         """(n, features) float32 posterior-mean fractions of ``modality`` under the empirical prior of the
@@ -212,8 +224,12 @@ class ExpressionMixin:
         from .data import binarise
         from .train.new_cells import candidate_posterior_mean, candidate_starts, frozen
 
-        new = read_new_data(adata, self.features, layer, self.covariate_categories, 0.0,
-                            modality_key=self.init_args.get("modality_key"))
+        try:
+            new = read_new_data(adata, self.features, layer, self.covariate_categories, 0.0,
+                                modality_key=self.init_args.get("modality_key"))
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"predict_modality(method='empirical') weighs the training points by the cells' counts, "
+                             f"and reading them failed: {err} (method='point' decodes obsm['X_dgd'] instead).") from None
         binarise(new.data, [m for m in new.data.modalities if self.decoder.likelihoods[m].binary])
         n = new.data.n_obs
         findex = {m: None if a.complete else torch.as_tensor(a.feature_index, device=self.device)

@@ -165,6 +165,15 @@ def test_predict_modality_empirical_prior_is_the_posterior_mean_over_training_po
         model.predict_modality(rna, "adt", method="knn")
     with pytest.raises(ValueError, match="n_candidates"):
         model.predict_modality(rna, "adt", n_candidates=0)
+    # cells carrying only their representations (no counts of the model's features): decoded at the points
+    bare = ad.AnnData(np.zeros((rna.n_obs, 1), dtype=np.float32), obs=pd.DataFrame(index=rna.obs_names))
+    bare.obsm["X_dgd"] = rna.obsm["X_dgd"]
+    np.testing.assert_array_equal(model.predict_modality(bare, "adt").to_numpy(), point.to_numpy())
+    with pytest.raises(ValueError, match="method='point' decodes"):
+        model.predict_modality(bare, "adt", method="empirical")
+    # a MuData with the RNA modality counts
+    mu = md.MuData({"rna": rna.copy()})
+    np.testing.assert_allclose(model.predict_modality(mu, "adt").to_numpy(), got.to_numpy(), rtol=1e-5)
 
 
 def test_predict_modality_empirical_with_a_covariate():
