@@ -117,7 +117,10 @@ class ExpressionMixin:
           (``benchmarks/results/multimodal.md``: proteins of held-out CITE-seq
           cells from RNA alone, mean Spearman 0.754 against 0.688 on PBMC 10k,
           0.628 against 0.594 on CBMC). The cost is one likelihood per (cell,
-          training point) pair, as for ``transform``'s candidate scoring.
+          training point) pair, as for ``transform``'s candidate scoring: about
+          45 s for 6,661 cells x 5,328 training points x 1,000 genes on two CPU
+          threads. Fewer candidates are faster and less accurate (PBMC 10k:
+          0.728 / 0.743 / 0.754 at 500 / 2,000 / all 5,328).
         - ``'point'`` (the default for ``adata=None``, for cells without counts
           of the model's features, and for models with continuous covariates or
           saved without training representations):
