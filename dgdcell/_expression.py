@@ -12,6 +12,7 @@ import torch
 from ._checks import check_int, check_number
 from .data import read_continuous, read_new_data
 from .module import COVARIATE_DIM
+from .train.streaming import DEFAULT_BLOCK_CELLS
 
 logger = logging.getLogger(__name__)
 
@@ -237,9 +238,8 @@ class ExpressionMixin:
         n = new.data.n_obs
         findex = {m: None if a.complete else torch.as_tensor(a.feature_index, device=self.device)
                   for m, a in new.alignments.items()}
-        # the cells' own representations are not read: only their counts and covariate classes
-        cells = _cells(self, new.data, None, torch.zeros(n, self.latent_dim),
-                       {k: torch.zeros(n, COVARIATE_DIM) for k in self.cov_gmms}, findex)
+        # counts read from disk (backed) come in blocks of cells; in memory, all at once
+        step = DEFAULT_BLOCK_CELLS if new.data.backed else max(n, 1)
         reference = self.representation.detach()
         if reference.shape[0] > n_candidates:
             rows = torch.randperm(reference.shape[0], generator=torch.Generator().manual_seed(seed))[:n_candidates]
@@ -253,10 +253,20 @@ class ExpressionMixin:
                        for k, v in cand.cov.items()}
                 return torch.exp(self.module.log_fractions(cand.z[ci], cov, [modality])[modality])
 
-            mean, ess = candidate_posterior_mean(self.module, cells, cand, values, max_elements)
+            means, sizes = [], []
+            for start in range(0, n, step):
+                data = new.data.block(start, min(start + step, n)) if new.data.backed else new.data
+                b = data.n_obs
+                # the cells' own representations are not read: only their counts and covariate classes
+                cells = _cells(self, data, None, torch.zeros(b, self.latent_dim),
+                               {k: torch.zeros(b, COVARIATE_DIM) for k in self.cov_gmms}, findex)
+                mean, ess = candidate_posterior_mean(self.module, cells, cand, values, max_elements)
+                means.append(mean.cpu().numpy().astype(np.float32, copy=False))
+                sizes.append(ess.cpu())
+                del cells
         logger.info("predict_modality: empirical prior of %d training representations; median effective sample "
-                    "size of the weights %.1f", reference.shape[0], float(ess.median()))
-        return mean.cpu().numpy().astype(np.float32, copy=False), [str(v) for v in adata.obs_names]
+                    "size of the weights %.1f", reference.shape[0], float(torch.cat(sizes).median()))
+        return np.concatenate(means), [str(v) for v in adata.obs_names]
 
     def differential_expression(self, adata=None, groupby=None, group1=None, group2=None, **kwargs):
         """Differential expression from decoded expression, between groups of cells or between two

@@ -131,7 +131,7 @@ def _brute_force_empirical(model, rna, modality):
     return (torch.softmax(-nll.double(), 1) @ frac.double()).numpy()
 
 
-def test_predict_modality_empirical_prior_is_the_posterior_mean_over_training_points(cite_fit):
+def test_predict_modality_empirical_prior_is_the_posterior_mean_over_training_points(cite_fit, tmp_path):
     mdata, model = cite_fit
     query = make_cite(n_per_group=(10, 10, 10), seed=6)
     rna = query.mod["rna"].copy()
@@ -174,6 +174,10 @@ def test_predict_modality_empirical_prior_is_the_posterior_mean_over_training_po
     # a MuData with the RNA modality counts
     mu = md.MuData({"rna": rna.copy()})
     np.testing.assert_allclose(model.predict_modality(mu, "adt").to_numpy(), got.to_numpy(), rtol=1e-5)
+    # counts read from disk (backed), block by block
+    rna.write_h5ad(tmp_path / "query.h5ad")
+    backed = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
+    np.testing.assert_allclose(model.predict_modality(backed, "adt").to_numpy(), got.to_numpy(), rtol=1e-5)
 
 
 def test_predict_modality_empirical_with_a_covariate():
