@@ -325,7 +325,7 @@ def _duplicate_shared(a):
 
 BAD_TRANSFORM = {
     "other kind of feature names": (_rename_all, {}, ValueError,
-                                    r"only 0 of the model's 30 rna features.*Are the names the same kind"),
+                                    r"none of the model's 30 rna features.*Are the names the same kind"),
     "NaN": (_nan, {}, ValueError, r"contains 1 NaN or infinite values.*set it to 0 first"),
     "missing layer": (lambda a: None, {"layer": "counts"}, KeyError, r"layer 'counts' not found"),
     "duplicated shared feature": (_duplicate_shared, {}, ValueError, r"more than once.*var_names_make_unique"),

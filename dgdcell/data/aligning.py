@@ -95,10 +95,16 @@ def align_features(
                 f"new data (e.g. {dup[0]!r}); make the names unique first (e.g. adata.var_names_make_unique())."
             )
     n_train, n_shared = len(train_index), int(present.sum())
-    if n_shared < min_overlap * n_train or n_shared == 0:
+    if n_shared == 0:
         raise ValueError(
-            f"only {n_shared} of the model's {n_train} {modality} features ({n_shared / max(n_train, 1):.1%}) are "
-            f"in the new data's {len(new_index)} features; at least {min_overlap:.0%} are needed. Are the names "
+            f"none of the model's {n_train} {modality} features are in the new data's {len(new_index)} features. "
+            f"Are the names the same kind (training: {list(train_index[:3])}, new: {list(new_index[:3])})?"
+        )
+    if n_shared < min_overlap * n_train:
+        raise ValueError(
+            f"only {n_shared} of the model's {n_train} {modality} features ({n_shared / max(n_train, 1):.2%}) are "
+            f"in the new data's {len(new_index)} features; at least {min_overlap:.0%} "
+            f"({int(np.ceil(min_overlap * n_train))}) are needed (lower min_overlap= to accept fewer). Are the names "
             f"the same kind (training: {list(train_index[:3])}, new: {list(new_index[:3])})?"
         )
     first = pd.Series(np.arange(len(new_index)), index=new_index)
