@@ -99,8 +99,8 @@ class ExpressionMixin:
 
         Two estimates (``method``):
 
-        - ``'empirical'`` (the default for cells passed as ``adata`` with counts of
-          the model's features): the
+        - ``'empirical'`` (the default for cells passed as ``adata`` that carry
+          counts of another of the model's modalities and not of ``modality``): the
           posterior mean of the modality's decoded fractions given the cells'
           measured counts, under an empirical prior: the training cells'
           representations (at most ``n_candidates``, a sample drawn with
@@ -122,9 +122,10 @@ class ExpressionMixin:
           45 s for 6,661 cells x 5,328 training points x 1,000 genes on two CPU
           threads. Fewer candidates are faster and less accurate (PBMC 10k:
           0.728 / 0.743 / 0.754 at 500 / 2,000 / all 5,328).
-        - ``'point'`` (the default for ``adata=None``, for cells without counts
-          of the model's features, and for models with continuous covariates or
-          saved without training representations):
+        - ``'point'`` (the default otherwise: ``adata=None``, cells measured in
+          ``modality`` (their point is then fitted to it) or carrying only their
+          representations, and models with continuous covariates or saved without
+          training representations):
           decodes each cell's representation through the head of ``modality``:
           the representations come from :meth:`fit` (``adata`` None: the training
           cells, or an object ``fit`` wrote into) or :meth:`transform` (run it on
@@ -176,7 +177,7 @@ class ExpressionMixin:
         if isinstance(library_size, str):
             raise ValueError("predict_modality takes library_size None or a number; the cells' own library size "
                              "in an unmeasured modality is unknown.")
-        method = self._prediction_method(adata, method)
+        method = self._prediction_method(adata, method, modality)
         if method == "point":
             return self.get_normalized_expression(adata, library_size, modality, key, transform_batch, None,
                                                   batch_size)
@@ -190,12 +191,14 @@ class ExpressionMixin:
             out *= np.float32(scale)
         return pd.DataFrame(out, index=pd.Index(names), columns=pd.Index(self.features[modality]), copy=False)
 
-    def _prediction_method(self, adata, method: str | None) -> str:
+    def _prediction_method(self, adata, method: str | None, modality: str) -> str:
         """``predict_modality``'s method: the one asked for (checked) or the default."""
         continuous = bool(self.init_args.get("continuous_covariate_keys"))
         stored = self.representation is not None and self.representation.shape[0] > 0
         if method is None:
-            usable = adata is not None and stored and not continuous and self._shares_features(adata)
+            usable = (adata is not None and stored and not continuous
+                      and self._shares_features(adata, [m for m in self.features if m != modality])
+                      and not self._shares_features(adata, [modality]))
             return "empirical" if usable else "point"
         if method not in PREDICTION_METHODS:
             raise ValueError(f"method must be one of {PREDICTION_METHODS} (or None for the default), got {method!r}.")
@@ -211,14 +214,14 @@ class ExpressionMixin:
                                  "none (saved without them); use method='point'.")
         return method
 
-    def _shares_features(self, adata) -> bool:
-        """Whether ``adata`` holds counts of any of the model's features (a MuData: in a modality of the
-        model's name), i.e. whether ``predict_modality``'s default can weigh training points by them."""
+    def _shares_features(self, adata, modalities: list[str]) -> bool:
+        """Whether ``adata`` holds features of any of the model's ``modalities`` (a MuData: in a modality
+        of that name)."""
         mods = getattr(adata, "mod", None)
         if mods is not None:
-            return any(m in mods and bool(mods[m].var_names.isin(list(f)).any()) for m, f in self.features.items())
+            return any(m in mods and bool(mods[m].var_names.isin(list(self.features[m])).any()) for m in modalities)
         names = {str(v) for v in adata.var_names}
-        return any(not names.isdisjoint(f) for f in self.features.values())
+        return any(not names.isdisjoint(self.features[m]) for m in modalities)
 
     def _empirical_fractions(self, adata, modality: str, layer, fixed: dict[str, torch.Tensor], n_candidates: int,
                              seed: int, max_elements: int) -> tuple[np.ndarray, list[str]]:
