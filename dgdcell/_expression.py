@@ -229,7 +229,8 @@ class ExpressionMixin:
         training representations (see :meth:`predict_modality`), and the cells' names."""
         from ._evidence import _cells
         from .data import binarise
-        from .train.new_cells import candidate_posterior_mean, candidate_starts, frozen
+        from .train.candidates import candidate_posterior_mean, candidate_starts
+        from .train.new_cells import frozen
 
         try:
             new = read_new_data(adata, self.features, layer, self.covariate_categories, 0.0,

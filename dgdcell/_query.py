@@ -16,7 +16,8 @@ from .latent import RepresentationLayer
 from .module import COVARIATE_DIM
 from .train import CellSet, DeviceCounts
 from .train.distributed import abort_comm, merge_rank_histories, open_comm
-from .train.new_cells import INIT_TYPES, NewCellConfig, candidate_starts, fit_new_cells, frozen, merge_histories
+from .train.candidates import INIT_TYPES, candidate_starts
+from .train.new_cells import NewCellConfig, fit_new_cells, frozen, merge_histories
 from .train.streaming import DEFAULT_BLOCK_CELLS
 
 if TYPE_CHECKING:

@@ -4,16 +4,8 @@ from .batching import DeviceCounts
 from .cells import CellSet
 from .initialisation import graph_clusters, init_mixture, init_mixture_from_labels, kmeans, log_normalise, pca_scores
 from .loop import TrainConfig, representation_epoch, train
-from .new_cells import (
-    Candidates,
-    NewCellConfig,
-    best_candidates,
-    candidate_scores,
-    candidate_starts,
-    fit_new_cells,
-    frozen,
-    top_candidates,
-)
+from .candidates import Candidates, best_candidates, candidate_scores, candidate_starts, top_candidates
+from .new_cells import NewCellConfig, fit_new_cells, frozen
 
 __all__ = [
     "CellSet",
