@@ -598,6 +598,9 @@ class DGD(FittingMixin, QueryMixin, EvidenceMixin, OutputsMixin, ExpressionMixin
             self.representation_std = std_all
             self.history = _continue_history(run.previous, history)
             self.fit_settings = {**settings, "n_epochs": len(self.history["epoch"]), **stop}
+            temperatures = self._calibrate_prediction(run.data)
+            if temperatures:
+                self.fit_settings["prediction_temperature"] = temperatures
             if run.checkpoint_dir is not None:
                 def write() -> None:
                     self._write_model(run.checkpoint_dir, z_all, cov_all, self.history, self.fit_settings,

@@ -137,16 +137,25 @@ def test_two_processes_match_one_process(one_thread, tmp_path):
         np.testing.assert_allclose(r0["history"][key], model.history[key], rtol=1e-3)
     assert adjusted_rand_index(adata.obs["dgd_cluster"], r0["cluster"].numpy()) >= 0.95
     for key, value in model.module.state_dict().items():
-        # summation order differs between one and two processes; over 300 epochs of Adam a handful of the
-        # decoder's 300,000 weights drift by a few 1e-3 (measured: 1 weight, 0.0034), the rest agree closely
+        # summation order differs between one and two processes; over the epochs of Adam a few of the
+        # decoder's weights drift by a few 1e-3 (measured on one CPU: 1 weight, 0.0034; on another: 11 of a
+        # layer's 10,000, at most 0.0023, relative norm of the difference 0.0014), the rest agree closely
         a, b = r0["module"][key].numpy(), value.numpy()
         off = ~np.isclose(a, b, rtol=1e-2, atol=1e-3)
-        assert off.mean() <= 1e-4 and np.abs(a - b).max() <= 1e-2, (key, int(off.sum()), float(np.abs(a - b).max()))
+        rel = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
+        assert off.mean() <= 2e-3 and np.abs(a - b).max() <= 1e-2 and rel <= 5e-3, (key, int(off.sum()), rel)
 
     query = dgdcell.datasets.cellbench()[::4].copy()
     model.transform(query, verbose=False, **TRANSFORM)
-    close = np.abs(query.obsm["X_dgd"] - r0["query_z"].numpy()).max(1) < 1e-2
-    assert close.mean() > 0.95
+    # with its own weights (a few 1e-3 apart) most cells land close; the optimisation of a cell from its start
+    # amplifies the weights' difference (measured: median 0.007, 90% 0.04; a cell whose best start flips, 2)
+    dist = np.abs(query.obsm["X_dgd"] - r0["query_z"].numpy()).max(1)
+    assert np.median(dist) < 0.05
+    # with the two-process weights the one-process transform is the two-process transform (measured: 2e-7)
+    model.module.load_state_dict(r0["module"])
+    same = dgdcell.datasets.cellbench()[::4].copy()
+    model.transform(same, verbose=False, **TRANSFORM)
+    np.testing.assert_allclose(same.obsm["X_dgd"], r0["query_z"].numpy(), atol=1e-5)
 
 
 def test_killed_rank_stops_the_others(tmp_path):

@@ -111,14 +111,13 @@ def test_predict_modality_for_rna_only_query(cite_fit):
         model.predict_modality(rna)
 
 
-def _brute_force_empirical(model, rna, modality):
-    """The empirical-prior posterior mean of ``predict_modality`` written out: every query cell's RNA
-    negative log-likelihood at every training representation through the module's loss, softmax,
-    then the weighted mean of the decoded fractions."""
+def _brute_force_nll(model, query):
+    """(cells, training points) negative log-likelihood of the query's counts at every training
+    representation, through the module's loss."""
     from dgdcell._evidence import _cells
     from dgdcell.data import read_new_data
 
-    new = read_new_data(rna, model.features, None, model.covariate_categories, 0.0)
+    new = read_new_data(query, model.features, None, model.covariate_categories, 0.0)
     ref = model.representation
     n, r = new.data.n_obs, ref.shape[0]
     rows = np.repeat(np.arange(n), r)
@@ -127,9 +126,17 @@ def _brute_force_empirical(model, rna, modality):
     cells.rep.z.data.copy_(ref.repeat(n, 1))
     with torch.no_grad():
         out = model.module.loss(cells.minibatch(torch.arange(n * r), z=cells.rep.z, cov={}))
-        nll = out.reconstruction_total.view(n, r)
-        frac = torch.exp(model.module.log_fractions(ref, {}, [modality])[modality])
-    return (torch.softmax(-nll.double(), 1) @ frac.double()).numpy()
+    return out.reconstruction_total.view(n, r).double()
+
+
+def _brute_force_empirical(model, rna, modality, temperature=1.0, nll=None):
+    """The empirical-prior posterior mean of ``predict_modality`` written out: every query cell's RNA
+    negative log-likelihood at every training representation, softmax of it over ``-temperature``,
+    then the weighted mean of the decoded fractions."""
+    nll = _brute_force_nll(model, rna) if nll is None else nll
+    with torch.no_grad():
+        frac = torch.exp(model.module.log_fractions(model.representation, {}, [modality])[modality])
+    return (torch.softmax(-nll / temperature, 1) @ frac.double()).numpy()
 
 
 def test_predict_modality_empirical_prior_is_the_posterior_mean_over_training_points(cite_fit, tmp_path):
@@ -138,7 +145,15 @@ def test_predict_modality_empirical_prior_is_the_posterior_mean_over_training_po
     rna = query.mod["rna"].copy()
     before = rna.copy()
     got = model.predict_modality(rna, "adt", method="empirical")
-    np.testing.assert_allclose(got.to_numpy(), _brute_force_empirical(model, rna, "adt"), rtol=2e-3, atol=1e-6)
+    nll = _brute_force_nll(model, rna)
+    temperature = model.fit_settings["prediction_temperature"]["adt"]
+    np.testing.assert_allclose(got.to_numpy(), _brute_force_empirical(model, rna, "adt", temperature, nll),
+                               rtol=2e-3, atol=1e-6)
+    for t in (1.0, 4.0):  # any temperature asked for
+        np.testing.assert_allclose(model.predict_modality(rna, "adt", temperature=t).to_numpy(),
+                                   _brute_force_empirical(model, rna, "adt", t, nll), rtol=2e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="temperature must be"):
+        model.predict_modality(rna, "adt", temperature=0)
     # the default for cells passed in, and it needs no transform (only the counts); nothing is written
     np.testing.assert_array_equal(model.predict_modality(rna, "adt").to_numpy(), got.to_numpy())
     assert rna.obsm.keys() == before.obsm.keys() and rna.obs.equals(before.obs)
@@ -179,6 +194,37 @@ def test_predict_modality_empirical_prior_is_the_posterior_mean_over_training_po
     rna.write_h5ad(tmp_path / "query.h5ad")
     backed = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
     np.testing.assert_allclose(model.predict_modality(backed, "adt").to_numpy(), got.to_numpy(), rtol=1e-5)
+
+
+def test_fit_calibrates_the_temperature_by_leave_one_out(cite_fit, tmp_path):
+    """fit's temperature per modality is the one whose leave-one-out predictions of the fitted cells
+    (from their other modality, against the other training points) have the best mean Spearman
+    correlation with the measured values; recomputed here by brute force."""
+    from dgdcell._expression import PREDICTION_TEMPERATURES
+
+    mdata, model = cite_fit
+    chosen = model.fit_settings["prediction_temperature"]
+    assert set(chosen) == {"rna", "adt"} and all(t in PREDICTION_TEMPERATURES for t in chosen.values())
+    for target, source in (("adt", "rna"), ("rna", "adt")):
+        nll = _brute_force_nll(model, mdata.mod[source].copy())
+        nll.fill_diagonal_(torch.inf)  # each cell's own point left out
+        x = mdata.mod[target].X.toarray().astype(np.float64)
+        keep = (x > 0).any(0)
+        truth = np.log1p(1e4 * x[:, keep] / x.sum(1, keepdims=True))
+
+        def fit(t):
+            pred = _brute_force_empirical(model, None, target, t, nll)[:, keep]
+            return np.nanmean([spearmanr(pred[:, j], truth[:, j]).statistic for j in range(truth.shape[1])])
+
+        curve = np.array([fit(t) for t in PREDICTION_TEMPERATURES])
+        best = PREDICTION_TEMPERATURES[int(np.argmax(curve))]
+        # the chosen one is the best, or within rounding of it (float32 scores in the package)
+        assert curve[PREDICTION_TEMPERATURES.index(chosen[target])] >= curve.max() - 1e-3, (target, best, curve)
+    # saved and loaded with the model; a single-modality model has none
+    model.save(tmp_path / "m")
+    assert DGD.load(tmp_path / "m").fit_settings["prediction_temperature"] == chosen
+    rna_only = DGD(latent_dim=3, n_components=3, seed=0).fit(mdata.mod["rna"].copy(), max_epochs=3, verbose=False)
+    assert "prediction_temperature" not in rna_only.fit_settings
 
 
 def test_predict_modality_empirical_with_a_covariate():

@@ -104,6 +104,21 @@ class CountData:
             continuous={k: v[start:stop] for k, v in self.continuous.items()},
         )
 
+    def take(self, rows: np.ndarray) -> "CountData":
+        """The cells ``rows`` (sorted indices) with their counts in memory (CSR;
+        read from disk for :class:`~dgdcell.data.backed.BackedCounts`)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return CountData(
+            counts={m: c.take(rows) if isinstance(c, BackedCounts) else c[rows] for m, c in self.counts.items()},
+            library={m: v[rows] for m, v in self.library.items()},
+            feature_names=self.feature_names,
+            covariates={k: Categories(c.codes[rows], c.categories) for k, c in self.covariates.items()},
+            labels=None if self.labels is None else Categories(self.labels.codes[rows], self.labels.categories),
+            obs_names=[self.obs_names[i] for i in rows],
+            observed={m: v[rows] for m, v in self.observed.items()},
+            continuous={k: v[rows] for k, v in self.continuous.items()},
+        )
+
     @property
     def mosaic(self) -> bool:
         """True when some cell lacks some modality."""

@@ -30,7 +30,7 @@ scales with ``nnz x candidates + n_grid x candidates x features`` instead of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -368,6 +368,7 @@ def candidate_scores(
     cand: Candidates,
     max_elements: int = 20_000_000,
     n_grid: int | None = 64,
+    mixture_prior: bool = True,
 ) -> torch.Tensor:
     """Total NLL (nats) of every cell at every candidate: (n, C).
 
@@ -375,11 +376,12 @@ def candidate_scores(
     (``prior_scale=0``) with the cell placed at the candidate (continuous
     covariates at their mean, 0); candidates
     outside a cell's known covariate class are +inf (never scored).
+    ``mixture_prior=False`` leaves out the main mixture's term.
     ``cells.rep`` is not read. Materialises (n, C): for many cells use
     :func:`top_candidates`.
     """
     out = torch.full((cells.n, cand.n), math.inf, device=cand.z.device)
-    for idx, ci, s in _iter_scores(module, cells, cand, max_elements, n_grid):
+    for idx, ci, s in _iter_scores(module, cells, cand, max_elements, n_grid, mixture_prior):
         out[idx.unsqueeze(1), ci] = s
     return out
 
@@ -432,14 +434,17 @@ def candidate_posterior_mean(
     values: Callable[[torch.Tensor], torch.Tensor],
     max_elements: int = 20_000_000,
     n_grid: int | None = 64,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each cell's posterior mean of ``values`` under an empirical prior: the
     candidates, equally likely a priori (the main mixture's density left out;
     covariate priors kept), weighted by the likelihood of the cell's counts
-    there, ``w_ic ~ p(x_i | z_c, c_c)``; ``values(ci)`` gives the (C', G) values
-    at candidates ``ci``. One pass over the (cell, candidate) pairs with a
-    running log-sum-exp, so memory stays within about ``max_elements`` floats plus
-    (n, G). Returns ``(mean (n, G), effective sample size of the weights (n,))``."""
+    there raised to ``1 / temperature``, ``w_ic ~ p(x_i | z_c, c_c)^(1/T)``
+    (a tempered posterior; ``T = 1`` is Bayes' rule); ``values(ci)`` gives the
+    (C', G) values at candidates ``ci``. One pass over the (cell, candidate)
+    pairs with a running log-sum-exp, so memory stays within about
+    ``max_elements`` floats plus (n, G). Returns ``(mean (n, G), effective
+    sample size of the weights (n,))``."""
     n = cells.n
     dev = cand.z.device
     peak = torch.full((n,), -math.inf, device=dev)
@@ -450,7 +455,7 @@ def candidate_posterior_mean(
     for idx, ci, score in _iter_scores(module, cells, cand, max_elements, n_grid, mixture_prior=False):
         if ci is not last:  # _iter_scores yields one candidate chunk for all its row chunks: decode it once
             last, last_values = ci, values(ci)
-        log_w = -score
+        log_w = -score if temperature == 1.0 else score / -temperature
         new_peak = torch.maximum(peak[idx], log_w.max(1).values)
         shrink = torch.exp(peak[idx] - new_peak)
         w = torch.exp(log_w - new_peak.unsqueeze(1))
@@ -464,3 +469,26 @@ def candidate_posterior_mean(
         raise ValueError("some cells have no admissible candidate (every candidate's likelihood is zero); "
                          "check that the cells' counts and covariate classes match the model.")
     return acc / total.unsqueeze(1), total.square() / total_sq
+
+
+@torch.no_grad()
+def tempered_means(
+    scores: torch.Tensor,
+    values: Callable[[torch.Tensor], torch.Tensor],
+    temperatures: Sequence[float],
+    width: int = 1024,
+) -> torch.Tensor:
+    """The posterior means of ``values`` under the weights ``softmax(-scores / T)``
+    for every ``T`` of ``temperatures``: ``(len(temperatures), n, G)``. ``scores``
+    (n, C) are NLLs (+inf: a candidate left out for that cell, e.g. the cell's
+    own point); ``values(ci)`` the (C', G) values at candidates ``ci``, decoded
+    ``width`` candidates at a time."""
+    temps = [float(t) for t in temperatures]
+    lse = [torch.logsumexp(scores / -t, dim=1, keepdim=True) for t in temps]  # (n, 1) each
+    out = None
+    for c0 in range(0, scores.shape[1], width):
+        ci = torch.arange(c0, min(c0 + width, scores.shape[1]), device=scores.device)
+        vals = values(ci)
+        part = torch.stack([torch.exp(scores[:, c0 : c0 + width] / -t - norm) @ vals for t, norm in zip(temps, lse)])
+        out = part if out is None else out + part
+    return out
