@@ -180,7 +180,7 @@ def test_cli_under_torchrun(tmp_path):
            "fit", str(src), "-o", str(dst), "--model-dir", str(model_dir), "--max-epochs", "3",
            "--n-components", "3", "--latent-dim", "3", "--batch-size", "64"]
     done = subprocess.run(cmd, check=False, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=HANG_S)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "model", "out.h5ad"]
     assert done.stdout.count("fitted 180 cells") == 1
     out = ad.read_h5ad(dst)

@@ -26,6 +26,7 @@ one process they get ``comm=None`` and run exactly the code they ran before.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -279,7 +280,7 @@ def open_comm(distributed, device: torch.device) -> Comm | None:
         dist.init_process_group(backend, timeout=TIMEOUT)
         _OURS["group"] = True
         if not _OURS["atexit"]:
-            atexit.register(_destroy_ours)
+            atexit.register(_close_at_exit)
             _OURS["atexit"] = True
     owned = _OURS["group"]
     backend = dist.get_backend()
@@ -306,6 +307,19 @@ def _destroy_ours() -> None:
     if _OURS["group"] and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     _OURS["group"] = False
+
+
+def _close_at_exit() -> None:
+    """At a normal exit: wait for every rank (under the command line, rank 0
+    still writes the outputs while the others are done), then destroy the
+    group on all ranks together. A gloo rank whose peer had already torn its
+    side down was seen to abort at exit (SIGABRT, 'terminate called without an
+    active exception'). After an error the group is already gone
+    (:func:`abort_comm`) and nothing waits."""
+    if _OURS["group"] and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # a peer gone already: destroy regardless
+            torch.distributed.barrier()
+    _destroy_ours()
 
 
 def model_device(device: torch.device) -> torch.device:
