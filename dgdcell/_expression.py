@@ -35,12 +35,13 @@ def _calibration_truth(counts, library: np.ndarray) -> tuple[np.ndarray, np.ndar
     column indices (features detected in none left out)."""
     import scipy.sparse as sp
 
+    from .train.initialisation import log_normalise
+
     counts = sp.csr_matrix(counts)
     detected = np.asarray((counts > 0).sum(0)).ravel()
-    order = np.argsort(-detected, kind="stable")
-    feats = np.sort(order[: CALIBRATION_FEATURES][detected[order[: CALIBRATION_FEATURES]] > 0])
-    dense = np.asarray(counts[:, feats].toarray(), dtype=np.float64)
-    return np.log1p(1e4 * dense / np.maximum(np.asarray(library, dtype=np.float64), 1.0)[:, None]), feats
+    order = np.argsort(-detected, kind="stable")[:CALIBRATION_FEATURES]
+    feats = np.sort(order[detected[order] > 0])
+    return log_normalise(counts[:, feats].tocsr(), library).toarray(), feats
 
 
 def _mean_spearman(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -327,14 +328,14 @@ class ExpressionMixin:
                                     reference=self.representation.detach()[ref_rows].to(self.device),
                                     include_means=False)
             n_combos = cand.n // ref_rows.numel()
+            has_own = (own >= 0).nonzero().squeeze(1)
+            own_cols = own[has_own].unsqueeze(1) * n_combos + torch.arange(n_combos, device=self.device)
             for m in mods:
                 others = [k for k in mods if k != m]
                 sub = replace(cells, counts={k: cells.counts[k] for k in others},
                               weight={k: v for k, v in cells.weight.items() if k in others})
                 scores = candidate_scores(self.module, sub, cand, max_elements, mixture_prior=False)
-                has_own = (own >= 0).nonzero().squeeze(1)
-                cols = own[has_own].unsqueeze(1) * n_combos + torch.arange(n_combos, device=self.device)
-                scores[has_own.unsqueeze(1), cols] = torch.inf
+                scores[has_own.unsqueeze(1), own_cols] = torch.inf
                 keep = torch.isfinite(scores).any(1)  # cells with some other admissible point
                 truth, feats = _calibration_truth(probe_data.counts[m], probe_data.library[m])
                 if feats.size == 0 or int(keep.sum()) < 2:

@@ -455,7 +455,7 @@ def candidate_posterior_mean(
     for idx, ci, score in _iter_scores(module, cells, cand, max_elements, n_grid, mixture_prior=False):
         if ci is not last:  # _iter_scores yields one candidate chunk for all its row chunks: decode it once
             last, last_values = ci, values(ci)
-        log_w = -score if temperature == 1.0 else score / -temperature
+        log_w = score / -temperature
         new_peak = torch.maximum(peak[idx], log_w.max(1).values)
         shrink = torch.exp(peak[idx] - new_peak)
         w = torch.exp(log_w - new_peak.unsqueeze(1))
