@@ -600,7 +600,8 @@ class DGD(FittingMixin, QueryMixin, EvidenceMixin, OutputsMixin, ExpressionMixin
             self.fit_settings = {**settings, "n_epochs": len(self.history["epoch"]), **stop}
             temperatures = self._calibrate_prediction(run.data)
             if temperatures:
-                self.fit_settings["prediction_temperature"] = temperatures
+                self.fit_settings["prediction_temperature"] = {m: t for m, (t, _) in temperatures.items()}
+                self.fit_settings["prediction_feature_temperature"] = {m: f for m, (_, f) in temperatures.items()}
             if run.checkpoint_dir is not None:
                 def write() -> None:
                     self._write_model(run.checkpoint_dir, z_all, cov_all, self.history, self.fit_settings,

@@ -135,8 +135,10 @@ def _brute_force_empirical(model, rna, modality, temperature=1.0, nll=None):
     then the weighted mean of the decoded fractions."""
     nll = _brute_force_nll(model, rna) if nll is None else nll
     with torch.no_grad():
-        frac = torch.exp(model.module.log_fractions(model.representation, {}, [modality])[modality])
-    return (torch.softmax(-nll / temperature, 1) @ frac.double()).numpy()
+        frac = torch.exp(model.module.log_fractions(model.representation, {}, [modality])[modality]).double()
+    if np.ndim(temperature):  # one per feature: each column under its own weights
+        return np.stack([(torch.softmax(-nll / t, 1) @ frac[:, j]).numpy() for j, t in enumerate(temperature)], 1)
+    return (torch.softmax(-nll / temperature, 1) @ frac).numpy()
 
 
 def test_predict_modality_empirical_prior_is_the_posterior_mean_over_training_points(cite_fit, tmp_path):
@@ -146,9 +148,13 @@ def test_predict_modality_empirical_prior_is_the_posterior_mean_over_training_po
     before = rna.copy()
     got = model.predict_modality(rna, "adt", method="empirical")
     nll = _brute_force_nll(model, rna)
-    temperature = model.fit_settings["prediction_temperature"]["adt"]
-    np.testing.assert_allclose(got.to_numpy(), _brute_force_empirical(model, rna, "adt", temperature, nll),
-                               rtol=2e-3, atol=1e-6)
+    # by default each protein under the temperature fit chose for it
+    temperature = model.fit_settings["prediction_feature_temperature"]["adt"]
+    assert len(temperature) == len(model.features["adt"]) and len(set(temperature)) > 1
+    expected = _brute_force_empirical(model, rna, "adt", temperature, nll)
+    if len(set(temperature)) > 1:  # the features' means under their own weights, as fractions again
+        expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(got.to_numpy(), expected, rtol=2e-3, atol=1e-6)
     for t in (1.0, 4.0):  # any temperature asked for
         np.testing.assert_allclose(model.predict_modality(rna, "adt", temperature=t).to_numpy(),
                                    _brute_force_empirical(model, rna, "adt", t, nll), rtol=2e-3, atol=1e-6)
@@ -212,19 +218,27 @@ def test_fit_calibrates_the_temperature_by_leave_one_out(cite_fit, tmp_path):
         keep = (x > 0).any(0)
         truth = np.log1p(1e4 * x[:, keep] / x.sum(1, keepdims=True))
 
-        def fit(t):
-            pred = _brute_force_empirical(model, None, target, t, nll)[:, keep]
-            return np.nanmean([spearmanr(pred[:, j], truth[:, j]).statistic for j in range(truth.shape[1])])
-
-        curve = np.array([fit(t) for t in PREDICTION_TEMPERATURES])
+        rho = np.array([[spearmanr(pred[:, j], truth[:, j]).statistic for j in range(truth.shape[1])]
+                        for pred in (_brute_force_empirical(model, None, target, t, nll)[:, keep]
+                                     for t in PREDICTION_TEMPERATURES)])  # (temperatures, features)
+        curve = np.nanmean(rho, 1)
         best = PREDICTION_TEMPERATURES[int(np.argmax(curve))]
         # the chosen one is the best, or within rounding of it (float32 scores in the package)
         assert curve[PREDICTION_TEMPERATURES.index(chosen[target])] >= curve.max() - 1e-3, (target, best, curve)
+        # and each scored feature's own temperature is the best for that feature, within rounding
+        own = np.asarray(model.fit_settings["prediction_feature_temperature"][target])
+        assert own.shape == (len(model.features[target]),) and np.isin(own, PREDICTION_TEMPERATURES).all()
+        for j, t in enumerate(own[keep]):
+            if np.isfinite(rho[:, j]).all():
+                assert rho[PREDICTION_TEMPERATURES.index(t), j] >= rho[:, j].max() - 1e-3, (target, j, t, rho[:, j])
     # saved and loaded with the model; a single-modality model has none
     model.save(tmp_path / "m")
-    assert DGD.load(tmp_path / "m").fit_settings["prediction_temperature"] == chosen
+    loaded = DGD.load(tmp_path / "m").fit_settings
+    assert loaded["prediction_temperature"] == chosen
+    assert loaded["prediction_feature_temperature"] == model.fit_settings["prediction_feature_temperature"]
     rna_only = DGD(latent_dim=3, n_components=3, seed=0).fit(mdata.mod["rna"].copy(), max_epochs=3, verbose=False)
     assert "prediction_temperature" not in rna_only.fit_settings
+    assert "prediction_feature_temperature" not in rna_only.fit_settings
 
 
 def test_predict_modality_empirical_with_a_covariate():

@@ -434,41 +434,61 @@ def candidate_posterior_mean(
     values: Callable[[torch.Tensor], torch.Tensor],
     max_elements: int = 20_000_000,
     n_grid: int | None = 64,
-    temperature: float = 1.0,
+    temperature: float | Sequence[float] = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each cell's posterior mean of ``values`` under an empirical prior: the
     candidates, equally likely a priori (the main mixture's density left out;
     covariate priors kept), weighted by the likelihood of the cell's counts
     there raised to ``1 / temperature``, ``w_ic ~ p(x_i | z_c, c_c)^(1/T)``
     (a tempered posterior; ``T = 1`` is Bayes' rule); ``values(ci)`` gives the
-    (C', G) values at candidates ``ci``. One pass over the (cell, candidate)
-    pairs with a running log-sum-exp, so memory stays within about
-    ``max_elements`` floats plus (n, G). Returns ``(mean (n, G), effective
-    sample size of the weights (n,))``."""
+    (C', G) values at candidates ``ci``. ``temperature`` is one number or one
+    per column of ``values`` (G,): each column is then the mean under its own
+    weights, and the likelihood pass is shared by all of them. One pass over
+    the (cell, candidate) pairs with a running log-sum-exp per distinct
+    temperature, so memory stays within about ``max_elements`` floats plus
+    (n, G). Returns ``(mean (n, G), effective sample size of the weights
+    (n,))``; with several temperatures, the size at the one most columns use."""
     n = cells.n
     dev = cand.z.device
-    peak = torch.full((n,), -math.inf, device=dev)
-    total = torch.zeros(n, device=dev)
-    total_sq = torch.zeros(n, device=dev)
+    per_column = not isinstance(temperature, (int, float))
+    temps = torch.as_tensor(temperature if per_column else [temperature], dtype=torch.float64)
+    distinct, column_group = torch.unique(temps, return_inverse=True)
+    main = int(torch.bincount(column_group).argmax())  # the temperature most columns use (ties: the lowest)
+    groups = [(float(t), (column_group == g).nonzero().squeeze(1).to(dev)) for g, t in enumerate(distinct)]
+    peak = torch.full((len(groups), n), -math.inf, device=dev)
+    total = torch.zeros(len(groups), n, device=dev)
+    total_sq = torch.zeros(len(groups), n, device=dev)
     acc = None
     last, last_values = None, None
     for idx, ci, score in _iter_scores(module, cells, cand, max_elements, n_grid, mixture_prior=False):
         if ci is not last:  # _iter_scores yields one candidate chunk for all its row chunks: decode it once
             last, last_values = ci, values(ci)
-        log_w = score / -temperature
-        new_peak = torch.maximum(peak[idx], log_w.max(1).values)
-        shrink = torch.exp(peak[idx] - new_peak)
-        w = torch.exp(log_w - new_peak.unsqueeze(1))
         if acc is None:
             acc = torch.zeros(n, last_values.shape[1], device=dev, dtype=last_values.dtype)
-        total[idx] = total[idx] * shrink + w.sum(1)
-        total_sq[idx] = total_sq[idx] * shrink.square() + w.square().sum(1)
-        acc[idx] = acc[idx] * shrink.unsqueeze(1) + w @ last_values
-        peak[idx] = new_peak
+            if per_column and temps.numel() != last_values.shape[1]:
+                raise ValueError(f"{temps.numel()} temperatures for {last_values.shape[1]} columns of values")
+        for g, (t, cols) in enumerate(groups):
+            log_w = score / -t
+            new_peak = torch.maximum(peak[g, idx], log_w.max(1).values)
+            shrink = torch.exp(peak[g, idx] - new_peak)
+            w = torch.exp(log_w - new_peak.unsqueeze(1))
+            total[g, idx] = total[g, idx] * shrink + w.sum(1)
+            total_sq[g, idx] = total_sq[g, idx] * shrink.square() + w.square().sum(1)
+            if per_column:
+                part = acc[idx.unsqueeze(1), cols]
+                acc[idx.unsqueeze(1), cols] = part * shrink.unsqueeze(1) + w @ last_values[:, cols]
+            else:
+                acc[idx] = acc[idx] * shrink.unsqueeze(1) + w @ last_values
+            peak[g, idx] = new_peak
     if acc is None or not bool((total > 0).all()):
         raise ValueError("some cells have no admissible candidate (every candidate's likelihood is zero); "
                          "check that the cells' counts and covariate classes match the model.")
-    return acc / total.unsqueeze(1), total.square() / total_sq
+    if per_column:
+        for g, (_, cols) in enumerate(groups):
+            acc[:, cols] /= total[g].unsqueeze(1)
+    else:
+        acc /= total[0].unsqueeze(1)
+    return acc, total[main].square() / total_sq[main]
 
 
 @torch.no_grad()
