@@ -57,13 +57,6 @@ def _spearman_columns(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (rp * rt).sum(0) / np.where(den > 0, den, 1.0), np.nan)
 
 
-def _mean_spearman(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Mean over columns of the Spearman correlation of ``pred`` and ``truth``
-    (average ranks for ties); columns constant in either are left out (NaN: none left)."""
-    rho = _spearman_columns(pred, truth)
-    return float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan")
-
-
 class ExpressionMixin:
     """:class:`~dgdcell.DGD` methods that decode the cells' representations."""
 
@@ -265,9 +258,9 @@ class ExpressionMixin:
         saved before dgdcell recorded it)."""
         shared = float((self.fit_settings.get("prediction_temperature") or {}).get(modality, 1.0))
         per = [float(t) for t in (self.fit_settings.get("prediction_feature_temperature") or {}).get(modality, [])]
-        if len(per) != len(self.features[modality]) or len(set(per)) < 2:
+        if len(per) != len(self.features[modality]):
             return shared
-        return per
+        return per if len(set(per)) > 1 else per[0]
 
     def _prediction_method(self, adata, method: str | None, modality: str) -> str:
         """``predict_modality``'s method: the one asked for (checked) or the default."""
@@ -309,7 +302,8 @@ class ExpressionMixin:
             return torch.arange(n)
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_candidates].sort().values
 
-    def _calibrate_prediction(self, data, max_elements: int = 20_000_000) -> dict[str, float]:
+    def _calibrate_prediction(self, data, max_elements: int = 20_000_000
+                              ) -> dict[str, tuple[float, list[float]]]:
         """modality -> (the temperature of ``predict_modality``'s empirical weights
         when predicting it from the other modalities, one temperature per
         feature of the modality), chosen on the fitted cells ``data`` (a
