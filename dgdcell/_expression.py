@@ -376,15 +376,16 @@ class ExpressionMixin:
                 scored = np.isfinite(rho).all(0)  # features that vary in the probe cells and their predictions
                 if not scored.any():
                     continue
-                fit = rho[:, scored].mean(1)
+                rho = rho[:, scored]
+                fit = rho.mean(1)
                 best = int(np.argmax(fit))  # ties: the lower temperature
-                own = rho[:, scored].argmax(0)
+                own = rho.argmax(0)
                 per_feature = np.full(len(self.features[m]), PREDICTION_TEMPERATURES[best], dtype=np.float64)
                 per_feature[feats[scored]] = np.asarray(PREDICTION_TEMPERATURES)[own]
                 out[m] = (float(PREDICTION_TEMPERATURES[best]), [float(t) for t in per_feature])
                 logger.info("predict_modality(%r): temperature %g (leave-one-out mean Spearman of %d cells %.3f; "
                             "%.3f at 1; %.3f with each of %d features at its own)", m, out[m][0], int(keep.sum()),
-                            fit[best], fit[0], float(rho[:, scored][own, np.arange(own.size)].mean()), int(scored.sum()))
+                            fit[best], fit[0], float(rho[own, np.arange(own.size)].mean()), int(scored.sum()))
         return out
 
     def _empirical_fractions(self, adata, modality: str, layer, fixed: dict[str, torch.Tensor], n_candidates: int,

@@ -152,8 +152,7 @@ def test_predict_modality_empirical_prior_is_the_posterior_mean_over_training_po
     temperature = model.fit_settings["prediction_feature_temperature"]["adt"]
     assert len(temperature) == len(model.features["adt"]) and len(set(temperature)) > 1
     expected = _brute_force_empirical(model, rna, "adt", temperature, nll)
-    if len(set(temperature)) > 1:  # the features' means under their own weights, as fractions again
-        expected /= expected.sum(1, keepdims=True)
+    expected /= expected.sum(1, keepdims=True)  # the features' means under their own weights, as fractions again
     np.testing.assert_allclose(got.to_numpy(), expected, rtol=2e-3, atol=1e-6)
     for t in (1.0, 4.0):  # any temperature asked for
         np.testing.assert_allclose(model.predict_modality(rna, "adt", temperature=t).to_numpy(),

@@ -454,41 +454,42 @@ def candidate_posterior_mean(
     temps = torch.as_tensor(temperature if per_column else [temperature], dtype=torch.float64)
     distinct, column_group = torch.unique(temps, return_inverse=True)
     main = int(torch.bincount(column_group).argmax())  # the temperature most columns use (ties: the lowest)
-    groups = [(float(t), (column_group == g).nonzero().squeeze(1).to(dev)) for g, t in enumerate(distinct)]
-    peak = torch.full((len(groups), n), -math.inf, device=dev)
-    total = torch.zeros(len(groups), n, device=dev)
-    total_sq = torch.zeros(len(groups), n, device=dev)
-    acc = None
+    # one running log-sum-exp and accumulator per distinct temperature, over its columns (None: all of them)
+    cols = [(column_group == g).nonzero().squeeze(1).to(dev) if per_column else None for g in range(len(distinct))]
+    peak = torch.full((len(distinct), n), -math.inf, device=dev)
+    total = torch.zeros(len(distinct), n, device=dev)
+    total_sq = torch.zeros(len(distinct), n, device=dev)
+    acc: list[torch.Tensor] = []
     last, last_values = None, None
     for idx, ci, score in _iter_scores(module, cells, cand, max_elements, n_grid, mixture_prior=False):
         if ci is not last:  # _iter_scores yields one candidate chunk for all its row chunks: decode it once
             last, last_values = ci, values(ci)
-        if acc is None:
-            acc = torch.zeros(n, last_values.shape[1], device=dev, dtype=last_values.dtype)
+        if not acc:
             if per_column and temps.numel() != last_values.shape[1]:
                 raise ValueError(f"{temps.numel()} temperatures for {last_values.shape[1]} columns of values")
-        for g, (t, cols) in enumerate(groups):
+            acc = [torch.zeros(n, last_values.shape[1] if c is None else c.numel(), device=dev,
+                               dtype=last_values.dtype) for c in cols]
+        for g, t in enumerate(distinct.tolist()):
             log_w = score / -t
             new_peak = torch.maximum(peak[g, idx], log_w.max(1).values)
             shrink = torch.exp(peak[g, idx] - new_peak)
             w = torch.exp(log_w - new_peak.unsqueeze(1))
             total[g, idx] = total[g, idx] * shrink + w.sum(1)
             total_sq[g, idx] = total_sq[g, idx] * shrink.square() + w.square().sum(1)
-            if per_column:
-                part = acc[idx.unsqueeze(1), cols]
-                acc[idx.unsqueeze(1), cols] = part * shrink.unsqueeze(1) + w @ last_values[:, cols]
-            else:
-                acc[idx] = acc[idx] * shrink.unsqueeze(1) + w @ last_values
+            acc[g][idx] = acc[g][idx] * shrink.unsqueeze(1) + w @ (last_values if cols[g] is None else
+                                                                    last_values[:, cols[g]])
             peak[g, idx] = new_peak
-    if acc is None or not bool((total > 0).all()):
+    if not acc or not bool((total > 0).all()):
         raise ValueError("some cells have no admissible candidate (every candidate's likelihood is zero); "
                          "check that the cells' counts and covariate classes match the model.")
+    means = [a / tot.unsqueeze(1) for a, tot in zip(acc, total)]
     if per_column:
-        for g, (_, cols) in enumerate(groups):
-            acc[:, cols] /= total[g].unsqueeze(1)
+        mean = torch.empty(n, temps.numel(), device=dev, dtype=means[0].dtype)
+        for c, m in zip(cols, means):
+            mean[:, c] = m
     else:
-        acc /= total[0].unsqueeze(1)
-    return acc, total[main].square() / total_sq[main]
+        mean = means[0]
+    return mean, total[main].square() / total_sq[main]
 
 
 @torch.no_grad()
