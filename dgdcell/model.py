@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._expression import ExpressionMixin
+from ._expression import PREDICTION_AVERAGE, ExpressionMixin
 from ._outputs import PROBABILITY_CHUNK, OutputsMixin  # noqa: F401 (re-exported)
 from ._fitting import (FittingMixin, _FitRun, _check_checkpoint_dir, _check_train_size, _continue_history,
                        _n_validation)
@@ -598,6 +598,8 @@ class DGD(FittingMixin, QueryMixin, EvidenceMixin, OutputsMixin, ExpressionMixin
             self.representation_std = std_all
             self.history = _continue_history(run.previous, history)
             self.fit_settings = {**settings, "n_epochs": len(self.history["epoch"]), **stop}
+            # predict_modality's empirical average, which the temperatures below are calibrated for
+            self.fit_settings["prediction_average"] = PREDICTION_AVERAGE
             temperatures = self._calibrate_prediction(run.data)
             if temperatures:
                 self.fit_settings["prediction_temperature"] = {m: t for m, (t, _) in temperatures.items()}

@@ -97,9 +97,16 @@ def test_predict_modality_for_rna_only_query(cite_fit):
     assert adjusted_rand_score(query.obs["group"], rna.obs["dgd_cluster"]) > 0.9
     pred = model.predict_modality(rna, "adt")
     assert pred.shape == (rna.n_obs, 8) and list(pred.index) == list(rna.obs_names)
-    np.testing.assert_allclose(pred.sum(1), 1.0, rtol=1e-4)
+    # geometric means of fractions: under one temperature each row sums to at most 1 (Jensen), under
+    # the features' own temperatures near 1; the arithmetic means sum to exactly 1
+    one = model.predict_modality(rna, "adt", temperature=2.0)
+    assert (one.sum(1) <= 1 + 1e-5).all() and (one.sum(1) > 0.5).all()
+    assert np.abs(pred.sum(1) - 1).max() < 0.1
+    mean = model.predict_modality(rna, "adt", average="arithmetic")
+    np.testing.assert_allclose(mean.sum(1), 1.0, rtol=1e-4)
+    assert (pred.to_numpy() <= mean.to_numpy() * (1 + 1e-4)).mean() > 0.5
     counts = model.predict_modality(rna, "adt", library_size=2000.0)
-    np.testing.assert_allclose(counts.sum(1), 2000.0, rtol=1e-4)
+    np.testing.assert_allclose(counts.to_numpy(), 2000.0 * pred.to_numpy(), rtol=1e-4)
     truth = query.mod["adt"].X.toarray()
     truth = truth / truth.sum(1, keepdims=True)
     rho = [spearmanr(pred.iloc[:, j], truth[:, j]).statistic for j in range(8)]
@@ -129,16 +136,20 @@ def _brute_force_nll(model, query):
     return out.reconstruction_total.view(n, r).double()
 
 
-def _brute_force_empirical(model, rna, modality, temperature=1.0, nll=None):
-    """The empirical-prior posterior mean of ``predict_modality`` written out: every query cell's RNA
+def _brute_force_empirical(model, rna, modality, temperature=1.0, nll=None, average="geometric"):
+    """The empirical-prior estimate of ``predict_modality`` written out: every query cell's RNA
     negative log-likelihood at every training representation, softmax of it over ``-temperature``,
-    then the weighted mean of the decoded fractions."""
+    then the weighted geometric (``exp`` of the weighted mean log) or arithmetic mean of the decoded
+    fractions."""
     nll = _brute_force_nll(model, rna) if nll is None else nll
     with torch.no_grad():
-        frac = torch.exp(model.module.log_fractions(model.representation, {}, [modality])[modality]).double()
+        log_frac = model.module.log_fractions(model.representation, {}, [modality])[modality].double()
+    vals = log_frac if average == "geometric" else torch.exp(log_frac)
     if np.ndim(temperature):  # one per feature: each column under its own weights
-        return np.stack([(torch.softmax(-nll / t, 1) @ frac[:, j]).numpy() for j, t in enumerate(temperature)], 1)
-    return (torch.softmax(-nll / temperature, 1) @ frac).numpy()
+        out = np.stack([(torch.softmax(-nll / t, 1) @ vals[:, j]).numpy() for j, t in enumerate(temperature)], 1)
+    else:
+        out = (torch.softmax(-nll / temperature, 1) @ vals).numpy()
+    return np.exp(out) if average == "geometric" else out
 
 
 def test_predict_modality_empirical_prior_is_the_posterior_mean_over_training_points(cite_fit, tmp_path):
@@ -151,14 +162,32 @@ def test_predict_modality_empirical_prior_is_the_posterior_mean_over_training_po
     # by default each protein under the temperature fit chose for it
     temperature = model.fit_settings["prediction_feature_temperature"]["adt"]
     assert len(temperature) == len(model.features["adt"]) and len(set(temperature)) > 1
+    # the weighted geometric mean of the decoded fractions (not rescaled)
+    assert model.fit_settings["prediction_average"] == "geometric"
     expected = _brute_force_empirical(model, rna, "adt", temperature, nll)
-    expected /= expected.sum(1, keepdims=True)  # the features' means under their own weights, as fractions again
     np.testing.assert_allclose(got.to_numpy(), expected, rtol=2e-3, atol=1e-6)
     for t in (1.0, 4.0):  # any temperature asked for
         np.testing.assert_allclose(model.predict_modality(rna, "adt", temperature=t).to_numpy(),
                                    _brute_force_empirical(model, rna, "adt", t, nll), rtol=2e-3, atol=1e-6)
+    # the arithmetic mean on request, rescaled to fractions where the features' temperatures differ
+    arithmetic = _brute_force_empirical(model, rna, "adt", temperature, nll, average="arithmetic")
+    arithmetic /= arithmetic.sum(1, keepdims=True)
+    np.testing.assert_allclose(model.predict_modality(rna, "adt", average="arithmetic").to_numpy(), arithmetic,
+                               rtol=2e-3, atol=1e-6)
+    np.testing.assert_allclose(model.predict_modality(rna, "adt", temperature=2.0, average="arithmetic").to_numpy(),
+                               _brute_force_empirical(model, rna, "adt", 2.0, nll, average="arithmetic"),
+                               rtol=2e-3, atol=1e-6)
+    # a model saved before dgdcell recorded the average took the arithmetic mean, and still does
+    settings = model.fit_settings
+    model.fit_settings = {k: v for k, v in settings.items() if k != "prediction_average"}
+    try:
+        np.testing.assert_allclose(model.predict_modality(rna, "adt").to_numpy(), arithmetic, rtol=2e-3, atol=1e-6)
+    finally:
+        model.fit_settings = settings
     with pytest.raises(ValueError, match="temperature must be"):
         model.predict_modality(rna, "adt", temperature=0)
+    with pytest.raises(ValueError, match="average must be one of"):
+        model.predict_modality(rna, "adt", average="median")
     # the default for cells passed in, and it needs no transform (only the counts); nothing is written
     np.testing.assert_array_equal(model.predict_modality(rna, "adt").to_numpy(), got.to_numpy())
     assert rna.obsm.keys() == before.obsm.keys() and rna.obs.equals(before.obs)
@@ -235,6 +264,7 @@ def test_fit_calibrates_the_temperature_by_leave_one_out(cite_fit, tmp_path):
     loaded = DGD.load(tmp_path / "m").fit_settings
     assert loaded["prediction_temperature"] == chosen
     assert loaded["prediction_feature_temperature"] == model.fit_settings["prediction_feature_temperature"]
+    assert loaded["prediction_average"] == "geometric"
     rna_only = DGD(latent_dim=3, n_components=3, seed=0).fit(mdata.mod["rna"].copy(), max_epochs=3, verbose=False)
     assert "prediction_temperature" not in rna_only.fit_settings
     assert "prediction_feature_temperature" not in rna_only.fit_settings
@@ -249,7 +279,7 @@ def test_predict_modality_empirical_with_a_covariate():
     rna.obs["batch"] = np.where(np.arange(rna.n_obs) % 2, "b1", "b0")
     pred = model.predict_modality(rna, "adt")
     assert np.isfinite(pred.to_numpy()).all()
-    np.testing.assert_allclose(pred.sum(1), 1.0, rtol=1e-4)
+    np.testing.assert_allclose(model.predict_modality(rna, "adt", average="arithmetic").sum(1), 1.0, rtol=1e-4)
     first = model.covariate_categories["batch"][0]
     moved = model.predict_modality(rna, "adt", transform_batch=first)
     assert not np.allclose(moved.to_numpy(), pred.to_numpy())

@@ -164,8 +164,8 @@ adt_denoised.groupby(train.obs["cell_type"].to_numpy()).mean().round(3)
 #
 # `transform` finds the RNA-only query's modality by its feature names (it matches the model's
 # `rna` features) and fits the cells on their RNA alone. `predict_modality(query, "adt")` reads
-# the query's RNA counts the same way and returns, for every cell, the average of the decoded
-# proteins at the training cells' representations, each weighted by the likelihood of the
+# the query's RNA counts the same way and returns, for every cell, the (geometric) average of the
+# decoded proteins at the training cells' representations, each weighted by the likelihood of the
 # cell's RNA there. Decoding at the query cell's own RNA-only point (`method="point"`) predicts
 # less well: that point lies where no training cell was, and the protein head was trained only
 # at the points of cells measured in both modalities. With `library_size` a number, it returns
