@@ -339,7 +339,7 @@ class ExpressionMixin:
         Up to :data:`CALIBRATION_CELLS` cells measured in every modality (a sample
         drawn with the model's seed) are predicted from their other modalities,
         each against the empirical prior of :meth:`predict_modality` with its own
-        point left out (the geometric average of :data:`PREDICTION_AVERAGE`), at
+        point left out (averaged as :data:`PREDICTION_AVERAGE` says), at
         every temperature of :data:`PREDICTION_TEMPERATURES`;
         the temperature whose predictions have the highest mean Spearman
         correlation with the cells' measured values (``log1p(1e4 x / total)``, per
@@ -393,9 +393,10 @@ class ExpressionMixin:
                     continue
                 feats_t = torch.as_tensor(feats, device=self.device)
 
-                def values(ci: torch.Tensor) -> torch.Tensor:  # logs: the geometric average of PREDICTION_AVERAGE
+                def values(ci: torch.Tensor) -> torch.Tensor:  # averaged as PREDICTION_AVERAGE says
                     cov = {k: v[ci] for k, v in cand.cov.items()}
-                    return self.module.log_fractions(cand.z[ci], cov, [m])[m][:, feats_t]
+                    log_frac = self.module.log_fractions(cand.z[ci], cov, [m])[m][:, feats_t]
+                    return log_frac if PREDICTION_AVERAGE == "geometric" else torch.exp(log_frac)
 
                 means = tempered_means(scores[keep], values, PREDICTION_TEMPERATURES).cpu().numpy()
                 truth = truth[keep.cpu().numpy()]
