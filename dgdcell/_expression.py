@@ -63,6 +63,12 @@ def _spearman_columns(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (rp * rt).sum(0) / np.where(den > 0, den, 1.0), np.nan)
 
 
+def _averaged_values(log_frac: torch.Tensor, average: str) -> torch.Tensor:
+    """What ``predict_modality``'s empirical estimate takes the weighted mean of, for ``average``
+    (:data:`PREDICTION_AVERAGES`): the log fractions (``'geometric'``) or the fractions."""
+    return log_frac if average == "geometric" else torch.exp(log_frac)
+
+
 class ExpressionMixin:
     """:class:`~dgdcell.DGD` methods that decode the cells' representations."""
 
@@ -393,10 +399,10 @@ class ExpressionMixin:
                     continue
                 feats_t = torch.as_tensor(feats, device=self.device)
 
-                def values(ci: torch.Tensor) -> torch.Tensor:  # averaged as PREDICTION_AVERAGE says
+                def values(ci: torch.Tensor) -> torch.Tensor:
                     cov = {k: v[ci] for k, v in cand.cov.items()}
-                    log_frac = self.module.log_fractions(cand.z[ci], cov, [m])[m][:, feats_t]
-                    return log_frac if PREDICTION_AVERAGE == "geometric" else torch.exp(log_frac)
+                    return _averaged_values(self.module.log_fractions(cand.z[ci], cov, [m])[m][:, feats_t],
+                                            PREDICTION_AVERAGE)
 
                 means = tempered_means(scores[keep], values, PREDICTION_TEMPERATURES).cpu().numpy()
                 truth = truth[keep.cpu().numpy()]
@@ -439,7 +445,6 @@ class ExpressionMixin:
                   for m, a in new.alignments.items()}
         # counts read from disk (backed) come in blocks of cells; in memory, all at once
         step = DEFAULT_BLOCK_CELLS if new.data.backed else max(n, 1)
-        geometric = average == "geometric"
         reference = self.representation.detach()[self._reference_rows(n_candidates, seed)]
         with frozen(self.module):
             cand = candidate_starts(self.gmm, dict(self.cov_gmms), reference=reference.to(self.device),
@@ -448,8 +453,7 @@ class ExpressionMixin:
             def values(ci: torch.Tensor) -> torch.Tensor:
                 cov = {k: (fixed[k].to(self.device).expand(ci.shape[0], -1) if k in fixed else v[ci])
                        for k, v in cand.cov.items()}
-                log_frac = self.module.log_fractions(cand.z[ci], cov, [modality])[modality]
-                return log_frac if geometric else torch.exp(log_frac)
+                return _averaged_values(self.module.log_fractions(cand.z[ci], cov, [modality])[modality], average)
 
             means, sizes = [], []
             for start in range(0, n, step):
@@ -466,7 +470,7 @@ class ExpressionMixin:
         logger.info("predict_modality: empirical prior of %d training representations; median effective sample "
                     "size of the weights %.1f", reference.shape[0], float(torch.cat(sizes).median()))
         out = np.concatenate(means)
-        if geometric:
+        if average == "geometric":  # back from the mean log
             np.exp(out, out=out)
         elif not isinstance(temperature, (int, float)):  # the features' means under their own weights: back to fractions
             out /= out.sum(1, keepdims=True)
