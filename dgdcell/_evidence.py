@@ -8,11 +8,11 @@ AnnData-facing helpers of :class:`~dgdcell.DGD` (``score`` and ``select_n_compon
   Laplace approximation around the cell's point), and the ELBO under the same
   proposal, with standard errors, written to ``.obs``.
 - ``auto_components``: ``n_components='auto'`` (or a list of candidates): a
-  screening fit, then for every candidate K a K-component mixture fitted by EM
-  to the training cells' latent means and the held-out evidence of the
-  validation cells under it (the screening decoder, the same posterior draws for
-  every K); K is the smallest whose mean evidence is within one standard error
-  (paired over validation cells) of the best.
+  screening fit with one component, then for every candidate K a full-covariance
+  mixture fitted by EM to the cells' representations; K has the largest BIC
+  approximation of the evidence (:data:`AUTO_METHOD` ``'bic'``; the held-out
+  evidence rules ``'refit'`` and ``'mixture'`` stay, measured against it in
+  docs/posteriors.md).
 """
 
 from __future__ import annotations
@@ -52,10 +52,16 @@ CURVE_SAMPLES = 32
 POSTERIOR_EPOCHS = 50
 #: a mean held-out evidence gain per cell smaller than this (nats) does not justify more components
 MIN_GAIN = 0.05
-#: how ``n_components='auto'`` compares K: 'mixture' (held-out evidence of mixtures fitted to the
-#: screening latent space) or 'refit' (held-out evidence of the validation cells after training on
-#: with each K)
-AUTO_METHOD = "refit"
+#: how ``n_components='auto'`` compares K: 'bic' (the Schwarz approximation of the evidence of a
+#: full-covariance mixture of the converged screening fit's representations, as mclust chooses K),
+#: 'mixture' (held-out evidence of mixtures fitted to the screening latent space) or 'refit'
+#: (held-out evidence of the validation cells after training on with each K); measured against each
+#: other in docs/posteriors.md ("Choosing K")
+AUTO_METHOD = "bic"
+#: k-means starts of each candidate mixture of AUTO_METHOD 'bic' (the best EM result is kept)
+BIC_STARTS = 5
+#: at most this many cells (a seeded subsample) enter the mixtures of AUTO_METHOD 'bic'
+BIC_MAX_CELLS = 20_000
 #: epochs each candidate K trains on from the screening state (AUTO_METHOD 'refit')
 ADAPT_EPOCHS = 15
 #: draws per cell from its proposal that the candidate mixtures are fitted to
@@ -228,10 +234,66 @@ def _auto_by_refit(self: "DGD", adata, run: "_FitRun", layer) -> tuple[int, dict
     return k, record
 
 
+def bic_curve(z: np.ndarray, ks: list[int], seed: int) -> np.ndarray:
+    """The BIC evidence approximation per cell, ``-BIC / (2 n)`` (nats), of a full-covariance Gaussian
+    mixture with each K in ``ks`` fitted by EM (scikit-learn, :data:`BIC_STARTS` k-means starts) to the
+    points ``z`` (n, L); ``-inf`` where EM cannot fit K components (collapsed ones)."""
+    from sklearn.mixture import GaussianMixture
+
+    z = np.asarray(z, dtype=np.float64)
+    out = np.full(len(ks), np.nan)
+    for i, k in enumerate(ks):
+        if k >= len(z):
+            continue
+        try:
+            gm = GaussianMixture(k, covariance_type="full", n_init=BIC_STARTS, random_state=seed % 2**32,
+                                 max_iter=500).fit(z)
+        except ValueError:  # a component collapsed onto too few points
+            continue
+        out[i] = -gm.bic(z) / (2 * len(z))
+    return out
+
+
+def _auto_by_bic(self: "DGD", adata, run: "_FitRun", layer) -> tuple[int, dict[str, Any]]:
+    """Resolve ``n_components='auto'`` (or a list) for ``fit``: returns (K, the ``uns`` record).
+
+    1. A screening fit with :data:`SCREEN_COMPONENTS` component (a single Gaussian
+       prior: no clustering pressure on the latent space), with the fit's own epoch cap.
+    2. For every candidate K, a full-covariance Gaussian mixture fitted by EM to the
+       cells' representations (posterior means; at most :data:`BIC_MAX_CELLS`, a seeded
+       subsample) and its BIC, the Schwarz approximation of the log evidence of the
+       mixture (Fraley & Raftery's mclust chooses K this way): ``log p(z | K) ~
+       log-likelihood - p_K log(n) / 2``, ``p_K`` the mixture's parameters. The
+       representations' clusters are not diagonal Gaussians (their axes correlate), so
+       the components have full covariances here, whatever the model's own.
+    3. K is the candidate with the largest approximation (the smallest BIC).
+    """
+    ks = _candidates(self.init_args["n_components"], run.data.n_obs - int(round((1 - run.train_size) * run.data.n_obs)))
+    self._k_auto = SCREEN_COMPONENTS
+    _, z_all, _, _ = self._fit_run(run)
+    seed = self.init_args["seed"]
+    z = z_all.detach().cpu().numpy().astype(np.float64)
+    if len(z) > BIC_MAX_CELLS:
+        z = z[np.sort(np.random.default_rng(seed).choice(len(z), BIC_MAX_CELLS, replace=False))]
+    curve = bic_curve(z, ks, seed)
+    if not np.isfinite(curve).any():
+        raise ValueError(f"n_components='auto': no candidate mixture ({ks}) could be fitted to the {len(z)} cells' "
+                         "representations; pass smaller candidates or an integer n_components.")
+    k = int(ks[int(np.nanargmax(curve))])
+    logger.info("n_components='auto': chose K=%d by the BIC of the representations' mixture", k)
+    record = {"chosen": k, "candidates": np.asarray(ks), "log_evidence": curve, "se": np.zeros(len(ks)),
+              "screening_components": SCREEN_COMPONENTS, "n_cells": len(z), "n_init": BIC_STARTS,
+              "rule": "largest BIC approximation of the log evidence (per cell) of a full-covariance Gaussian "
+                      "mixture of the screening fit's representations",
+              "method": "bic"}
+    return k, record
+
+
 def auto_components(self: "DGD", adata, run: "_FitRun", layer) -> tuple[int, dict[str, Any]]:
     """Resolve ``n_components='auto'`` (or a list) for ``fit``: returns (K, the ``uns`` record),
-    by :data:`AUTO_METHOD` (see :func:`_auto_by_mixture` and :func:`_auto_by_refit`)."""
-    return (_auto_by_refit if AUTO_METHOD == "refit" else _auto_by_mixture)(self, adata, run, layer)
+    by :data:`AUTO_METHOD` (see :func:`_auto_by_bic`, :func:`_auto_by_mixture` and :func:`_auto_by_refit`)."""
+    method = {"bic": _auto_by_bic, "refit": _auto_by_refit, "mixture": _auto_by_mixture}[AUTO_METHOD]
+    return method(self, adata, run, layer)
 
 
 def evidence_frame(record: dict) -> pd.DataFrame:
@@ -346,13 +408,16 @@ class EvidenceMixin:
         return self
 
     def select_n_components(self: "DGD", adata, n_components=None, key_added: str = "dgd", **fit_kwargs) -> pd.DataFrame:
-        """Fit with K chosen by held-out evidence and return the evidence curve.
+        """Fit with K chosen by the evidence and return the evidence curve over K.
 
         The same as ``DGD(n_components=candidates).fit(adata)`` (the model keeps
         ``n_components`` = the candidates and is fitted with the chosen K), with
         ``n_components`` the candidates (default ``'auto'``: 2..20). Returns a
-        DataFrame with ``n_components``, ``log_evidence`` (mean held-out
-        ``log p(x)`` per validation cell, nats), ``se`` (standard error of its
+        DataFrame with ``n_components``, ``log_evidence`` (nats per cell: the
+        BIC approximation of the log evidence of a full-covariance mixture of the
+        screening fit's representations; for the held-out rules of
+        ``dgdcell._evidence.AUTO_METHOD`` the mean held-out ``log p(x)`` per
+        validation cell), ``se`` (0 for the BIC; else the standard error of the
         difference to the best K) and ``chosen``; also in ``uns[key]["n_components"]``.
 
         Parameters

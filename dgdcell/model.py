@@ -82,8 +82,9 @@ class DGD(FittingMixin, QueryMixin, EvidenceMixin, OutputsMixin, ExpressionMixin
     n_components
         Number of mixture components K (clusters). Default: 10, or the number
         of label classes when ``label_key`` is given (K must then be a multiple
-        of it). ``'auto'``: chosen by the held-out evidence of the validation
-        cells over ``AUTO_COMPONENTS`` (see :meth:`select_n_components` and
+        of it). ``'auto'``: chosen over ``AUTO_COMPONENTS`` by the BIC evidence
+        approximation of a full-covariance mixture of a one-component screening
+        fit's representations (see :meth:`select_n_components` and
         ``docs/posteriors.md``); the chosen K and the curve go into ``uns``.
     covariance_type
         ``'diagonal'`` (default), ``'isotropic'`` or ``'fixed'``.
@@ -555,8 +556,8 @@ class DGD(FittingMixin, QueryMixin, EvidenceMixin, OutputsMixin, ExpressionMixin
                 raise ValueError("n_components='auto' chooses K afresh without labels; it cannot be combined with "
                                  "warm_start or label_key: pass a number of components.")
             if train_size >= 1.0:
-                raise ValueError("n_components='auto' chooses K by the evidence of the validation cells; use "
-                                 "train_size < 1 (default 0.9).")
+                raise ValueError("n_components='auto' chooses K after a screening fit that stops on its validation "
+                                 "cells; use train_size < 1 (default 0.9).")
         k, _ = (1, 1) if _is_auto(a["n_components"]) else self._n_components(n_classes)
         if k > n:
             raise ValueError(f"n_components={k} exceeds the number of cells ({n}); choose fewer components.")
@@ -673,6 +674,6 @@ def _check_components(spec):
                              f"got {spec!r}.")
         return ks
     if isinstance(spec, str):
-        raise ValueError(f"n_components must be a number of components >= 1, 'auto' (chosen by held-out evidence) or "
+        raise ValueError(f"n_components must be a number of components >= 1, 'auto' (chosen by the evidence) or "
                          f"a list of candidates, got {spec!r}.")
     return check_int("n_components", spec, 1)

@@ -77,7 +77,7 @@ def dgd(adata, n_components: int | None = None, latent_dim: int = 20, covariate_
 
 
 def evidence_curve(adata, n_components=None, key_added: str = "dgd", **kwargs):
-    """Fit a :class:`~dgdcell.DGD` with K chosen by held-out evidence; return the evidence curve.
+    """Fit a :class:`~dgdcell.DGD` with K chosen by the evidence; return the evidence curve over K.
 
     The same as ``DGD(n_components=candidates, ...).fit(adata)``: writes the
     outputs of :meth:`DGD.fit` with the chosen K, and the curve into
@@ -98,8 +98,8 @@ def evidence_curve(adata, n_components=None, key_added: str = "dgd", **kwargs):
     Returns
     -------
     pandas.DataFrame
-        One row per candidate: ``n_components``, ``log_evidence`` (mean
-        held-out ``log p(x)`` per validation cell, nats), ``se`` and ``chosen``.
+        One row per candidate: ``n_components``, ``log_evidence`` (nats
+        per cell, see :meth:`dgdcell.DGD.select_n_components`), ``se`` and ``chosen``.
     """
     import inspect
 

@@ -559,7 +559,7 @@ def evidence_curve(
     save: str | Path | None = None,
     show: bool = False,
 ):
-    """The held-out evidence against the number of components K, the chosen K marked.
+    """The evidence per cell against the number of components K, the chosen K marked.
 
     Parameters
     ----------
@@ -577,9 +577,9 @@ def evidence_curve(
     Returns
     -------
     matplotlib.figure.Figure
-        Mean held-out ``log p(x)`` per validation cell (nats) for every
-        candidate K with +-1 standard error bars (of the paired difference to
-        the best K), and the chosen K marked.
+        The ``log_evidence`` of every candidate K (nats per cell; see
+        :meth:`dgdcell.DGD.select_n_components`), with +-1 standard error bars
+        where the rule has them, and the chosen K marked.
     """
     if isinstance(data, pd.DataFrame):
         frame = data
@@ -607,5 +607,5 @@ def evidence_curve(
             ax.plot(k[chosen], ev[chosen], "o", color="#d62728", ms=7, label=f"chosen K = {int(k[chosen][0])}")
             ax.legend(frameon=False)
         ax.set_xlabel("components K")
-        ax.set_ylabel("held-out log p(x) per cell (nats)")
+        ax.set_ylabel("log evidence per cell (nats)")
     return _finish(fig, save, show, created)
