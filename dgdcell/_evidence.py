@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -237,7 +238,8 @@ def _auto_by_refit(self: "DGD", adata, run: "_FitRun", layer) -> tuple[int, dict
 def bic_curve(z: np.ndarray, ks: list[int], seed: int) -> np.ndarray:
     """The BIC evidence approximation per cell, ``-BIC / (2 n)`` (nats), of a full-covariance Gaussian
     mixture with each K in ``ks`` fitted by EM (scikit-learn, :data:`BIC_STARTS` k-means starts) to the
-    points ``z`` (n, L); ``-inf`` where EM cannot fit K components (collapsed ones)."""
+    points ``z`` (n, L); NaN where EM cannot fit K components (collapsed ones) or K >= n."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
 
     z = np.asarray(z, dtype=np.float64)
@@ -246,8 +248,10 @@ def bic_curve(z: np.ndarray, ks: list[int], seed: int) -> np.ndarray:
         if k >= len(z):
             continue
         try:
-            gm = GaussianMixture(k, covariance_type="full", n_init=BIC_STARTS, random_state=seed % 2**32,
-                                 max_iter=500).fit(z)
+            with warnings.catch_warnings():  # an EM start that stops at max_iter is still a candidate
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                gm = GaussianMixture(k, covariance_type="full", n_init=BIC_STARTS, random_state=seed % 2**32,
+                                     max_iter=500).fit(z)
         except ValueError:  # a component collapsed onto too few points
             continue
         out[i] = -gm.bic(z) / (2 * len(z))
