@@ -67,12 +67,6 @@ FOOTER = [
 ]
 
 
-def _auto_method() -> str:
-    from dgdcell._evidence import AUTO_METHOD
-
-    return AUTO_METHOD
-
-
 def _k_error_lines(rows: list[dict]) -> list[str]:
     """The mean absolute difference between the chosen K and the label count, per posterior."""
     lines = []
@@ -186,6 +180,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     import dgdcell
+    from dgdcell._evidence import AUTO_METHOD
 
     machine = common.machine_description()
     started = _dt.datetime.now().astimezone()
@@ -203,7 +198,7 @@ def main(argv=None) -> int:
         f"(embedded by `transform`) of `score(n_samples={args.samples})` (importance-sampled log p(x), nats per "
         "cell; proposal: the Normal posterior, or for map the Laplace approximation at the point)",
         f"- K auto: `n_components={CANDIDATES}`, chosen by the package's rule (`dgdcell._evidence.AUTO_METHOD` = "
-        f"'{_auto_method()}', see docs/posteriors.md, \"Choosing K\") on the fit cells; labels never used; "
+        f"'{AUTO_METHOD}', see docs/posteriors.md, \"Choosing K\") on the fit cells; labels never used; "
         "'ARI auto' is the ARI of the fit with that K",
         "- s/epoch: median training seconds per epoch of the K = labels fit; cost ratio = normal / map",
     ]
@@ -232,8 +227,8 @@ def main(argv=None) -> int:
             mean[c] = float(np.mean(vals)) if vals else None
         common.write_table(rows + [mean], out / "variational.md", out / "variational.csv",
                            title="dgdcell posteriors (map vs normal) and K chosen by evidence",
-                           columns=COLUMNS, csv_columns=CSV_COLUMNS, header_lines=header, footer_lines=FOOTER + _k_error_lines(rows),
-                           floatfmts=FLOATFMTS)
+                           columns=COLUMNS, csv_columns=CSV_COLUMNS, header_lines=header,
+                           footer_lines=FOOTER + _k_error_lines(rows), floatfmts=FLOATFMTS)
     return 0
 
 
